@@ -1,0 +1,30 @@
+# make run   - set up the environment if needed, then serve the embedded default config
+# make test  - set up the environment if needed, then run the test suite
+# make bench - the framework-overhead benchmark (BENCHMARKS.md)
+# Variables: VENV (default .venv), PROFILE (cpu | gpu), ARGS (Hydra overrides for run),
+#            PYTEST_ARGS (extra pytest arguments).
+VENV ?= .venv
+PROFILE ?= cpu
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-all bench clean
+
+setup:
+	@VENV=$(VENV) PROFILE=$(PROFILE) bash scripts/setup_env.sh
+
+run: setup
+	$(PY) -m apps.launch $(ARGS)
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.overhead
+
+clean:
+	rm -rf outputs multirun .pytest_cache

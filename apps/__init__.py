@@ -1,0 +1,1 @@
+"""Entry points: ``python -m apps.launch`` (serve), ``python -m apps.bench`` (sweeps)."""

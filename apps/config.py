@@ -1,0 +1,38 @@
+"""From Hydra's composed config to a validated :class:`~core.config.AppConfig`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from core.config import AppConfig
+from core.validate import ConfigError, validate_config
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def to_app_config(cfg) -> AppConfig:
+    """Validate a composed ``DictConfig``; raises ConfigError (interpolation errors included)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError([(getattr(err, "full_key", None) or "config", str(err).splitlines()[0])]) from None
+    raw.pop("hydra", None)
+    return validate_config(raw)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> AppConfig:
+    """Compose ``conf/`` with Hydra overrides and validate it (for tests, benchmarks, tools)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_app_config(hydra_compose(config_name=config_name, overrides=overrides or []))
+
+
+def exit_on_config_error(err: ConfigError) -> None:
+    """Print every problem of an invalid config and exit with status 2 (nothing was started)."""
+    print(str(err), file=sys.stderr)
+    raise SystemExit(2)

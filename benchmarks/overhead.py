@@ -1,0 +1,108 @@
+"""The framework's own overhead: /v1/infer through the echo pipeline vs a minimal Serve app.
+
+One Ray session, one load client, each app deployed alone in turn:
+
+- ``minimal``: a single FastAPI deployment that parses the JSON body and returns its input;
+- ``inline``: mmserve's full echo pipeline (ingress → router → preprocess → engine →
+  postprocess) with every node in the ingress replica (``placement: inline``, the echo default);
+- ``engine``: the engine in its own deployment (``placement: engine``, one handle hop);
+- ``split``: every node its own deployment (``placement: split``, the naive chain).
+
+``python -m benchmarks.overhead [-c 32] [-d 15]`` prints a table and the ratios to ``minimal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+
+from fastapi import Request  # at module level: FastAPI resolves the string annotation here
+
+PORT = 8011
+
+
+def minimal_app():
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.ingress(app)
+    class Minimal:
+        @app.post("/v1/infer")
+        async def infer(self, request: Request):
+            body = await request.json()
+            return {"model_id": body["model_id"], "output": body["input"], "finish_reason": "stop"}
+
+    return Minimal.bind()
+
+
+def mmserve_app(placement: str):
+    from apps.config import compose
+    from pipelines.builder import build_app
+
+    cfg = compose(["model=echo", f"++model.echo.deployment.placement={placement}",
+                   "++model.echo.deployment.engine.ray_actor_options.num_cpus=0",
+                   "++model.echo.deployment.engine.max_ongoing_requests=1000",
+                   "++model.echo.deployment.node.max_ongoing_requests=1000"])
+    return build_app(cfg)
+
+
+def measure(name: str, app, args) -> dict:
+    from ray import serve
+
+    from apps.loadgen import run_load
+
+    t0 = time.perf_counter()
+    serve.run(app, name="bench", route_prefix="/")
+    deploy_s = time.perf_counter() - t0
+    res = asyncio.run(run_load(f"http://127.0.0.1:{PORT}/v1/infer",
+                               {"model_id": "echo", "input": "hello world"},
+                               concurrency=args.concurrency, duration_s=args.duration,
+                               warmup_s=args.warmup))
+    serve.delete("bench")
+    row = {"app": name, "deploy_s": round(deploy_s, 1), **res.as_dict()}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-c", "--concurrency", type=int, default=32)
+    ap.add_argument("-d", "--duration", type=float, default=15.0)
+    ap.add_argument("-w", "--warmup", type=float, default=3.0)
+    ap.add_argument("--variants", default="minimal,inline,engine,split")
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+    from rich.console import Console
+    from rich.table import Table
+
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    rows = []
+    for name in args.variants.split(","):
+        app = minimal_app() if name == "minimal" else mmserve_app(name)
+        rows.append(measure(name, app, args))
+    serve.shutdown()
+    ray.shutdown()
+
+    base = next((r for r in rows if r["app"] == "minimal"), rows[0])
+    table = Table(title=f"/v1/infer at concurrency {args.concurrency}, {args.duration:g}s each "
+                        f"({os.cpu_count()} CPUs, client on the same machine)")
+    for col in ("app", "req/s", "vs minimal", "p50 ms", "p99 ms", "errors"):
+        table.add_column(col)
+    for r in rows:
+        errors = sum(v for k, v in r["statuses"].items() if k != "200")
+        table.add_row(r["app"], f"{r['rps']:.1f}", f"{r['rps'] / base['rps']:.2f}",
+                      f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(errors))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The validated schema of the composed Hydra config.
+
+Each top-level section mirrors one config group in ``conf/``:
+
+=================  ==========================  =========================================
+config group        schema                      what it builds
+=================  ==========================  =========================================
+``server/``         :class:`ServerConfig`       the HTTP ingress (``nodes.ingress``)
+``deployment/``     :class:`DeploymentProfile`  Ray Serve options of every deployment
+``pipeline/``       :class:`PipelineConfig`     the node chain of a modality (``pipelines``)
+``model/``          :class:`ModelConfig`        one served model (``engines``)
+=================  ==========================  =========================================
+
+Every model is strict (unknown keys are errors) so that a typo in YAML fails at validation,
+with its dotted path, before anything starts. Cross references (a model naming a pipeline,
+a pipeline naming a node) are checked in :mod:`core.validate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Placement = Literal["inline", "engine", "split"]
+Modality = Literal["text", "audio", "vision", "video"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- deployment/ ---------------------------------------------------------------------------
+
+class AutoscalingConfig(Strict):
+    """Ray Serve autoscaling; replaces ``num_replicas`` when set."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept at all times (0 scales to zero).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas started first.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound of replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica to aim for.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Sustained load before scaling up.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Sustained idleness before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class RayActorOptions(Strict):
+    """Resources of each replica (Ray actor options)."""
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica; light nodes use 0.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
+
+
+class DeploymentOptions(Strict):
+    """Options of one Ray Serve deployment (replicas, resources, queue limits, health checks)."""
+
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count, unless autoscaling is set.")
+    autoscaling_config: AutoscalingConfig | None = Field(None, description="Autoscale instead.")
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    max_ongoing_requests: int = Field(5, ge=1, description="Requests a replica runs at once.")
+    max_queued_requests: int = Field(-1, ge=-1, description="Requests queued per caller before "
+                                     "refusing with 503; -1 is unbounded.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower than this fails.")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="In-flight grace on stop.")
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        opts = self.model_dump(exclude_none=True)
+        opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
+        if not opts["ray_actor_options"]["resources"]:
+            del opts["ray_actor_options"]["resources"]
+        if self.autoscaling_config is not None:
+            del opts["num_replicas"]
+        return opts
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas that must run for the deployment to be ready."""
+        if self.autoscaling_config is None:
+            return self.num_replicas
+        a = self.autoscaling_config
+        return a.initial_replicas if a.initial_replicas is not None else a.min_replicas
+
+
+class ModelDeployment(Strict):
+    """Where a model's nodes run and with which options.
+
+    ``placement`` decides how many Ray Serve deployments a model's pipeline becomes:
+
+    - ``inline``: preprocess, engine and postprocess run inside the ingress replica (no handle
+      hop at all; for cheap engines such as ``echo``).
+    - ``engine``: pre/postprocess run in the ingress replica, the engine in its own deployment
+      (one hop; the default for real models, whose engine needs its own resources).
+    - ``split``: every node is its own deployment (most isolation, one hop per node).
+    """
+
+    placement: Placement = Field("engine", description="inline | engine | split (see above).")
+    engine: DeploymentOptions = Field(default_factory=DeploymentOptions,
+                                      description="The engine deployment (placement engine/split).")
+    node: DeploymentOptions = Field(default_factory=DeploymentOptions,
+                                    description="Pre/postprocess deployments (placement split).")
+
+
+class DeploymentProfile(ModelDeployment):
+    """The ``deployment`` group: defaults for every model, plus the ingress deployment."""
+
+    ingress: DeploymentOptions = Field(default_factory=DeploymentOptions,
+                                       description="The HTTP ingress/router deployment.")
+
+
+# --- server/ -------------------------------------------------------------------------------
+
+class ServerConfig(Strict):
+    """The HTTP side: where Serve listens and what it accepts."""
+
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    app_name: str = Field("mmserve", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="Route prefix of the application.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
+    ready_timeout_s: float = Field(900.0, gt=0, description="Launcher gives up waiting after this.")
+    status_timeout_s: float = Field(2.0, gt=0, description="Budget of one model status probe.")
+
+
+# --- pipeline/ -----------------------------------------------------------------------------
+
+class NodeSpec(Strict):
+    """A registered pre/postprocess node and its keyword arguments."""
+
+    name: str = Field(..., description="Registered node name (see core.registry.NODES).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Checked by the node's Kwargs.")
+
+
+class PipelineConfig(Strict):
+    """The chain of one modality: preprocess → engine → postprocess."""
+
+    description: str = ""
+    preprocess: NodeSpec
+    engine: str = Field(..., description="Default engine of models on this pipeline.")
+    postprocess: NodeSpec
+
+
+# --- model/ --------------------------------------------------------------------------------
+
+class ModelConfig(Strict):
+    """One served model. ``deployment`` holds the profile merged with this model's overrides."""
+
+    model_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
+                          description="The id clients send as model_id.")
+    source: str | None = Field(None, description="Hub id or local path of the weights, if any.")
+    modality: Modality = Field(..., description="text | audio | vision | video.")
+    pipeline: str = Field(..., description="Name of the pipeline config (conf/pipeline).")
+    engine: str | None = Field(None, description="Engine name; defaults to the pipeline's.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Checked by the engine.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Default request params.")
+    deployment: ModelDeployment = Field(default_factory=ModelDeployment)
+    description: str = ""
+
+
+# --- the whole tree ------------------------------------------------------------------------
+
+class AppConfig(Strict):
+    """The whole composed config, validated once by :func:`core.validate.validate_config`."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    deployment: DeploymentProfile = Field(default_factory=DeploymentProfile)
+    pipeline: dict[str, PipelineConfig] = Field(default_factory=dict)
+    model: dict[str, ModelConfig] = Field(..., min_length=1, description="Served models, by key.")

@@ -1,0 +1,108 @@
+"""The one error vocabulary of mmserve.
+
+Every failure a client can cause or observe is one of these exceptions. Each carries the HTTP
+status it maps to, a stable ``type`` string, a message a user can act on, and optionally the
+``model_id`` and the ``field`` involved. The ingress turns them into JSON in one place
+(``nodes.ingress``); nodes and engines only raise them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MMServeError(Exception):
+    """Base of all errors a client can see. Subclasses fix ``status`` and ``type``."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, model_id: str | None = None, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.model_id = model_id
+        self.field = field
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of the error response: ``{"error": {...}}``."""
+        err: dict[str, Any] = {"type": self.type, "message": self.message, "model_id": self.model_id}
+        if self.field is not None:
+            err["field"] = self.field
+        return {"error": err}
+
+    def __reduce__(self):
+        # Errors cross Ray process boundaries; keep keyword-only state through pickling.
+        return (_rebuild, (type(self), self.message, self.model_id, self.field, self.headers))
+
+
+def _rebuild(cls, message, model_id, field, headers):
+    return cls(message, model_id=model_id, field=field, headers=headers)
+
+
+class BadRequest(MMServeError):
+    """The request body could not be read at all (malformed JSON, wrong content type)."""
+
+    status = 400
+    type = "bad_request"
+
+
+class Unauthorized(MMServeError):
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(MMServeError):
+    status = 403
+    type = "forbidden"
+
+
+class ModelNotFound(MMServeError):
+    """The ``model_id`` names no registered model."""
+
+    status = 404
+    type = "model_not_found"
+
+
+class NotFound(MMServeError):
+    status = 404
+    type = "not_found"
+
+
+class PayloadTooLarge(MMServeError):
+    status = 413
+    type = "payload_too_large"
+
+
+class InvalidField(MMServeError):
+    """A field of the request is missing, of the wrong type or out of range; ``field`` names it."""
+
+    status = 422
+    type = "invalid_request"
+
+
+class Overloaded(MMServeError):
+    """The model's queue is full: retry later (the response carries ``Retry-After``)."""
+
+    status = 503
+    type = "overloaded"
+
+
+class NotReady(MMServeError):
+    """The model is starting, recovering or its engine is unhealthy."""
+
+    status = 503
+    type = "not_ready"
+
+
+class DeadlineExceeded(MMServeError):
+    status = 504
+    type = "deadline_exceeded"
+
+
+class EngineError(MMServeError):
+    """The engine failed on a request that was valid; the message says what failed."""
+
+    status = 500
+    type = "engine_error"

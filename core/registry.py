@@ -1,0 +1,42 @@
+"""Names that configs may use for engines and nodes, mapped to the classes they build.
+
+Configs name things (``engine: echo``, ``preprocess: {name: identity}``) rather than import
+paths, so that only this project's own classes can be built from a config file. Classes are
+imported lazily: naming ``vllm`` here imports nothing heavy until a replica starts the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engines.base import Engine
+    from nodes.base import Node
+
+ENGINES: dict[str, str] = {
+    "echo": "engines.echo:EchoEngine",
+}
+
+NODES: dict[str, str] = {
+    "identity": "nodes.common:Identity",
+    "result": "nodes.common:Result",
+}
+
+
+def _load(table: dict[str, str], kind: str, name: str) -> type:
+    try:
+        module, attr = table[name].split(":")
+    except KeyError:
+        raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}") from None
+    return getattr(importlib.import_module(module), attr)
+
+
+def engine_class(name: str) -> type["Engine"]:
+    """The engine class registered as ``name``; raises ``KeyError`` naming the known ones."""
+    return _load(ENGINES, "engine", name)
+
+
+def node_class(name: str) -> type["Node"]:
+    """The node class registered as ``name``; raises ``KeyError`` naming the known ones."""
+    return _load(NODES, "node", name)

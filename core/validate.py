@@ -1,0 +1,174 @@
+"""Validate a composed config once, before anything starts.
+
+:func:`validate_config` takes the plain dict that Hydra composed and returns an
+:class:`~core.config.AppConfig` in which every model's deployment is merged with the profile,
+its engine is resolved, and its ``engine_kwargs``/``params`` are checked by the engine's own
+schema. Any problem raises :class:`ConfigError`, which lists every problem as a dotted key
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ValidationError
+
+from core.config import AppConfig, DeploymentOptions
+from core.registry import engine_class, node_class
+
+
+class ConfigError(Exception):
+    """The config is invalid. ``problems`` holds ``(dotted.key, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = [f"  {key}: {msg}" for key, msg in problems]
+        super().__init__("invalid config:\n" + "\n".join(lines))
+
+
+def _dotted(prefix: str, loc: Iterable[Any]) -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in loc]
+    return ".".join(parts)
+
+
+def _pydantic_problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append((_dotted(prefix, e["loc"]), msg))
+    return problems
+
+
+def _check_with(schema: type[BaseModel], data: dict, prefix: str) -> list[tuple[str, str]]:
+    try:
+        schema.model_validate(data)
+    except ValidationError as err:
+        return _pydantic_problems(err, prefix)
+    return []
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _with_model_deployments(raw: dict) -> dict:
+    """Each model's ``deployment`` becomes the profile's placement/engine/node + its overrides."""
+    raw = copy.deepcopy(raw)
+    profile = raw.get("deployment") or {}
+    base = {k: profile[k] for k in ("placement", "engine", "node") if k in profile}
+    for model in (raw.get("model") or {}).values():
+        if isinstance(model, dict):
+            override = model.get("deployment") or {}
+            model["deployment"] = _merge(base, override) if isinstance(override, dict) else override
+    return raw
+
+
+def validate_config(raw: dict) -> AppConfig:
+    """Validate a composed config dict; returns the resolved :class:`AppConfig`.
+
+    Raises:
+        ConfigError: listing each invalid key with what was expected.
+    """
+    try:
+        cfg = AppConfig.model_validate(_with_model_deployments(raw))
+    except ValidationError as err:
+        raise ConfigError(_pydantic_problems(err)) from None
+
+    problems: list[tuple[str, str]] = []
+    for name, pipe in cfg.pipeline.items():
+        for stage in ("preprocess", "postprocess"):
+            spec = getattr(pipe, stage)
+            key = f"pipeline.{name}.{stage}"
+            try:
+                cls = node_class(spec.name)
+            except KeyError as e:
+                problems.append((f"{key}.name", e.args[0]))
+                continue
+            problems += _check_with(cls.Kwargs, spec.kwargs, f"{key}.kwargs")
+        try:
+            engine_class(pipe.engine)
+        except KeyError as e:
+            problems.append((f"pipeline.{name}.engine", e.args[0]))
+
+    seen: dict[str, str] = {}
+    for key, model in cfg.model.items():
+        where = f"model.{key}"
+        if model.model_id in seen:
+            problems.append((f"{where}.model_id", f"duplicate model_id {model.model_id!r} "
+                             f"(also model.{seen[model.model_id]}.model_id)"))
+        seen.setdefault(model.model_id, key)
+        pipe = cfg.pipeline.get(model.pipeline)
+        if pipe is None:
+            problems.append((f"{where}.pipeline", f"unknown pipeline {model.pipeline!r}; "
+                             f"known: {', '.join(sorted(cfg.pipeline)) or 'none'}"))
+            continue
+        model.engine = model.engine or pipe.engine
+        try:
+            cls = engine_class(model.engine)
+        except KeyError as e:
+            problems.append((f"{where}.engine", e.args[0]))
+            continue
+        problems += _check_with(cls.Kwargs, model.engine_kwargs, f"{where}.engine_kwargs")
+        problems += _check_with(cls.Params, model.params, f"{where}.params")
+
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+@dataclass
+class Demand:
+    """Resources one deployment asks for when all its initial replicas run."""
+
+    key: str
+    replicas: int
+    cpus: float
+    gpus: float
+
+
+def resource_demands(cfg: AppConfig) -> list[Demand]:
+    """Every deployment the config creates, with the resources its replicas reserve."""
+
+    def demand(key: str, opts: DeploymentOptions) -> Demand:
+        r = opts.min_replicas
+        a = opts.ray_actor_options
+        return Demand(key, r, r * a.num_cpus, r * a.num_gpus)
+
+    out = [demand("deployment.ingress", cfg.deployment.ingress)]
+    for key, model in cfg.model.items():
+        dep = model.deployment
+        if dep.placement in ("engine", "split"):
+            out.append(demand(f"model.{key}.deployment.engine", dep.engine))
+        if dep.placement == "split":
+            out.append(demand(f"model.{key}.deployment.node (preprocess)", dep.node))
+            out.append(demand(f"model.{key}.deployment.node (postprocess)", dep.node))
+    return out
+
+
+def check_resources(cfg: AppConfig, cpus: float, gpus: float) -> None:
+    """Raise :class:`ConfigError` if the deployments ask for more CPUs or GPUs than available."""
+    demands = resource_demands(cfg)
+    problems = []
+    for kind, have in (("cpus", cpus), ("gpus", gpus)):
+        total = sum(getattr(d, kind) for d in demands)
+        if total > have + 1e-9:
+            asking = [d for d in demands if getattr(d, kind)]
+            biggest = max(asking, key=lambda d: getattr(d, kind))
+            parts = ", ".join(f"{d.key}: {getattr(d, kind):g}" for d in asking)
+            problems.append((f"{biggest.key.split(' ')[0]}.ray_actor_options.num_{kind}",
+                             f"deployments ask for {total:g} {kind.upper()[:-1]}s in total ({parts}) "
+                             f"but the cluster has {have:g}"))
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,1 @@
+"""Inference engines: one abstract base (``engines.base.Engine``), one module per backend."""

@@ -1,0 +1,97 @@
+"""ASGI middleware of the ingress: request ids and the body size limit.
+
+Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a task and a copy of
+every request: this runs on the hot path of every call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+REQUEST_ID_HEADER = "x-request-id"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _error_response(status: int, body: dict, request_id: str | None, extra: list | None = None):
+    raw = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if request_id:
+        headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+    headers += extra or []
+    return ({"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": raw})
+
+
+class RequestEnvelope:
+    """Gives each request an id (kept from ``x-request-id`` if safe) echoed in the response,
+    and refuses bodies over ``max_body_bytes`` with 413 before they reach a route.
+
+    Behind Ray Serve the proxy already assigns ``x-request-id`` and echoes it in every
+    response, so ``echo_request_id`` is off there to avoid a second header.
+    """
+
+    def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.echo_request_id = echo_request_id
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = None
+        length = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                candidate = v.decode("latin-1")
+                request_id = candidate if _SAFE_ID.match(candidate) else None
+            elif k == b"content-length":
+                length = int(v) if v.isdigit() else -1
+        request_id = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        if length is not None and length > self.max_body_bytes:
+            return await self._too_large(send, request_id, length)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # No Content-Length (chunked): read up to the limit, then replay what was read.
+            chunks, size, more = [], 0, True
+            while more:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                chunks.append(msg.get("body", b""))
+                size += len(chunks[-1])
+                more = msg.get("more_body", False)
+                if size > self.max_body_bytes:
+                    return await self._too_large(send, request_id, size)
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            receive = replay
+
+        if not self.echo_request_id:
+            return await self.app(scope, receive, send)
+        rid_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [rid_header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+    async def _too_large(self, send, request_id: str, size: int) -> None:
+        body = {"error": {"type": "payload_too_large", "model_id": None,
+                          "message": f"request body is {size} bytes or more; the limit is "
+                                     f"{self.max_body_bytes} bytes (server.max_body_bytes)"}}
+        rid = request_id if self.echo_request_id else None
+        for message in _error_response(413, body, rid, [(b"connection", b"close")]):
+            await send(message)

@@ -1,0 +1,1 @@
+"""Pipelines: bind nodes and engines into one Ray Serve application (``pipelines.builder``)."""

@@ -1,0 +1,109 @@
+"""The Ray Serve deployments a config becomes: the ingress/router, engine servers, node servers.
+
+Each hosts one of the plain objects of ``nodes``/``engines``; this module is the only place
+that knows about Ray Serve's deployment API.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from ray import serve
+
+from core.config import ModelConfig, NodeSpec, ServerConfig
+from core.errors import NotReady
+from core.protocol import EngineResult, RequestContext
+from core.registry import engine_class, node_class
+from engines.base import collect
+
+logger = logging.getLogger("mmserve")
+
+
+@serve.deployment
+class EngineServer:
+    """Hosts one model's engine; healthy while the engine's own check passes."""
+
+    async def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+        self.engine = engine_class(model.engine)(model)
+        await self.engine.start()
+
+    async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
+        return await collect(self.engine.infer(payload, params, ctx))
+
+    async def status(self) -> str:
+        try:
+            await self.engine.check_health()
+        except NotReady as err:
+            return f"unhealthy: {err.message}"
+        return "ready"
+
+    async def check_health(self) -> None:
+        # Serve restarts a replica whose check raises.
+        await self.engine.check_health()
+
+    async def __del__(self) -> None:
+        await self.engine.stop()
+
+
+@serve.deployment
+class NodeServer:
+    """Hosts one pre- or postprocess node (``placement: split``)."""
+
+    async def __init__(self, spec: NodeSpec, model: ModelConfig) -> None:
+        self.node = node_class(spec.name)(spec.kwargs, model)
+        await self.node.start()
+
+    async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
+        return await self.node(payload, ctx)
+
+
+@dataclass
+class Route:
+    """What the ingress needs to build one model's pipeline. Steps that run in their own
+    deployment are given as handles (bound applications at build time); the others are None
+    and are built inside the ingress replica."""
+
+    model: ModelConfig
+    preprocess: NodeSpec
+    postprocess: NodeSpec
+    preprocess_handle: Any = None
+    engine_handle: Any = None
+    postprocess_handle: Any = None
+
+
+def pipeline_for(route: Route):
+    """The :class:`~pipelines.runner.Pipeline` of a route, local steps built here."""
+    from pipelines.runner import Pipeline
+    from pipelines.stages import LocalEngine, LocalNode, RemoteEngine, RemoteNode
+
+    m = route.model
+
+    def node(spec: NodeSpec, handle):
+        return RemoteNode(handle, m.model_id) if handle else LocalNode(node_class(spec.name)(spec.kwargs, m))
+
+    engine = (RemoteEngine(route.engine_handle, m.model_id) if route.engine_handle
+              else LocalEngine(engine_class(m.engine)(m)))
+    return Pipeline(m, node(route.preprocess, route.preprocess_handle), engine,
+                    node(route.postprocess, route.postprocess_handle))
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The single HTTP entry: FastAPI routes (``nodes.ingress``) over the model router."""
+
+    async def __init__(self, server: ServerConfig, routes: list[Route]) -> None:
+        from nodes.router import ModelRouter
+
+        self.server = server
+        self.router = ModelRouter([pipeline_for(r) for r in routes])
+        await self.router.start()
+
+    def __serve_build_asgi_app__(self):
+        from nodes.ingress import create_app
+
+        return create_app(self.router, self.server, echo_request_id=False)

@@ -1,0 +1,58 @@
+"""One model's pipeline: preprocess → engine → postprocess, wherever each step runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.config import ModelConfig
+from core.errors import InvalidField
+from core.protocol import InferRequest, RequestContext
+from core.registry import engine_class
+
+
+class Pipeline:
+    """Runs a request through one model's steps (see :mod:`pipelines.stages`).
+
+    Request params are checked here, in the ingress, against the engine's ``Params`` schema
+    merged over the model's default ``params``, so bad input is refused before any hop.
+    """
+
+    def __init__(self, model: ModelConfig, preprocess, engine, postprocess) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.engine = engine
+        self.postprocess = postprocess
+        self.params_schema = engine_class(model.engine).Params
+
+    async def start(self) -> None:
+        for step in (self.preprocess, self.engine, self.postprocess):
+            await step.start()
+
+    def check_params(self, params: dict[str, Any]):
+        """Validate request params over the model's defaults; raises InvalidField naming the key."""
+        try:
+            return self.params_schema.model_validate({**self.model.params, **params})
+        except ValidationError as err:
+            e = err.errors()[0]
+            field = ".".join(["params", *map(str, e["loc"])])
+            msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]
+            raise InvalidField(f"{field}: {msg}", model_id=self.model.model_id, field=field) from None
+
+    async def run(self, request: InferRequest, ctx: RequestContext) -> dict[str, Any]:
+        """Answer one request; raises ``core.errors.MMServeError`` for anything a client caused."""
+        params = self.check_params(request.params)
+        payload = await self.preprocess(request.model_input(), ctx)
+        result = await self.engine.generate(payload, params, ctx)
+        return await self.postprocess(result, ctx)
+
+    async def status(self, timeout_s: float) -> str:
+        """``ready``, ``starting``, ``unavailable`` or ``unhealthy: <why>``."""
+        return await self.engine.status(timeout_s)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.model
+        return {"model_id": m.model_id, "modality": m.modality, "pipeline": m.pipeline,
+                "engine": m.engine, "source": m.source, "engine_kwargs": m.engine_kwargs,
+                "params": m.params, "deployment": m.deployment.model_dump(exclude_none=True)}

@@ -1,0 +1,114 @@
+"""One interface over a pipeline step, whether it runs in this process or in another deployment.
+
+:class:`~pipelines.runner.Pipeline` calls its steps through these adapters and never needs to
+know where a step runs: placement is configuration (``deployment.placement``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel
+
+from core.config import ModelConfig
+from core.errors import MMServeError, NotReady, Overloaded
+from core.protocol import EngineResult, RequestContext
+from engines.base import Engine, collect
+from nodes.base import Node
+
+
+def remote_error(err: BaseException, model_id: str) -> BaseException:
+    """Map what a Ray handle call raised to the error vocabulary (or leave it as it is)."""
+    from ray import exceptions as rx
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    cause = err.cause if isinstance(err, rx.RayTaskError) and err.cause is not None else err
+    if isinstance(cause, MMServeError):
+        return cause
+    if isinstance(cause, BackPressureError):
+        return Overloaded(f"model {model_id!r} is at capacity; retry shortly", model_id=model_id,
+                          headers={"Retry-After": "1"})
+    if isinstance(cause, (rx.RayActorError, DeploymentUnavailableError, rx.ActorUnavailableError)):
+        return NotReady(f"model {model_id!r} is unavailable (its replica is restarting)",
+                        model_id=model_id, headers={"Retry-After": "5"})
+    return cause
+
+
+class LocalNode:
+    """A node object living in this process."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def start(self) -> None:
+        await self.node.start()
+
+    async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
+        return await self.node(payload, ctx)
+
+
+class RemoteNode:
+    """A node hosted by a :class:`~pipelines.deployments.NodeServer` deployment."""
+
+    def __init__(self, handle, model_id: str) -> None:
+        self.handle = handle
+        self.model_id = model_id
+
+    async def start(self) -> None:
+        """Nothing to do: the deployment started the node."""
+
+    async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
+        try:
+            return await self.handle.remote(payload, ctx)
+        except Exception as err:
+            raise remote_error(err, self.model_id) from None
+
+
+class LocalEngine:
+    """An engine object living in this process."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.started = False
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.started = True
+
+    async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
+        return await collect(self.engine.infer(payload, params, ctx))
+
+    async def status(self, timeout_s: float) -> str:
+        if not self.started:
+            return "starting"
+        try:
+            await asyncio.wait_for(self.engine.check_health(), timeout_s)
+        except Exception as err:  # a failed check is a status, not an error of this call
+            return f"unhealthy: {err}"
+        return "ready"
+
+
+class RemoteEngine:
+    """An engine hosted by an :class:`~pipelines.deployments.EngineServer` deployment."""
+
+    def __init__(self, handle, model_id: str) -> None:
+        self.handle = handle
+        self.model_id = model_id
+
+    async def start(self) -> None:
+        """Nothing to do: the deployment started the engine."""
+
+    async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
+        try:
+            return await self.handle.generate.remote(payload, params, ctx)
+        except Exception as err:
+            raise remote_error(err, self.model_id) from None
+
+    async def status(self, timeout_s: float) -> str:
+        try:
+            return await asyncio.wait_for(self.handle.status.remote(), timeout_s)
+        except asyncio.TimeoutError:
+            return "unavailable"
+        except Exception as err:
+            return f"unhealthy: {remote_error(err, self.model_id)}"

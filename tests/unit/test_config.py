@@ -1,0 +1,131 @@
+"""Every config file composes and validates; invalid configs fail with their dotted key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apps.config import CONF_DIR, compose
+from core.validate import ConfigError, check_resources, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_default_config_composes():
+    cfg = compose()
+    assert set(cfg.model) == {"echo"}
+    assert cfg.model["echo"].engine == "echo"  # resolved from the pipeline
+    assert cfg.model["echo"].deployment.placement == "inline"
+    # the model's deployment is the profile merged with its overrides
+    assert cfg.model["echo"].deployment.engine.max_ongoing_requests == cfg.deployment.engine.max_ongoing_requests
+
+
+@pytest.mark.parametrize("name", group_options("model"))
+def test_every_model_file_validates(name):
+    cfg = compose([f"model=[{name}]"])
+    (m,) = cfg.model.values()
+    assert m.pipeline in cfg.pipeline
+
+
+@pytest.mark.parametrize("group", ["deployment", "server"])
+def test_every_profile_validates(group):
+    for name in group_options(group):
+        compose([f"{group}={name}"])
+
+
+def test_several_models_at_once():
+    cfg = compose(["model=[echo,echo_remote,echo_split]"])
+    assert [m.model_id for m in cfg.model.values()] == ["echo", "echo-remote", "echo-split"]
+    assert cfg.model["echo_remote"].deployment.engine.ray_actor_options.num_cpus == 0
+
+
+def problems(overrides: list[str]) -> dict[str, str]:
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    return dict(e.value.problems)
+
+
+def test_unknown_key_names_its_path():
+    assert problems(["+model.echo.bogus=1"]) == {"model.echo.bogus": "unknown key"}
+    assert "deployment.engine.max_ongoing" in problems(["+deployment.engine.max_ongoing=3"])
+
+
+def test_wrong_type_names_path_and_value():
+    msg = problems(["server.port=abc"])["server.port"]
+    assert "integer" in msg and "'abc'" in msg
+
+
+def test_out_of_range():
+    assert "server.port" in problems(["server.port=70000"])
+    assert "model.echo.engine_kwargs.delay_s" in problems(["model.echo.engine_kwargs.delay_s=-1"])
+
+
+def test_unknown_engine_kwarg_and_param():
+    assert problems(["+model.echo.engine_kwargs.speed=2"]) == {"model.echo.engine_kwargs.speed": "unknown key"}
+    assert problems(["+model.echo.params.speed=2"]) == {"model.echo.params.speed": "unknown key"}
+
+
+def test_pipeline_naming_missing_node():
+    msg = problems(["pipeline.echo.preprocess.name=nope"])["pipeline.echo.preprocess.name"]
+    assert "unknown node 'nope'" in msg and "identity" in msg
+
+
+def test_model_naming_missing_pipeline_or_engine():
+    assert "unknown pipeline 'vision'" in problems(["model.echo.pipeline=vision"])["model.echo.pipeline"]
+    assert "unknown engine 'gpt'" in problems(["+model.echo.engine=gpt"])["model.echo.engine"]
+
+
+def test_duplicate_model_id():
+    raw = {"pipeline": {"echo": {"preprocess": {"name": "identity"}, "engine": "echo",
+                                 "postprocess": {"name": "result"}}},
+           "model": {"a": {"model_id": "same", "modality": "text", "pipeline": "echo"},
+                     "b": {"model_id": "same", "modality": "text", "pipeline": "echo"}}}
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    assert dict(e.value.problems)["model.b.model_id"].startswith("duplicate model_id 'same'")
+
+
+def test_autoscaling_bounds():
+    msg = problems(["+deployment.engine.autoscaling_config={min_replicas: 3, max_replicas: 2}"])
+    assert "min_replicas (3) exceeds max_replicas (2)" in msg["deployment.engine.autoscaling_config"]
+
+
+def test_more_cpus_than_the_cluster_has():
+    cfg = compose(["model=[echo,echo_remote]", "++model.echo_remote.deployment.engine.ray_actor_options.num_cpus=3"])
+    with pytest.raises(ConfigError) as e:
+        check_resources(cfg, cpus=2, gpus=0)
+    (key, msg), = e.value.problems
+    assert key == "model.echo_remote.deployment.engine.ray_actor_options.num_cpus"
+    assert "ask for 3 CPUs" in msg and "cluster has 2" in msg
+    check_resources(cfg, cpus=3, gpus=0)
+    with pytest.raises(ConfigError):
+        check_resources(compose(["++deployment.ingress.ray_actor_options.num_gpus=1"]), cpus=2, gpus=0)
+
+
+def launch(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apps.launch", *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_launcher_exits_2_on_invalid_config_without_starting_anything():
+    r = launch("+model.echo.bogus=1")
+    assert r.returncode == 2, r.stderr
+    assert "model.echo.bogus: unknown key" in r.stderr
+    assert "Started Serve" not in r.stdout + r.stderr
+
+    r = launch("deployment.ingress.ray_actor_options.num_cpus=1000")
+    assert r.returncode == 2, r.stderr
+    assert "deployment.ingress.ray_actor_options.num_cpus" in r.stderr and "cluster has" in r.stderr
+
+
+def test_launcher_prints_config_with_hydra_cfg_flag():
+    r = launch("--cfg", "job")
+    assert r.returncode == 0, r.stderr
+    assert "model_id: echo" in r.stdout
