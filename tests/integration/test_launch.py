@@ -18,30 +18,30 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+def wait_ready(log_path: Path, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Until the launcher logs that it is ready (after Serve reports the app running)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"launcher exited early with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)  # polling the readiness endpoint
+            raise AssertionError(f"launcher exited early with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        if "ready: 1 model(s) served" in log_path.read_text():
+            return
+        time.sleep(0.5)  # polling the launcher's log
     raise AssertionError("launcher not ready in time")
 
 
 def test_launch_serves_the_default_and_stops_on_sigterm(tmp_path):
     port = free_port()
-    log = open(tmp_path / "launch.log", "w+")
+    log_path = tmp_path / "launch.log"
+    log = open(log_path, "w+")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "apps.launch", f"server.port={port}",
+    proc = subprocess.Popen([sys.executable, "-m", "apps.launch", "model=[echo]", f"server.port={port}",
                              f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(log_path, proc)
+        assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
         r = httpx.post(f"{url}/v1/infer", json={"model_id": "echo", "input": "hello"}, timeout=10)
         assert r.status_code == 200 and r.json()["output"] == "hello"
         proc.send_signal(signal.SIGTERM)
@@ -49,8 +49,7 @@ def test_launch_serves_the_default_and_stops_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    log.seek(0)
-    out = log.read()
-    assert "ready: 1 model(s) served" in out and "SIGTERM received: shutting down" in out
+    out = log_path.read_text()
+    assert "SIGTERM received: shutting down" in out, out[-3000:]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/health", timeout=2)
