@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
 
 
 class InferRequest(BaseModel):
@@ -17,20 +27,26 @@ class InferRequest(BaseModel):
     model_id: str = Field(..., min_length=1, description="A model_id listed by GET /v1/models.")
     input: Any = Field(None, description="The model's input; its shape depends on the modality.")
     prompt: str | None = Field(None, description="Alias of input for text models.")
+    messages: list[ChatMessage] | None = Field(None, min_length=1,
+                                               description="Chat turns, for text models with a chat template.")
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="Per-request parameters, checked by the model's engine.")
+    stream: bool = Field(False, description="Answer with Server-Sent Events, one per chunk.")
 
     def model_input(self) -> Any:
-        """The input, from ``input`` or its alias ``prompt``; raises InvalidField if neither or both."""
+        """The input from ``input``, ``prompt`` or ``messages``; raises InvalidField unless exactly one."""
         from core.errors import InvalidField
 
-        if self.prompt is not None and self.input is not None:
-            raise InvalidField("give either input or prompt, not both", model_id=self.model_id,
-                               field="prompt")
-        value = self.input if self.prompt is None else self.prompt
-        if value is None:
-            raise InvalidField("input (or prompt) is required", model_id=self.model_id, field="input")
-        return value
+        given = [k for k in ("input", "prompt", "messages") if getattr(self, k) is not None]
+        if not given:
+            raise InvalidField("input (or prompt, or messages) is required", model_id=self.model_id,
+                               field="input")
+        if len(given) > 1:
+            raise InvalidField(f"give one of input, prompt or messages, not {' and '.join(given)}",
+                               model_id=self.model_id, field=given[1])
+        if self.messages is not None:
+            return {"messages": [m.model_dump(exclude_none=True) for m in self.messages]}
+        return self.input if self.prompt is None else self.prompt
 
 
 class InferResponse(BaseModel):

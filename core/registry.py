@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
 ENGINES: dict[str, str] = {
     "echo": "engines.echo:EchoEngine",
+    "vllm": "engines.vllm:VLLMEngine",
 }
 
 NODES: dict[str, str] = {
     "identity": "nodes.common:Identity",
     "result": "nodes.common:Result",
+    "text_prompt": "nodes.text:TextPrompt",
 }
 
 

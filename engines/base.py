@@ -9,7 +9,7 @@ and others yield once. Engines never see ``DictConfig``s or raw HTTP bodies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import AsyncIterator, ClassVar
+from typing import Any, AsyncIterator, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -44,6 +44,10 @@ class Engine(ABC):
 
     async def check_health(self) -> None:
         """Raise ``core.errors.NotReady`` if the engine cannot serve requests."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the backend's own state (e.g. requests it is still running)."""
+        return {}
 
     async def stop(self) -> None:
         """Release the backend's resources."""

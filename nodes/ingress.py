@@ -7,18 +7,24 @@ directly with in-process pipelines. Errors become JSON here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from contextlib import contextmanager
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import ServerConfig
 from core.errors import BadRequest, InvalidField, MMServeError, NotReady
 from core.protocol import InferRequest, InferResponse, RequestContext
 from nodes.http import RequestEnvelope
+from nodes.openai import add_openai_routes
 from nodes.router import ModelRouter
+from pipelines.runner import Pipeline
 
 logger = logging.getLogger("mmserve.ingress")
 
@@ -31,6 +37,50 @@ ERROR_SCHEMA = {"description": "Error", "content": {"application/json": {"schema
 
 def error_response(err: MMServeError) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers or None)
+
+
+@contextmanager
+def internal_errors(ctx: RequestContext):
+    """Let MMServeErrors through; log anything else once and answer a 500 naming the request id."""
+    try:
+        yield
+    except MMServeError:
+        raise
+    except Exception:
+        logger.exception("request %s to %s failed", ctx.request_id, ctx.model_id)
+        raise MMServeError(f"internal error (request id {ctx.request_id})", model_id=ctx.model_id) from None
+
+
+async def sse_events(chunks: AsyncIterator[dict], ctx: RequestContext) -> AsyncIterator[bytes]:
+    """Server-Sent Events: one ``data:`` event per chunk, an error event if the stream fails
+    after it started, then ``data: [DONE]``. Closing it (client gone) closes ``chunks``."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    except MMServeError as err:
+        yield b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
+    except Exception:
+        logger.exception("stream %s of %s failed", ctx.request_id, ctx.model_id)
+        err = MMServeError(f"internal error (request id {ctx.request_id})", model_id=ctx.model_id)
+        yield b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
+    finally:
+        await chunks.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+def sse_response(chunks: AsyncIterator[dict], ctx: RequestContext) -> StreamingResponse:
+    return StreamingResponse(sse_events(chunks, ctx), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def run_guarded(pipeline: Pipeline, body: InferRequest, ctx: RequestContext):
+    """Prepare (all client errors surface here), then the whole result, or for ``stream`` the
+    chunk iterator. Unexpected failures become one logged 500."""
+    with internal_errors(ctx):
+        payload, params = await pipeline.prepare(body, ctx)
+        if body.stream:
+            return pipeline.stream(payload, params, ctx)
+        return await pipeline.complete(payload, params, ctx)
 
 
 def _validation_error(exc: RequestValidationError) -> MMServeError:
@@ -55,6 +105,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     app = FastAPI(title="mmserve", version="0.1.0",
                   description="Many models, one HTTP API: router → preprocess → engine → postprocess.")
     errors = {status: ERROR_SCHEMA for status in (400, 404, 413, 422, 503)}
+    started = int(time.time())
 
     @app.exception_handler(MMServeError)
     async def _mmserve_error(request: Request, exc: MMServeError):
@@ -73,25 +124,22 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
         return JSONResponse({"error": {"type": kind, "message": msg, "model_id": None}},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.post("/v1/infer", responses={200: {"model": InferResponse}, **errors},
-              summary="Run one request through a model's pipeline")
+    @app.post("/v1/infer", responses={200: {"model": InferResponse, "content": {
+        "text/event-stream": {"schema": {"type": "string"}}}}, **errors},
+              summary="Run one request through a model's pipeline (streamed with stream: true)")
     async def infer(body: InferRequest, request: Request):
         pipeline = router.get(body.model_id)
         ctx = RequestContext(request_id=request.state.request_id, model_id=body.model_id)
-        try:
-            result = await pipeline.run(body, ctx)
-        except MMServeError:
-            raise
-        except Exception:
-            logger.exception("request %s to %s failed", ctx.request_id, body.model_id)
-            raise MMServeError(f"internal error (request id {ctx.request_id})", model_id=body.model_id)
-        return JSONResponse(result)
+        result = await run_guarded(pipeline, body, ctx)
+        return sse_response(result, ctx) if body.stream else JSONResponse(result)
+
+    add_openai_routes(app, router, errors, run_guarded)
 
     @app.get("/v1/models", summary="Every served model, with its status")
     async def list_models():
         statuses = await router.statuses(server.status_timeout_s)
-        data = [{**p.describe(), "id": p.model.model_id, "object": "model", "owned_by": "mmserve",
-                 "status": statuses[p.model.model_id]} for p in router]
+        data = [{**p.describe(), "id": p.model.model_id, "object": "model", "created": started,
+                 "owned_by": "mmserve", "status": statuses[p.model.model_id]} for p in router]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}", responses={404: ERROR_SCHEMA},
@@ -99,8 +147,8 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     async def get_model(model_id: str):
         pipeline = router.get(model_id)
         status = await pipeline.status(server.status_timeout_s)
-        return {**pipeline.describe(), "id": model_id, "object": "model", "owned_by": "mmserve",
-                "status": status}
+        return {**pipeline.describe(), "id": model_id, "object": "model", "created": started,
+                "owned_by": "mmserve", "status": status}
 
     @app.get("/health", summary="The ingress process is alive")
     async def health():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
 from ray import serve
@@ -33,6 +33,13 @@ class EngineServer:
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         return await collect(self.engine.infer(payload, params, ctx))
+
+    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        async for chunk in self.engine.infer(payload, params, ctx):
+            yield chunk
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
 
     async def status(self) -> str:
         try:

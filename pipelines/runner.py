@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 from pydantic import ValidationError
 
@@ -40,12 +40,27 @@ class Pipeline:
             msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]
             raise InvalidField(f"{field}: {msg}", model_id=self.model.model_id, field=field) from None
 
-    async def run(self, request: InferRequest, ctx: RequestContext) -> dict[str, Any]:
-        """Answer one request; raises ``core.errors.MMServeError`` for anything a client caused."""
+    async def prepare(self, request: InferRequest, ctx: RequestContext) -> tuple[Any, Any]:
+        """Check params and preprocess: everything a client can get wrong fails here, before
+        any response (streamed or not) has started. Returns ``(payload, params)``."""
         params = self.check_params(request.params)
         payload = await self.preprocess(request.model_input(), ctx)
+        return payload, params
+
+    async def complete(self, payload: Any, params, ctx: RequestContext) -> dict[str, Any]:
+        """The whole answer to a prepared request."""
         result = await self.engine.generate(payload, params, ctx)
         return await self.postprocess(result, ctx)
+
+    async def stream(self, payload: Any, params, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        """The answer to a prepared request, one postprocessed chunk at a time."""
+        async for chunk in self.engine.stream(payload, params, ctx):
+            yield await self.postprocess(chunk, ctx)
+
+    async def run(self, request: InferRequest, ctx: RequestContext) -> dict[str, Any]:
+        """Answer one request whole; raises ``core.errors.MMServeError`` for anything a client caused."""
+        payload, params = await self.prepare(request, ctx)
+        return await self.complete(payload, params, ctx)
 
     async def status(self, timeout_s: float) -> str:
         """``ready``, ``starting``, ``unavailable`` or ``unhealthy: <why>``."""

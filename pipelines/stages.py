@@ -7,11 +7,10 @@ know where a step runs: placement is configuration (``deployment.placement``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
 
-from core.config import ModelConfig
 from core.errors import MMServeError, NotReady, Overloaded
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine, collect
@@ -79,6 +78,9 @@ class LocalEngine:
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         return await collect(self.engine.infer(payload, params, ctx))
 
+    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        return self.engine.infer(payload, params, ctx)
+
     async def status(self, timeout_s: float) -> str:
         if not self.started:
             return "starting"
@@ -104,6 +106,17 @@ class RemoteEngine:
             return await self.handle.generate.remote(payload, params, ctx)
         except Exception as err:
             raise remote_error(err, self.model_id) from None
+
+    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        # Closing this generator (client gone) cancels the remote one, and vLLM aborts the request.
+        chunks = self.handle.options(stream=True).stream.remote(payload, params, ctx)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as err:
+            raise remote_error(err, self.model_id) from None
+        finally:
+            chunks.cancel()
 
     async def status(self, timeout_s: float) -> str:
         try:

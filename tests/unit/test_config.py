@@ -20,7 +20,7 @@ def group_options(group: str) -> list[str]:
 
 def test_default_config_composes():
     cfg = compose()
-    assert set(cfg.model) == {"echo"}
+    assert set(cfg.model) == {"echo", "tiny_llama"}
     assert cfg.model["echo"].engine == "echo"  # resolved from the pipeline
     assert cfg.model["echo"].deployment.placement == "inline"
     # the model's deployment is the profile merged with its overrides

@@ -1,0 +1,146 @@
+"""OpenAI-compatible routes: ``/v1/chat/completions`` and ``/v1/completions``, streamed or not.
+
+They translate OpenAI's request shape into an :class:`~core.protocol.InferRequest`, run the
+same pipeline as ``/v1/infer``, and shape the answer (or the SSE chunks) as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import InvalidField
+from core.protocol import ChatMessage, InferRequest, RequestContext
+from nodes.router import ModelRouter
+
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty",
+            "stop", "seed")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="A model_id listed by GET /v1/models.")
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="vLLM extension; -1 is off.")
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="Accepted and ignored.")
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SAMPLING if getattr(self, k) is not None}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, description="Alias of max_tokens.")
+
+    def infer_request(self) -> InferRequest:
+        params = self.params()
+        if self.max_completion_tokens is not None:
+            params.setdefault("max_tokens", self.max_completion_tokens)
+        return InferRequest(model_id=self.model, messages=self.messages, params=params, stream=self.stream)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] = Field(..., description="One prompt (a list of one is accepted).")
+
+    def infer_request(self) -> InferRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidField("prompt: only one prompt per request is supported", model_id=self.model,
+                                   field="prompt")
+            prompt = prompt[0]
+        return InferRequest(model_id=self.model, prompt=prompt, params=self.params(), stream=self.stream)
+
+
+def _text(output: Any) -> str:
+    return output if isinstance(output, str) else json.dumps(output)
+
+
+def _usage(u: dict | None) -> dict[str, int]:
+    p, c = (u or {}).get("prompt_tokens", 0), (u or {}).get("completion_tokens", 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def add_openai_routes(app: FastAPI, router: ModelRouter, errors: dict, run_guarded: Callable) -> None:
+    """Register the OpenAI-compatible routes on the ingress app.
+
+    ``run_guarded(pipeline, infer_request, ctx)`` is the ingress's own way to run a request: it
+    returns the whole result, or an async iterator of chunks for ``stream: true``.
+    """
+    from nodes.ingress import sse_response
+
+    async def run(body: _Common, request: Request, kind: str, shape_one: Callable, shape_chunk: Callable):
+        req = body.infer_request()
+        pipeline = router.get(req.model_id)
+        ctx = RequestContext(request_id=request.state.request_id, model_id=req.model_id)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        base = {"id": rid, "created": created, "model": req.model_id}
+        result = await run_guarded(pipeline, req, ctx)
+        if not req.stream:
+            return JSONResponse({**base, **shape_one(result), "usage": _usage(result.get("usage"))})
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[dict]:
+            last = None
+            first = True
+            async for chunk in result:
+                last = chunk
+                yield {**base, **shape_chunk(chunk, first)}
+                first = False
+            if include_usage and last is not None:
+                yield {**base, "object": shape_chunk(last, False)["object"], "choices": [],
+                       "usage": _usage(last.get("usage"))}
+
+        return sse_response(chunks(), ctx)
+
+    @app.post("/v1/chat/completions", responses=errors, summary="OpenAI-compatible chat completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        def one(r):
+            return {"object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": _text(r["output"])},
+                "finish_reason": r.get("finish_reason"), "logprobs": None}]}
+
+        def chunk(c, first):
+            delta = {"content": _text(c["output"])}
+            if first:
+                delta["role"] = "assistant"
+            return {"object": "chat.completion.chunk", "choices": [{
+                "index": 0, "delta": delta, "finish_reason": c.get("finish_reason"), "logprobs": None}]}
+
+        return await run(body, request, "chat", one, chunk)
+
+    @app.post("/v1/completions", responses=errors, summary="OpenAI-compatible text completions")
+    async def completions(body: CompletionRequest, request: Request):
+        def one(r):
+            return {"object": "text_completion", "choices": [{
+                "index": 0, "text": _text(r["output"]), "finish_reason": r.get("finish_reason"),
+                "logprobs": None}]}
+
+        def chunk(c, first):
+            return {"object": "text_completion", "choices": [{
+                "index": 0, "text": _text(c["output"]), "finish_reason": c.get("finish_reason"),
+                "logprobs": None}]}
+
+        return await run(body, request, "completion", one, chunk)
