@@ -123,3 +123,74 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@dataclass
+class TextLoadResult:
+    """Token-level figures of a text load run, defined as ``vllm bench serve`` defines them:
+    TTFT from send to the first token, TPOT = (latency - TTFT) / (output tokens - 1)."""
+
+    concurrency: int
+    requests: int
+    duration_s: float
+    output_tokens: int
+    output_tok_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    errors: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+async def closed_loop_text(call, n_requests: int, concurrency: int) -> TextLoadResult:
+    """Run ``call(i) -> (ttft_s, latency_s, output_tokens)`` ``n_requests`` times, at most
+    ``concurrency`` at once (closed loop). A call that raises counts as an error."""
+    ttfts, tpots, tokens, errors = [], [], 0, 0
+    next_i = 0
+
+    async def worker():
+        nonlocal next_i, tokens, errors
+        while next_i < n_requests:
+            i, next_i = next_i, next_i + 1
+            try:
+                ttft, latency, n = await call(i)
+            except Exception:
+                errors += 1
+                continue
+            ttfts.append(ttft * 1000)
+            tokens += n
+            if n > 1:
+                tpots.append((latency - ttft) * 1000 / (n - 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return TextLoadResult(concurrency=concurrency, requests=n_requests - errors, duration_s=round(elapsed, 3),
+                          output_tokens=tokens, output_tok_s=tokens / elapsed,
+                          ttft_p50_ms=percentile(ttfts, 50), ttft_p99_ms=percentile(ttfts, 99),
+                          tpot_p50_ms=percentile(tpots, 50), errors=errors)
+
+
+async def stream_infer(session, url: str, body: dict) -> tuple[float, float, int]:
+    """POST a ``stream: true`` request; returns (ttft_s, latency_s, output tokens) read from
+    the SSE events (the last event's ``usage.completion_tokens``)."""
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with session.post(url, json={**body, "stream": True}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+        async for raw in r.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if ttft is None and event.get("output"):
+                ttft = time.perf_counter() - t0
+            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    latency = time.perf_counter() - t0
+    return (ttft if ttft is not None else latency), latency, tokens

@@ -8,6 +8,7 @@ never pay for it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from typing import Any, AsyncIterator, Literal
@@ -43,6 +44,9 @@ class VLLMKwargs(BaseModel):
     quantization: str | None = Field(None, description="Quantization method, e.g. awq, gptq, fp8.")
     enable_prefix_caching: bool | None = Field(None, description="Reuse KV cache of shared prefixes.")
     block_size: int | None = Field(None, ge=1, description="KV cache block size in tokens.")
+    stream_interval: int | None = Field(None, ge=1, description=(
+        "Tokens per streamed chunk after the first (which is sent at once); fewer, larger chunks "
+        "cost less per token across the graph."))
     kv_cache_space_gib: float | None = Field(None, gt=0, description=(
         "CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); overrides gpu_memory_utilization."))
 
@@ -81,15 +85,26 @@ class TextParams(BaseModel):
                               output_kind=RequestOutputKind.DELTA)
 
 
+def _engine_died(ctx: RequestContext) -> NotReady:
+    return NotReady("the vLLM engine died; the replica is restarting", model_id=ctx.model_id,
+                    headers={"Retry-After": "30"})
+
+
 class VLLMEngine(Engine):
     """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
 
     Kwargs = VLLMKwargs
     Params = TextParams
 
+    #: seconds between checks that vLLM's engine core is alive (see :meth:`_watch_engine`)
+    WATCH_PERIOD_S = 0.5
+
     def __init__(self, model) -> None:
         super().__init__(model)
         self.llm = None
+        self.dead = False
+        self._inflight: set[asyncio.Task] = set()
+        self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
@@ -103,13 +118,27 @@ class VLLMEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kwargs.kv_cache_space_gib)
         args = AsyncEngineArgs(model=resolve_source(self.model.source), **self.kwargs.engine_args(cpu))
         self.llm = AsyncLLM.from_engine_args(args)
+        self._watchdog = asyncio.create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        """When the engine core dies, vLLM marks itself errored but requests already waiting on
+        it are never answered; fail them (503) instead of letting them hang."""
+        while not self.llm.errored:
+            await asyncio.sleep(self.WATCH_PERIOD_S)  # vLLM offers no awaitable for this
+        self.dead = True
+        for task in list(self._inflight):
+            task.cancel()
 
     async def infer(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self.dead:
+            raise _engine_died(ctx)
         prompt = {"prompt_token_ids": inputs["prompt_token_ids"]}
         request_id = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
         completion = 0
+        task = asyncio.current_task()
+        self._inflight.add(task)
         try:
             async for out in self.llm.generate(prompt, params.sampling_params(), request_id):
                 c = out.outputs[0]
@@ -117,15 +146,21 @@ class VLLMEngine(Engine):
                 yield EngineResult(output=c.text, finish_reason=c.finish_reason if out.finished else None,
                                    usage={"prompt_tokens": len(out.prompt_token_ids or ()),
                                           "completion_tokens": completion})
-        except EngineDeadError as err:
-            raise NotReady(f"the vLLM engine died: {err}", model_id=ctx.model_id,
-                           headers={"Retry-After": "30"}) from None
+        except asyncio.CancelledError:
+            if not self.dead:
+                raise  # the client went away: AsyncLLM has aborted the request
+            task.uncancel()
+            raise _engine_died(ctx) from None
+        except EngineDeadError:
+            raise _engine_died(ctx) from None
         except ValueError as err:  # vLLM's word for a request it refuses
             raise InvalidField(str(err), model_id=ctx.model_id, field="params") from None
         except Exception as err:
             if type(err).__name__ == "EngineGenerateError":
                 raise EngineError(f"generation failed: {err.__cause__ or err}", model_id=ctx.model_id) from None
             raise
+        finally:
+            self._inflight.discard(task)
 
     async def check_health(self) -> None:
         if self.llm is None:
@@ -141,6 +176,8 @@ class VLLMEngine(Engine):
         return {"running_requests": running}
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None

@@ -31,6 +31,11 @@ class ModelRouter:
     def __iter__(self) -> Iterator[Pipeline]:
         return iter(self.pipelines.values())
 
+    async def check_local_engines(self) -> None:
+        """Raise NotReady if an engine running in this process is unhealthy."""
+        for p in self.pipelines.values():
+            await p.engine.check_local()
+
     async def statuses(self, timeout_s: float) -> dict[str, str]:
         """Every model's status, probed concurrently within ``timeout_s``."""
         ids = list(self.pipelines)

@@ -110,6 +110,10 @@ class Ingress:
         self.router = ModelRouter([pipeline_for(r) for r in routes])
         await self.router.start()
 
+    async def check_health(self) -> None:
+        # Engines placed inline live in this replica: if one is dead, Serve must restart it.
+        await self.router.check_local_engines()
+
     def __serve_build_asgi_app__(self):
         from nodes.ingress import create_app
 

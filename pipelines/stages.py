@@ -81,6 +81,11 @@ class LocalEngine:
     def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         return self.engine.infer(payload, params, ctx)
 
+    async def check_local(self) -> None:
+        """Raise NotReady if this in-process engine is unhealthy (the replica must restart)."""
+        if self.started:
+            await self.engine.check_health()
+
     async def status(self, timeout_s: float) -> str:
         if not self.started:
             return "starting"
@@ -117,6 +122,9 @@ class RemoteEngine:
             raise remote_error(err, self.model_id) from None
         finally:
             chunks.cancel()
+
+    async def check_local(self) -> None:
+        """Nothing here: the engine's own deployment is health-checked by Serve."""
 
     async def status(self, timeout_s: float) -> str:
         try:

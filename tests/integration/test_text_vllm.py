@@ -13,7 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["model=[tiny_llama]"]
+# The engine in its own deployment: streaming, cancellation and restarts cross a handle hop.
+OVERRIDES = ["model=[tiny_llama]", "model.tiny_llama.deployment.placement=engine"]
 MODEL = "tiny-llama"
 
 
@@ -168,3 +169,28 @@ def test_model_is_listed_ready(http):
     one = http.get(f"/v1/models/{MODEL}").json()
     assert one["status"] == "ready" and one["engine"] == "vllm"
     assert one["engine_kwargs"]["max_model_len"] == 2048
+
+
+def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
+    """Kept last: it kills vLLM's engine core process and waits for the replica to come back."""
+    import psutil
+
+    cores = [p for p in psutil.process_iter(["cmdline"]) if "EngineCore" in " ".join(p.info["cmdline"] or [])]
+    assert cores, "no vLLM engine core process found"
+    for p in cores:
+        p.kill()
+
+    body = {"model_id": MODEL, "prompt": "still there?", "params": {"max_tokens": 4}}
+    deadline = time.monotonic() + 30
+    while True:
+        r = http.post("/v1/infer", json=body, timeout=10)  # each answer comes fast: no hang
+        if r.status_code != 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # until the engine notices its core is gone
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "not_ready" and r.json()["error"]["model_id"] == MODEL
+
+    deadline = time.monotonic() + 240
+    while http.get("/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(1)  # Serve's health check restarts the replica, vLLM starts again
+    assert http.post("/v1/infer", json=body).status_code == 200

@@ -149,3 +149,52 @@ def test_engine_not_ready_is_503():
     client = create_app(router, ServerConfig())
     err = error_of(call(client, "POST", "/v1/infer", json={"model_id": "sick", "input": 1}), 503)
     assert err["model_id"] == "sick"
+
+
+def sse_data(r: httpx.Response) -> list:
+    assert r.headers["content-type"].startswith("text/event-stream")
+    data = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else __import__("json").loads(d) for d in data]
+
+
+def test_stream_is_server_sent_events(client):
+    r = call(client, "POST", "/v1/infer", json={"model_id": "echo", "input": "hi", "stream": True})
+    assert r.status_code == 200
+    assert sse_data(r) == [{"model_id": "echo", "output": "hi", "finish_reason": "stop"}, "[DONE]"]
+
+
+def test_stream_errors_before_the_first_chunk_are_plain_json(client):
+    err = error_of(call(client, "POST", "/v1/infer",
+                        json={"model_id": "echo", "input": 1, "stream": True, "params": {"x": 1}}), 422)
+    assert err["field"] == "params.x"
+
+
+def test_stream_failure_after_start_is_an_error_event(client):
+    r = call(client, "POST", "/v1/infer", json={"model_id": "org/failing", "input": "crash", "stream": True})
+    events = sse_data(r)
+    assert events[0]["error"]["type"] == "internal_error" and events[-1] == "[DONE]"
+
+
+def test_messages_reach_the_preprocess_node(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = call(client, "POST", "/v1/infer", json={"model_id": "echo", "messages": msgs})
+    assert r.json()["output"] == {"messages": msgs}
+    err = error_of(call(client, "POST", "/v1/infer",
+                        json={"model_id": "echo", "messages": [{"role": "robot", "content": "x"}]}), 422)
+    assert err["field"].startswith("messages.0.role")
+
+
+def test_openai_routes_shape_echo_answers(client):
+    r = call(client, "POST", "/v1/completions", json={"model": "echo", "prompt": "hello"})
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "hello"
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    r = call(client, "POST", "/v1/chat/completions",
+             json={"model": "echo", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    events = sse_data(r)
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == "[DONE]"
+    err = error_of(call(client, "POST", "/v1/chat/completions", json={"model": "echo", "messages": [
+        {"role": "user", "content": "x"}], "n": 2}), 422)
+    assert err["field"] == "n"
+    assert error_of(call(client, "POST", "/v1/completions", json={"model": "nope", "prompt": "x"}), 404)
