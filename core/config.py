@@ -128,6 +128,25 @@ class ServerConfig(Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
     ready_timeout_s: float = Field(900.0, gt=0, description="Launcher gives up waiting after this.")
     status_timeout_s: float = Field(2.0, gt=0, description="Budget of one model status probe.")
+    request_timeout_s: float = Field(300.0, gt=0, description=(
+        "Deadline of a request that names none (params.timeout_s or the x-request-timeout header)."))
+    max_request_timeout_s: float = Field(600.0, gt=0, description="Cap on any request's deadline.")
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "Bearer keys; when any is set, every route but /health needs one. Prefer api_keys_env."))
+    api_keys_env: str | None = Field("MMSERVE_API_KEYS", description=(
+        "Environment variable (read by the launcher) holding more comma-separated keys."))
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+
+    @model_validator(mode="after")
+    def _keys_from_env(self) -> "ServerConfig":
+        import os
+
+        extra = os.environ.get(self.api_keys_env or "", "")
+        self.api_keys = list(dict.fromkeys([*self.api_keys, *(k.strip() for k in extra.split(",") if k.strip())]))
+        return self
+
+    def __repr_args__(self):  # never print keys
+        return [(k, "***" if k == "api_keys" and v else v) for k, v in super().__repr_args__()]
 
 
 # --- pipeline/ -----------------------------------------------------------------------------

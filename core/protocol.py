@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,11 +60,21 @@ class InferResponse(BaseModel):
 
 @dataclass
 class RequestContext:
-    """Travels with a request through every node."""
+    """Travels with a request through every node.
+
+    ``deadline`` is wall-clock (``time.time()``), so that replicas in other processes and on
+    other machines of the cluster work to the same one. ``stage`` names the step running now.
+    """
 
     request_id: str
     model_id: str
-    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+    timeout_s: float | None = None
+    stage: str = "ingress"
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.time()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""ASGI middleware of the ingress: request ids and the body size limit.
+"""ASGI middleware of the ingress: request ids, API keys and the body size limit.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a task and a copy of
 every request: this runs on the hot path of every call.
@@ -6,6 +6,7 @@ every request: this runs on the hot path of every call.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import uuid
@@ -30,26 +31,53 @@ class RequestEnvelope:
 
     Behind Ray Serve the proxy already assigns ``x-request-id`` and echoes it in every
     response, so ``echo_request_id`` is off there to avoid a second header.
+
+    With ``api_keys``, every path but ``/health`` needs ``Authorization: Bearer <key>``:
+    401 without one, 403 with a wrong one. Keys are compared in constant time, never logged.
     """
 
-    def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True) -> None:
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True,
+                 api_keys: list[str] | tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.echo_request_id = echo_request_id
+        self.api_keys = tuple(k.encode() for k in api_keys)
+
+    def _auth_error(self, authorization: bytes | None) -> tuple[int, str, str] | None:
+        if authorization is None or not authorization.startswith(b"Bearer "):
+            return 401, "unauthorized", "an API key is required: send Authorization: Bearer <key>"
+        given = authorization[len(b"Bearer "):].strip()
+        ok = False
+        for key in self.api_keys:  # every key, so timing does not tell which one nearly matched
+            ok |= hmac.compare_digest(given, key)
+        return None if ok else (403, "forbidden", "the API key is not valid")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = None
         length = None
+        authorization = None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 candidate = v.decode("latin-1")
                 request_id = candidate if _SAFE_ID.match(candidate) else None
             elif k == b"content-length":
                 length = int(v) if v.isdigit() else -1
+            elif k == b"authorization":
+                authorization = v
         request_id = request_id or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+
+        # CORS preflights carry no credentials; the CORS middleware (or a 405) answers them.
+        if self.api_keys and scope["path"] not in self.OPEN_PATHS and scope["method"] != "OPTIONS":
+            denied = self._auth_error(authorization)
+            if denied is not None:
+                status, kind, message = denied
+                return await self._send_error(send, request_id, status, kind, message,
+                                              [(b"www-authenticate", b"Bearer")])
 
         if length is not None and length > self.max_body_bytes:
             return await self._too_large(send, request_id, length)
@@ -89,9 +117,14 @@ class RequestEnvelope:
         await self.app(scope, receive, send_with_id)
 
     async def _too_large(self, send, request_id: str, size: int) -> None:
-        body = {"error": {"type": "payload_too_large", "model_id": None,
-                          "message": f"request body is {size} bytes or more; the limit is "
-                                     f"{self.max_body_bytes} bytes (server.max_body_bytes)"}}
+        await self._send_error(send, request_id, 413, "payload_too_large",
+                               f"request body is {size} bytes or more; the limit is "
+                               f"{self.max_body_bytes} bytes (server.max_body_bytes)",
+                               [(b"connection", b"close")])
+
+    async def _send_error(self, send, request_id: str, status: int, kind: str, message: str,
+                          extra: list) -> None:
+        body = {"error": {"type": kind, "message": message, "model_id": None}}
         rid = request_id if self.echo_request_id else None
-        for message in _error_response(413, body, rid, [(b"connection", b"close")]):
-            await send(message)
+        for msg in _error_response(status, body, rid, extra):
+            await send(msg)

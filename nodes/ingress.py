@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import ServerConfig
+from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import BadRequest, InvalidField, MMServeError, NotReady
 from core.protocol import InferRequest, InferResponse, RequestContext
 from nodes.http import RequestEnvelope
@@ -53,9 +54,10 @@ def internal_errors(ctx: RequestContext):
 
 async def sse_events(chunks: AsyncIterator[dict], ctx: RequestContext) -> AsyncIterator[bytes]:
     """Server-Sent Events: one ``data:`` event per chunk, an error event if the stream fails
-    after it started, then ``data: [DONE]``. Closing it (client gone) closes ``chunks``."""
+    after it started (the deadline included), then ``data: [DONE]``. Closing it (client gone)
+    closes ``chunks``, which cancels the work behind them."""
     try:
-        async for chunk in chunks:
+        async for chunk in iterate_within_deadline(chunks, ctx):
             yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
     except MMServeError as err:
         yield b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
@@ -73,14 +75,35 @@ def sse_response(chunks: AsyncIterator[dict], ctx: RequestContext) -> StreamingR
                              headers={"cache-control": "no-cache"})
 
 
+def request_context(body: InferRequest, request: Request, server: ServerConfig) -> RequestContext:
+    """The request's context: its id, and its deadline from ``params.timeout_s`` or the
+    ``x-request-timeout`` header (seconds), else ``server.request_timeout_s``, capped by
+    ``server.max_request_timeout_s``. ``timeout_s`` is taken out of the params the engine sees."""
+    raw, field = body.params.pop("timeout_s", None), "params.timeout_s"
+    if raw is None and "x-request-timeout" in request.headers:
+        raw, field = request.headers["x-request-timeout"], "x-request-timeout"
+    timeout = server.request_timeout_s
+    if raw is not None:
+        try:
+            timeout = float(raw)
+        except (TypeError, ValueError):
+            timeout = -1.0
+        if not timeout > 0 or isinstance(raw, bool):
+            raise InvalidField(f"{field}: must be a positive number of seconds (got {raw!r})",
+                               model_id=body.model_id, field=field)
+    timeout = min(timeout, server.max_request_timeout_s)
+    return RequestContext(request_id=request.state.request_id, model_id=body.model_id,
+                          deadline=time.time() + timeout, timeout_s=timeout)
+
+
 async def run_guarded(pipeline: Pipeline, body: InferRequest, ctx: RequestContext):
     """Prepare (all client errors surface here), then the whole result, or for ``stream`` the
-    chunk iterator. Unexpected failures become one logged 500."""
+    chunk iterator, all within the request's deadline. Unexpected failures become one logged 500."""
     with internal_errors(ctx):
-        payload, params = await pipeline.prepare(body, ctx)
+        payload, params = await within_deadline(pipeline.prepare(body, ctx), ctx)
         if body.stream:
             return pipeline.stream(payload, params, ctx)
-        return await pipeline.complete(payload, params, ctx)
+        return await within_deadline(pipeline.complete(payload, params, ctx), ctx)
 
 
 def _validation_error(exc: RequestValidationError) -> MMServeError:
@@ -104,7 +127,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     """
     app = FastAPI(title="mmserve", version="0.1.0",
                   description="Many models, one HTTP API: router → preprocess → engine → postprocess.")
-    errors = {status: ERROR_SCHEMA for status in (400, 404, 413, 422, 503)}
+    errors = {status: ERROR_SCHEMA for status in (400, 401, 403, 404, 413, 422, 503, 504)}
     started = int(time.time())
 
     @app.exception_handler(MMServeError)
@@ -129,11 +152,12 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
               summary="Run one request through a model's pipeline (streamed with stream: true)")
     async def infer(body: InferRequest, request: Request):
         pipeline = router.get(body.model_id)
-        ctx = RequestContext(request_id=request.state.request_id, model_id=body.model_id)
+        ctx = request_context(body, request, server)
         result = await run_guarded(pipeline, body, ctx)
         return sse_response(result, ctx) if body.stream else JSONResponse(result)
 
-    add_openai_routes(app, router, errors, run_guarded)
+    add_openai_routes(app, router, errors, lambda body, request: request_context(body, request, server),
+                      run_guarded)
 
     @app.get("/v1/models", summary="Every served model, with its status")
     async def list_models():
@@ -165,6 +189,11 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ready", "models": statuses}
 
+    if server.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(RequestEnvelope, max_body_bytes=server.max_body_bytes,
-                       echo_request_id=echo_request_id)
+                       echo_request_id=echo_request_id, api_keys=server.api_keys)
     return app

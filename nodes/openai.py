@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import InvalidField
-from core.protocol import ChatMessage, InferRequest, RequestContext
+from core.protocol import ChatMessage, InferRequest
 from nodes.router import ModelRouter
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty",
@@ -31,7 +30,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., description="A model_id listed by GET /v1/models.")
+    model: str = Field(..., min_length=1, description="A model_id listed by GET /v1/models.")
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -61,15 +60,11 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(..., description="One prompt (a list of one is accepted).")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        ..., description="One prompt (a list of exactly one is accepted).")
 
     def infer_request(self) -> InferRequest:
-        prompt = self.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidField("prompt: only one prompt per request is supported", model_id=self.model,
-                                   field="prompt")
-            prompt = prompt[0]
+        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
         return InferRequest(model_id=self.model, prompt=prompt, params=self.params(), stream=self.stream)
 
 
@@ -82,18 +77,20 @@ def _usage(u: dict | None) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def add_openai_routes(app: FastAPI, router: ModelRouter, errors: dict, run_guarded: Callable) -> None:
+def add_openai_routes(app: FastAPI, router: ModelRouter, errors: dict, context: Callable,
+                      run_guarded: Callable) -> None:
     """Register the OpenAI-compatible routes on the ingress app.
 
-    ``run_guarded(pipeline, infer_request, ctx)`` is the ingress's own way to run a request: it
-    returns the whole result, or an async iterator of chunks for ``stream: true``.
+    ``context(infer_request, request)`` and ``run_guarded(pipeline, infer_request, ctx)`` are the
+    ingress's own way to run a request: the latter returns the whole result, or an async
+    iterator of chunks for ``stream: true``.
     """
     from nodes.ingress import sse_response
 
     async def run(body: _Common, request: Request, kind: str, shape_one: Callable, shape_chunk: Callable):
         req = body.infer_request()
         pipeline = router.get(req.model_id)
-        ctx = RequestContext(request_id=request.state.request_id, model_id=req.model_id)
+        ctx = context(req, request)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         base = {"id": rid, "created": created, "model": req.model_id}

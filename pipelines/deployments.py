@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from ray import serve
 
 from core.config import ModelConfig, NodeSpec, ServerConfig
+from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import NotReady
 from core.protocol import EngineResult, RequestContext
 from core.registry import engine_class, node_class
@@ -32,10 +33,10 @@ class EngineServer:
         await self.engine.start()
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
-        return await collect(self.engine.infer(payload, params, ctx))
+        return await within_deadline(collect(self.engine.infer(payload, params, ctx)), ctx)
 
     async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
-        async for chunk in self.engine.infer(payload, params, ctx):
+        async for chunk in iterate_within_deadline(self.engine.infer(payload, params, ctx), ctx):
             yield chunk
 
     def stats(self) -> dict[str, Any]:
@@ -65,7 +66,7 @@ class NodeServer:
         await self.node.start()
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
-        return await self.node(payload, ctx)
+        return await within_deadline(self.node(payload, ctx), ctx)
 
 
 @dataclass

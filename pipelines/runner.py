@@ -44,16 +44,20 @@ class Pipeline:
         """Check params and preprocess: everything a client can get wrong fails here, before
         any response (streamed or not) has started. Returns ``(payload, params)``."""
         params = self.check_params(request.params)
+        ctx.stage = "preprocess"
         payload = await self.preprocess(request.model_input(), ctx)
         return payload, params
 
     async def complete(self, payload: Any, params, ctx: RequestContext) -> dict[str, Any]:
         """The whole answer to a prepared request."""
+        ctx.stage = "engine"
         result = await self.engine.generate(payload, params, ctx)
+        ctx.stage = "postprocess"
         return await self.postprocess(result, ctx)
 
     async def stream(self, payload: Any, params, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """The answer to a prepared request, one postprocessed chunk at a time."""
+        ctx.stage = "engine"
         async for chunk in self.engine.stream(payload, params, ctx):
             yield await self.postprocess(chunk, ctx)
 

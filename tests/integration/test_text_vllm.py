@@ -140,6 +140,25 @@ def test_client_disconnect_aborts_the_generation(serve_app):
     assert engine_stats()["running_requests"] == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_deadline_aborts_the_generation(http, stream):
+    body = {"model_id": MODEL, "prompt": "Go on", "stream": stream,
+            "params": {"max_tokens": 1900, "temperature": 0, "timeout_s": 0.5}}
+    r = http.post("/v1/infer", json=body)
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        err = events[-1]["error"]
+    else:
+        assert r.status_code == 504
+        err = r.json()["error"]
+    assert err["type"] == "deadline_exceeded" and "engine" in err["message"]
+    deadline = time.monotonic() + 2  # far less than the generation would take
+    while engine_stats()["running_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the engine's own counter
+    assert engine_stats()["running_requests"] == 0
+
+
 def test_openai_client_on_both_routes(serve_app):
     from openai import OpenAI
 
