@@ -7,6 +7,7 @@ know where a step runs: placement is configuration (``deployment.placement``).
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
@@ -64,22 +65,58 @@ class RemoteNode:
             raise remote_error(err, self.model_id) from None
 
 
+class Admission:
+    """Serve's admission rule, for engines that run inside the ingress replica (where Serve's
+    own per-deployment limits do not apply): at most ``max_ongoing`` requests at once, at most
+    ``max_queued`` waiting (-1: unbounded), the rest refused at once with 503 and Retry-After."""
+
+    def __init__(self, max_ongoing: int, max_queued: int, model_id: str) -> None:
+        self.slots = asyncio.Semaphore(max_ongoing)
+        self.max_queued = max_queued
+        self.waiting = 0
+        self.model_id = model_id
+
+    @asynccontextmanager
+    async def slot(self):
+        if self.slots.locked():
+            if 0 <= self.max_queued <= self.waiting:
+                raise Overloaded(f"model {self.model_id!r} is at capacity; retry shortly",
+                                 model_id=self.model_id, headers={"Retry-After": "1"})
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.slots.acquire()
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+
 class LocalEngine:
-    """An engine object living in this process."""
+    """An engine object living in this process, admitted by the model's engine limits."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.started = False
+        opts = engine.model.deployment.engine
+        self.admission = Admission(opts.max_ongoing_requests, opts.max_queued_requests,
+                                   engine.model.model_id)
 
     async def start(self) -> None:
         await self.engine.start()
         self.started = True
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
-        return await collect(self.engine.infer(payload, params, ctx))
+        async with self.admission.slot():
+            return await collect(self.engine.infer(payload, params, ctx))
 
-    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
-        return self.engine.infer(payload, params, ctx)
+    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        async with self.admission.slot():
+            async for chunk in self.engine.infer(payload, params, ctx):
+                yield chunk
 
     async def check_local(self) -> None:
         """Raise NotReady if this in-process engine is unhealthy (the replica must restart)."""

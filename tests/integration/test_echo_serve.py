@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
 
 # inline (every node in the ingress), engine (one hop), split (a deployment per node)
-OVERRIDES = ["model=[echo,echo_remote,echo_split]", "server.max_body_bytes=4096"]
+OVERRIDES = ["model=[echo,echo_remote,echo_split]", "server.max_body_bytes=4096",
+             # small limits on the remote engine, to see Serve's backpressure
+             "model.echo_remote.deployment.engine.max_ongoing_requests=2",
+             "++model.echo_remote.deployment.engine.max_queued_requests=2"]
 MODELS = ["echo", "echo-remote", "echo-split"]
 
 
@@ -68,3 +74,63 @@ def test_deployments_match_the_placement(serve_app):
     app = serve.status().applications["mmserve"]
     assert set(app.deployments) == {"ingress", "echo-remote.engine", "echo-split.engine",
                                     "echo-split.preprocess", "echo-split.postprocess"}
+
+
+async def _burst(base_url: str, n: int, body: dict) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        return await asyncio.gather(*(client.post("/v1/infer", json=body) for _ in range(n)))
+
+
+def test_remote_engine_backpressure_refuses_the_excess_at_once(serve_app):
+    body = {"model_id": "echo-remote", "input": 1, "params": {"delay_s": 0.5}}
+    t0 = time.monotonic()
+    rs = asyncio.run(_burst(serve_app, 12, body))
+    statuses = [r.status_code for r in rs]
+    refused = [r for r in rs if r.status_code == 503]
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 2 and len(refused) >= 6, statuses
+    assert all(r.json()["error"]["type"] == "overloaded" and r.headers["retry-after"] for r in refused)
+    # refused at once: the burst ends about when the admitted ones (2 waves of 0.5 s) do
+    assert time.monotonic() - t0 < 5
+
+
+def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
+    """Steady load on echo-remote; its engine replica is killed; every request succeeds or
+    fails fast with 503, none outlives its deadline, and after recovery all succeed."""
+    import ray
+
+    body = {"model_id": "echo-remote", "input": 1, "params": {"delay_s": 0.05, "timeout_s": 10}}
+    outcomes: list[tuple[int, float]] = []
+
+    async def load(seconds: float):
+        async with httpx.AsyncClient(base_url=serve_app, timeout=30) as client:
+            async def worker():
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    t0 = time.monotonic()
+                    r = await client.post("/v1/infer", json=body)
+                    outcomes.append((r.status_code, time.monotonic() - t0))
+            await asyncio.gather(*(worker() for _ in range(2)))
+
+    async def scenario():
+        task = asyncio.create_task(load(6))
+        await asyncio.sleep(1)  # load running before the kill
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "echo-remote.engine" in a["name"]]
+        assert len(names) == 1, names
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+        await task
+
+    asyncio.run(scenario())
+    statuses = {s for s, _ in outcomes}
+    assert statuses <= {200, 503}, statuses
+    assert max(latency for _, latency in outcomes) < 10  # nothing hung past its deadline
+    print(f"replica kill: {len(outcomes)} requests, {sum(s == 200 for s, _ in outcomes)} ok, "
+          f"{sum(s == 503 for s, _ in outcomes)} fast 503, slowest {max(t for _, t in outcomes):.2f} s")
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if httpx.post(f"{serve_app}/v1/infer", json=body, timeout=15).status_code == 200:
+            break
+        time.sleep(0.5)  # until Serve has replaced the replica
+    after = asyncio.run(_burst(serve_app, 4, body))
+    assert [r.status_code for r in after] == [200] * 4

@@ -140,6 +140,16 @@ def test_client_disconnect_aborts_the_generation(serve_app):
     assert engine_stats()["running_requests"] == 0
 
 
+def test_client_disconnect_without_streaming_aborts_too(serve_app):
+    body = {"model_id": MODEL, "prompt": "Go on", "params": {"max_tokens": 1900, "temperature": 0}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{serve_app}/v1/infer", json=body, timeout=1.0)  # the client gives up
+    deadline = time.monotonic() + 2  # the generation alone would take ~6 s more
+    while engine_stats()["running_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the engine's own counter
+    assert engine_stats()["running_requests"] == 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_deadline_aborts_the_generation(http, stream):
     body = {"model_id": MODEL, "prompt": "Go on", "stream": stream,

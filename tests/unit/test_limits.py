@@ -85,3 +85,24 @@ def test_cors_is_closed_by_default_and_opens_per_origin():
     r = call(app_with(cors_origins=["https://ui.example"], api_keys=["k"]), "OPTIONS", "/v1/infer",
              headers=preflight)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def test_inline_engine_admits_ongoing_plus_queued_and_refuses_the_rest_at_once():
+    from core.config import DeploymentOptions, ModelDeployment
+
+    limits = ModelDeployment(placement="inline",
+                             engine=DeploymentOptions(max_ongoing_requests=2, max_queued_requests=2))
+    router = asyncio.run(local_router(local_pipeline(model("echo", deployment=limits))))
+    app = create_app(router, ServerConfig())
+
+    async def burst():
+        import httpx
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            rs = await asyncio.gather(*(c.post("/v1/infer", json=slow(0.3)) for _ in range(10)))
+            return [(r.status_code, r.headers.get("retry-after")) for r in rs]
+
+    results = asyncio.run(burst())
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(ok) == 4 and len(refused) == 6  # 2 running + 2 queued
+    assert all(retry == "1" for _, retry in refused)
