@@ -126,6 +126,8 @@ class ServerConfig(Strict):
     app_name: str = Field("mmserve", min_length=1, description="Ray Serve application name.")
     route_prefix: str = Field("/", pattern=r"^/", description="Route prefix of the application.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
+    max_json_depth: int = Field(32, ge=2, description="Deeper nesting in a request body gets 422.")
+    max_string_chars: int = Field(4 * 1024 * 1024, ge=1, description="A longer string in a body gets 422.")
     ready_timeout_s: float = Field(900.0, gt=0, description="Launcher gives up waiting after this.")
     status_timeout_s: float = Field(2.0, gt=0, description="Budget of one model status probe.")
     request_timeout_s: float = Field(300.0, gt=0, description=(

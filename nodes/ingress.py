@@ -11,11 +11,12 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import ServerConfig
@@ -40,16 +41,21 @@ def error_response(err: MMServeError) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers or None)
 
 
+def internal_error(ctx: RequestContext) -> MMServeError:
+    """Log the exception being handled, once, and the 500 that answers it."""
+    logger.exception("request %s to %s failed", ctx.request_id, ctx.model_id)
+    return MMServeError(f"internal error (request id {ctx.request_id})", model_id=ctx.model_id)
+
+
 @contextmanager
 def internal_errors(ctx: RequestContext):
-    """Let MMServeErrors through; log anything else once and answer a 500 naming the request id."""
+    """Let MMServeErrors through; anything else becomes one logged 500 naming the request id."""
     try:
         yield
     except MMServeError:
         raise
     except Exception:
-        logger.exception("request %s to %s failed", ctx.request_id, ctx.model_id)
-        raise MMServeError(f"internal error (request id {ctx.request_id})", model_id=ctx.model_id) from None
+        raise internal_error(ctx) from None
 
 
 async def sse_events(chunks: AsyncIterator[dict], ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -62,11 +68,9 @@ async def sse_events(chunks: AsyncIterator[dict], ctx: RequestContext) -> AsyncI
     except MMServeError as err:
         yield b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
     except Exception:
-        logger.exception("stream %s of %s failed", ctx.request_id, ctx.model_id)
-        err = MMServeError(f"internal error (request id {ctx.request_id})", model_id=ctx.model_id)
-        yield b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
+        yield b"data: " + json.dumps(internal_error(ctx).to_dict()).encode() + b"\n\n"
     finally:
-        await chunks.aclose()
+        await chunks.aclose()  # closes the pipeline's stream now, not at garbage collection
     yield b"data: [DONE]\n\n"
 
 
@@ -75,10 +79,32 @@ def sse_response(chunks: AsyncIterator[dict], ctx: RequestContext) -> StreamingR
                              headers={"cache-control": "no-cache"})
 
 
+def check_shape(value: Any, server: ServerConfig, path: str, model_id: str, depth: int = 2) -> None:
+    """Refuse (422, naming the place) nesting deeper than ``server.max_json_depth`` (the body
+    itself is level 1, so a field's value is level 2) and strings longer than
+    ``server.max_string_chars``, before any node sees them."""
+    if isinstance(value, str):
+        if len(value) > server.max_string_chars:
+            raise InvalidField(f"{path}: a string of {len(value)} characters; the limit is "
+                               f"{server.max_string_chars} (server.max_string_chars)", model_id=model_id, field=path)
+    elif isinstance(value, BaseModel):
+        check_shape(value.model_dump(exclude_none=True), server, path, model_id, depth)
+    elif isinstance(value, (dict, list)):
+        if depth > server.max_json_depth:
+            raise InvalidField(f"{path}: nested deeper than {server.max_json_depth} levels "
+                               f"(server.max_json_depth)", model_id=model_id, field=path)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            check_shape(v, server, f"{path}.{k}", model_id, depth + 1)
+
+
 def request_context(body: InferRequest, request: Request, server: ServerConfig) -> RequestContext:
     """The request's context: its id, and its deadline from ``params.timeout_s`` or the
     ``x-request-timeout`` header (seconds), else ``server.request_timeout_s``, capped by
-    ``server.max_request_timeout_s``. ``timeout_s`` is taken out of the params the engine sees."""
+    ``server.max_request_timeout_s``. ``timeout_s`` is taken out of the params the engine sees.
+    The body's shape is checked against the server's limits first."""
+    for name in ("input", "prompt", "messages", "params"):
+        check_shape(getattr(body, name), server, name, body.model_id)
     raw, field = body.params.pop("timeout_s", None), "params.timeout_s"
     if raw is None and "x-request-timeout" in request.headers:
         raw, field = request.headers["x-request-timeout"], "x-request-timeout"

@@ -18,6 +18,11 @@ from engines.base import Engine, collect
 from nodes.base import Node
 
 
+def overloaded(model_id: str) -> Overloaded:
+    return Overloaded(f"model {model_id!r} is at capacity; retry shortly", model_id=model_id,
+                      headers={"Retry-After": "1"})
+
+
 def remote_error(err: BaseException, model_id: str) -> BaseException:
     """Map what a Ray handle call raised to the error vocabulary (or leave it as it is)."""
     from ray import exceptions as rx
@@ -27,8 +32,7 @@ def remote_error(err: BaseException, model_id: str) -> BaseException:
     if isinstance(cause, MMServeError):
         return cause
     if isinstance(cause, BackPressureError):
-        return Overloaded(f"model {model_id!r} is at capacity; retry shortly", model_id=model_id,
-                          headers={"Retry-After": "1"})
+        return overloaded(model_id)
     if isinstance(cause, (rx.RayActorError, DeploymentUnavailableError, rx.ActorUnavailableError)):
         return NotReady(f"model {model_id!r} is unavailable (its replica is restarting)",
                         model_id=model_id, headers={"Retry-After": "5"})
@@ -80,8 +84,7 @@ class Admission:
     async def slot(self):
         if self.slots.locked():
             if 0 <= self.max_queued <= self.waiting:
-                raise Overloaded(f"model {self.model_id!r} is at capacity; retry shortly",
-                                 model_id=self.model_id, headers={"Retry-After": "1"})
+                raise overloaded(self.model_id)
             self.waiting += 1
             try:
                 await self.slots.acquire()

@@ -132,5 +132,5 @@ def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
         if httpx.post(f"{serve_app}/v1/infer", json=body, timeout=15).status_code == 200:
             break
         time.sleep(0.5)  # until Serve has replaced the replica
-    after = asyncio.run(_burst(serve_app, 4, body))
-    assert [r.status_code for r in after] == [200] * 4
+    after = [httpx.post(f"{serve_app}/v1/infer", json=body, timeout=15) for _ in range(4)]
+    assert [r.status_code for r in after] == [200] * 4  # sequential: within the small limits

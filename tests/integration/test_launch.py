@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -44,7 +45,15 @@ def test_launch_serves_the_default_and_stops_on_sigterm(tmp_path):
         assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
         r = httpx.post(f"{url}/v1/infer", json={"model_id": "echo", "input": "hello"}, timeout=10)
         assert r.status_code == 200 and r.json()["output"] == "hello"
-        proc.send_signal(signal.SIGTERM)
+
+        # Graceful shutdown: a request in flight when SIGTERM arrives still completes.
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, f"{url}/v1/infer", timeout=30,
+                               json={"model_id": "echo", "input": "late", "params": {"delay_s": 3}})
+            time.sleep(1)  # let the slow request reach the engine
+            proc.send_signal(signal.SIGTERM)
+            r = slow.result()
+        assert r.status_code == 200 and r.json()["output"] == "late"
         assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:

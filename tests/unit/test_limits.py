@@ -106,3 +106,33 @@ def test_inline_engine_admits_ongoing_plus_queued_and_refuses_the_rest_at_once()
     refused = [r for r in results if r[0] == 503]
     assert len(ok) == 4 and len(refused) == 6  # 2 running + 2 queued
     assert all(retry == "1" for _, retry in refused)
+
+
+def nested(depth: int):
+    value: object = "leaf"
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_nesting_and_string_limits_are_422_naming_the_place():
+    app = app_with(max_json_depth=8, max_string_chars=100)
+    assert call(app, "POST", "/v1/infer", json={"model_id": "echo", "input": nested(8)}).status_code == 200
+    err = error_of(call(app, "POST", "/v1/infer", json={"model_id": "echo", "input": nested(9)}), 422)
+    assert "deeper than 8 levels" in err["message"] and err["field"].startswith("input.0.0")
+    err = error_of(call(app, "POST", "/v1/infer", json={"model_id": "echo", "input": {"a": "x" * 101}}), 422)
+    assert err["field"] == "input.a" and "101 characters" in err["message"]
+    err = error_of(call(app, "POST", "/v1/infer", json={
+        "model_id": "echo", "messages": [{"role": "user", "content": "y" * 101}]}), 422)
+    assert err["field"] == "messages.0.content"
+    err = error_of(call(app, "POST", "/v1/chat/completions", json={
+        "model": "echo", "messages": [{"role": "user", "content": "y" * 101}]}), 422)
+    assert err["field"] == "messages.0.content"
+
+
+def test_pathologically_deep_json_is_a_client_error_not_a_crash():
+    app = app_with()
+    body = '{"model_id": "echo", "input": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = call(app, "POST", "/v1/infer", content=body.encode(), headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert call(app, "POST", "/v1/infer", json={"model_id": "echo", "input": 1}).status_code == 200

@@ -1,0 +1,107 @@
+"""Soak: mixed load through every pipeline for a while; requests, errors by status, and the
+resident memory of every replica (and vLLM process) after warm-up and at the end.
+
+``python -m benchmarks.soak [--minutes 10]``. Not a CI test. Growth above 10% is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+
+PORT = 8031
+MIXES = [  # (workers, body)
+    (3, {"model_id": "echo", "input": {"text": "hello", "n": [1, 2, 3]}}),
+    (2, {"model_id": "echo-remote", "input": "hi", "params": {"delay_s": 0.01}}),
+    (2, {"model_id": "tiny-llama", "prompt": "Tell me a story", "params": {"max_tokens": 32}}),
+    (1, {"model_id": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+         "params": {"max_tokens": 32}}),
+    (1, "bad"),  # invalid requests of several kinds
+]
+BAD = [
+    {"model_id": "ghost", "input": 1},
+    {"model_id": "tiny-llama", "prompt": "x", "params": {"temperature": 9}},
+    {"model_id": "echo", "input": 1, "params": {"nope": 1}},
+    {"model_id": "tiny-llama", "prompt": "x" * 20000},
+]
+
+
+def replica_rss() -> dict[str, int]:
+    """RSS in bytes of every Serve replica, proxy and vLLM process on this machine."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if title.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")) or "VLLM::" in title:
+            out[f"{title.split()[0]} (pid {p.info['pid']})"] = p.info["memory_info"].rss
+    return out
+
+
+async def drive(url: str, seconds: float, statuses: Counter) -> None:
+    import aiohttp
+
+    rng = random.Random(0)
+    end = time.monotonic() + seconds
+
+    async def worker(body, session):
+        while time.monotonic() < end:
+            b = rng.choice(BAD) if body == "bad" else body
+            try:
+                async with session.post(url, json=b) as r:
+                    await r.read()
+                    statuses[str(r.status)] += 1
+            except Exception as err:  # counted, not fatal
+                statuses[type(err).__name__] += 1
+            if body == "bad":
+                await asyncio.sleep(0.2)  # pacing the invalid traffic
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(worker(body, session) for n, body in MIXES for _ in range(n)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--warmup", type=float, default=60, help="seconds before the first RSS reading")
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from apps.config import compose
+    from pipelines.builder import build_app
+
+    cfg = compose(["model=[echo,echo_remote,tiny_llama]"])
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(cfg), name="soak", route_prefix="/")
+    url = f"http://127.0.0.1:{PORT}/v1/infer"
+    statuses: Counter = Counter()
+    try:
+        asyncio.run(drive(url, args.warmup, Counter()))
+        start = replica_rss()
+        t0 = time.monotonic()
+        asyncio.run(drive(url, args.minutes * 60, statuses))
+        elapsed = time.monotonic() - t0
+        end = replica_rss()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    total = sum(statuses.values())
+    print(json.dumps({"seconds": round(elapsed), "requests": total, "by_status": dict(statuses)}))
+    print(f"{'process':60} {'start MiB':>10} {'end MiB':>10} {'growth':>8}")
+    for name in sorted(start):
+        if name in end:
+            a, b = start[name] / 2**20, end[name] / 2**20
+            flag = "  <-- over 10%" if b > a * 1.10 else ""
+            print(f"{name:60} {a:10.1f} {b:10.1f} {(b - a) / a:8.1%}{flag}")
+
+
+if __name__ == "__main__":
+    main()
