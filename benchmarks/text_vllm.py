@@ -73,12 +73,21 @@ async def run_direct(model, levels, max_tokens):
     return rows[1:]
 
 
-def run_mmserve(cfg, levels, max_tokens, placements):
+# Ray Serve's experimental direct ingress: the ingress replica serves HTTP itself on this port,
+# with no proxy actor in between (RAY_SERVE_ENABLE_DIRECT_INGRESS, read when Ray starts).
+DIRECT_INGRESS_PORT = 30000
+
+
+def run_mmserve(cfg, levels, max_tokens, placements, direct_ingress=False):
     import ray
     from ray import serve
 
     from pipelines.builder import build_app
 
+    if direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(DIRECT_INGRESS_PORT)
+    port = DIRECT_INGRESS_PORT if direct_ingress else PORT
     ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     rows = []
@@ -88,7 +97,8 @@ def run_mmserve(cfg, levels, max_tokens, placements):
             for m in placed.model.values():
                 m.deployment.placement = placement
             serve.run(build_app(placed), name="bench", route_prefix="/")
-            rows += [(f"mmserve {placement}", r) for r in drive_http(placed, levels, max_tokens)]
+            side = f"mmserve {placement}" + (" direct" if direct_ingress else "")
+            rows += [(side, r) for r in drive_http(placed, levels, max_tokens, port)]
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -96,13 +106,13 @@ def run_mmserve(cfg, levels, max_tokens, placements):
     return rows
 
 
-def drive_http(cfg, levels, max_tokens):
+def drive_http(cfg, levels, max_tokens, port):
     import aiohttp
 
     from apps.loadgen import closed_loop_text, stream_infer
 
     model = next(iter(cfg.model.values()))
-    url = f"http://127.0.0.1:{PORT}/v1/infer"
+    url = f"http://127.0.0.1:{port}/v1/infer"
     rows = []
 
     async def drive():
@@ -127,6 +137,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--placements", default="engine,inline", help="mmserve placements to measure")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="experimental: Ray Serve's direct ingress (no proxy hop)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -137,7 +149,7 @@ def main() -> None:
     model = next(iter(cfg.model.values()))
     rows = asyncio.run(run_direct(model, levels, args.max_tokens))
     gc.collect()
-    rows += run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","))
+    rows += run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","), args.direct_ingress)
 
     from rich.console import Console
     from rich.table import Table
