@@ -49,11 +49,15 @@ class BadRequest(MMServeError):
 
 
 class Unauthorized(MMServeError):
+    """No API key was sent where one is required."""
+
     status = 401
     type = "unauthorized"
 
 
 class Forbidden(MMServeError):
+    """The API key sent is not one of the server's."""
+
     status = 403
     type = "forbidden"
 
@@ -63,11 +67,6 @@ class ModelNotFound(MMServeError):
 
     status = 404
     type = "model_not_found"
-
-
-class NotFound(MMServeError):
-    status = 404
-    type = "not_found"
 
 
 class PayloadTooLarge(MMServeError):

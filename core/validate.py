@@ -75,6 +75,15 @@ def _with_model_deployments(raw: dict) -> dict:
     return raw
 
 
+def _lookup(loader, name: str, key: str, problems: list[tuple[str, str]]) -> type | None:
+    """The registered class called ``name``, or None with a problem recorded at ``key``."""
+    try:
+        return loader(name)
+    except KeyError as e:
+        problems.append((key, e.args[0]))
+        return None
+
+
 def validate_config(raw: dict) -> AppConfig:
     """Validate a composed config dict; returns the resolved :class:`AppConfig`.
 
@@ -91,16 +100,10 @@ def validate_config(raw: dict) -> AppConfig:
         for stage in ("preprocess", "postprocess"):
             spec = getattr(pipe, stage)
             key = f"pipeline.{name}.{stage}"
-            try:
-                cls = node_class(spec.name)
-            except KeyError as e:
-                problems.append((f"{key}.name", e.args[0]))
-                continue
-            problems += _check_with(cls.Kwargs, spec.kwargs, f"{key}.kwargs")
-        try:
-            engine_class(pipe.engine)
-        except KeyError as e:
-            problems.append((f"pipeline.{name}.engine", e.args[0]))
+            cls = _lookup(node_class, spec.name, f"{key}.name", problems)
+            if cls is not None:
+                problems += _check_with(cls.Kwargs, spec.kwargs, f"{key}.kwargs")
+        _lookup(engine_class, pipe.engine, f"pipeline.{name}.engine", problems)
 
     seen: dict[str, str] = {}
     for key, model in cfg.model.items():
@@ -115,10 +118,8 @@ def validate_config(raw: dict) -> AppConfig:
                              f"known: {', '.join(sorted(cfg.pipeline)) or 'none'}"))
             continue
         model.engine = model.engine or pipe.engine
-        try:
-            cls = engine_class(model.engine)
-        except KeyError as e:
-            problems.append((f"{where}.engine", e.args[0]))
+        cls = _lookup(engine_class, model.engine, f"{where}.engine", problems)
+        if cls is None:
             continue
         problems += _check_with(cls.Kwargs, model.engine_kwargs, f"{where}.engine_kwargs")
         problems += _check_with(cls.Params, model.params, f"{where}.params")

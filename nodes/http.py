@@ -11,6 +11,8 @@ import json
 import re
 import uuid
 
+from core.errors import Forbidden, MMServeError, PayloadTooLarge, Unauthorized
+
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -45,14 +47,14 @@ class RequestEnvelope:
         self.echo_request_id = echo_request_id
         self.api_keys = tuple(k.encode() for k in api_keys)
 
-    def _auth_error(self, authorization: bytes | None) -> tuple[int, str, str] | None:
+    def _auth_error(self, authorization: bytes | None) -> MMServeError | None:
         if authorization is None or not authorization.startswith(b"Bearer "):
-            return 401, "unauthorized", "an API key is required: send Authorization: Bearer <key>"
+            return Unauthorized("an API key is required: send Authorization: Bearer <key>")
         given = authorization[len(b"Bearer "):].strip()
         ok = False
         for key in self.api_keys:  # every key, so timing does not tell which one nearly matched
             ok |= hmac.compare_digest(given, key)
-        return None if ok else (403, "forbidden", "the API key is not valid")
+        return None if ok else Forbidden("the API key is not valid")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,9 +77,7 @@ class RequestEnvelope:
         if self.api_keys and scope["path"] not in self.OPEN_PATHS and scope["method"] != "OPTIONS":
             denied = self._auth_error(authorization)
             if denied is not None:
-                status, kind, message = denied
-                return await self._send_error(send, request_id, status, kind, message,
-                                              [(b"www-authenticate", b"Bearer")])
+                return await self._send_error(send, request_id, denied, [(b"www-authenticate", b"Bearer")])
 
         if length is not None and length > self.max_body_bytes:
             return await self._too_large(send, request_id, length)
@@ -117,14 +117,11 @@ class RequestEnvelope:
         await self.app(scope, receive, send_with_id)
 
     async def _too_large(self, send, request_id: str, size: int) -> None:
-        await self._send_error(send, request_id, 413, "payload_too_large",
-                               f"request body is {size} bytes or more; the limit is "
-                               f"{self.max_body_bytes} bytes (server.max_body_bytes)",
-                               [(b"connection", b"close")])
+        err = PayloadTooLarge(f"request body is {size} bytes or more; the limit is "
+                              f"{self.max_body_bytes} bytes (server.max_body_bytes)")
+        await self._send_error(send, request_id, err, [(b"connection", b"close")])
 
-    async def _send_error(self, send, request_id: str, status: int, kind: str, message: str,
-                          extra: list) -> None:
-        body = {"error": {"type": kind, "message": message, "model_id": None}}
+    async def _send_error(self, send, request_id: str, err: MMServeError, extra: list) -> None:
         rid = request_id if self.echo_request_id else None
-        for msg in _error_response(status, body, rid, extra):
+        for msg in _error_response(err.status, err.to_dict(), rid, extra):
             await send(msg)
