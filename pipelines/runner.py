@@ -61,11 +61,6 @@ class Pipeline:
         async for chunk in self.engine.stream(payload, params, ctx):
             yield await self.postprocess(chunk, ctx)
 
-    async def run(self, request: InferRequest, ctx: RequestContext) -> dict[str, Any]:
-        """Answer one request whole; raises ``core.errors.MMServeError`` for anything a client caused."""
-        payload, params = await self.prepare(request, ctx)
-        return await self.complete(payload, params, ctx)
-
     async def status(self, timeout_s: float) -> str:
         """``ready``, ``starting``, ``unavailable`` or ``unhealthy: <why>``."""
         return await self.engine.status(timeout_s)
