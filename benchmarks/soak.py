@@ -31,22 +31,33 @@ BAD = [
 
 
 def replica_rss() -> dict[str, int]:
-    """RSS in bytes of every Serve replica, proxy and vLLM process on this machine."""
+    """RSS in bytes of every Serve replica, proxy and vLLM process on this machine, by
+    "<kind> (pid N)" where kind is the title's first word up to any method name (Ray retitles
+    an actor's process with the method it is running)."""
     import psutil
 
     out = {}
     for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
         title = " ".join(p.info["cmdline"] or [])
         if title.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")) or "VLLM::" in title:
-            out[f"{title.split()[0]} (pid {p.info['pid']})"] = p.info["memory_info"].rss
+            kind = title.split()[0].split(".")[0] if title.startswith("ray::Serve") else title.split()[0]
+            out[f"{kind} (pid {p.info['pid']})"] = p.info["memory_info"].rss
     return out
 
 
-async def drive(url: str, seconds: float, statuses: Counter) -> None:
+async def drive(url: str, seconds: float, statuses: Counter, samples: list | None = None,
+                sample_every_s: float = 60) -> None:
+    """Closed-loop mixed load for ``seconds``; appends (elapsed s, RSS by process) to ``samples``."""
     import aiohttp
 
     rng = random.Random(0)
-    end = time.monotonic() + seconds
+    start = time.monotonic()
+    end = start + seconds
+
+    async def sampler():
+        while time.monotonic() < end:
+            await asyncio.sleep(sample_every_s)  # the sampling period
+            samples.append((round(time.monotonic() - start), await asyncio.to_thread(replica_rss)))
 
     async def worker(body, session):
         while time.monotonic() < end:
@@ -61,13 +72,18 @@ async def drive(url: str, seconds: float, statuses: Counter) -> None:
                 await asyncio.sleep(0.2)  # pacing the invalid traffic
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        await asyncio.gather(*(worker(body, session) for n, body in MIXES for _ in range(n)))
+        tasks = [worker(body, session) for n, body in MIXES for _ in range(n)]
+        if samples is not None:
+            tasks.append(sampler())
+        await asyncio.gather(*tasks)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=60, help="seconds before the first RSS reading")
+    ap.add_argument("--sample-every", type=float, default=60, help="seconds between RSS samples")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
 
     import ray
@@ -76,17 +92,18 @@ def main() -> None:
     from apps.config import compose
     from pipelines.builder import build_app
 
-    cfg = compose(["model=[echo,echo_remote,tiny_llama]"])
+    cfg = compose(["model=[echo,echo_remote,tiny_llama]", *args.overrides])
     ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(cfg), name="soak", route_prefix="/")
     url = f"http://127.0.0.1:{PORT}/v1/infer"
     statuses: Counter = Counter()
+    samples: list = []
     try:
         asyncio.run(drive(url, args.warmup, Counter()))
         start = replica_rss()
         t0 = time.monotonic()
-        asyncio.run(drive(url, args.minutes * 60, statuses))
+        asyncio.run(drive(url, args.minutes * 60, statuses, samples, args.sample_every))
         elapsed = time.monotonic() - t0
         end = replica_rss()
     finally:
@@ -101,6 +118,9 @@ def main() -> None:
             a, b = start[name] / 2**20, end[name] / 2**20
             flag = "  <-- over 10%" if b > a * 1.10 else ""
             print(f"{name:60} {a:10.1f} {b:10.1f} {(b - a) / a:8.1%}{flag}")
+    for name in sorted(start):
+        series = [f"{t}s {rss[name] / 2**20:.0f}" for t, rss in samples if name in rss]
+        print(f"{name}: MiB over time: {', '.join(series)}")
 
 
 if __name__ == "__main__":
