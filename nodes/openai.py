@@ -135,9 +135,5 @@ def add_openai_routes(app: FastAPI, router: ModelRouter, errors: dict, context: 
                 "index": 0, "text": _text(r["output"]), "finish_reason": r.get("finish_reason"),
                 "logprobs": None}]}
 
-        def chunk(c, first):
-            return {"object": "text_completion", "choices": [{
-                "index": 0, "text": _text(c["output"]), "finish_reason": c.get("finish_reason"),
-                "logprobs": None}]}
-
-        return await run(body, request, "completion", one, chunk)
+        # A streamed text completion chunk has the same shape as the whole answer.
+        return await run(body, request, "completion", one, lambda c, first: one(c))

@@ -48,7 +48,7 @@ class TextPrompt(Node):
                 raise InvalidField(f"messages: model {model_id!r} has no chat template; send a prompt",
                                    model_id=model_id, field="messages")
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
         raise InvalidField("input: a text model takes a string prompt or chat messages",
                            model_id=model_id, field="input")
 
