@@ -74,6 +74,13 @@ class PayloadTooLarge(MMServeError):
     type = "payload_too_large"
 
 
+class UnsupportedMedia(MMServeError):
+    """The input's format is not one the model's decoder accepts; the message lists those it does."""
+
+    status = 415
+    type = "unsupported_media"
+
+
 class InvalidField(MMServeError):
     """A field of the request is missing, of the wrong type or out of range; ``field`` names it."""
 
@@ -105,3 +112,19 @@ class EngineError(MMServeError):
 
     status = 500
     type = "engine_error"
+
+
+def from_validation_errors(errors: list[dict[str, Any]]) -> MMServeError:
+    """The first of pydantic's (or FastAPI's) validation errors of a request body, as the error
+    a client sees: 400 if the body is not an object at all, else 422 naming the field."""
+    e = errors[0]
+    loc = [str(p) for p in e["loc"][1:]] if e["loc"] and e["loc"][0] == "body" else list(map(str, e["loc"]))
+    if e["type"] == "json_invalid":
+        return BadRequest(f"malformed JSON: {e.get('ctx', {}).get('error', e['msg'])}")
+    if e["type"] == "model_attributes_type" or (not loc and e["type"] in ("dict_type", "model_type")):
+        return BadRequest("the body must be a JSON object (sent with Content-Type: application/json)")
+    if not loc and e["type"] == "missing":
+        return BadRequest("a JSON body is required")
+    field = ".".join(loc) or "body"
+    msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+    return InvalidField(f"{field}: {msg}", field=field)

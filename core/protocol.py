@@ -71,6 +71,7 @@ class RequestContext:
     deadline: float | None = None
     timeout_s: float | None = None
     stage: str = "ingress"
+    params: dict[str, Any] | None = None  # the request's validated params (set by the pipeline)
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""
@@ -84,3 +85,17 @@ class EngineResult:
     output: Any
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    info: dict[str, Any] | None = None  # facts about the input for the response (e.g. duration_s)
+
+
+@dataclass
+class MediaPayload:
+    """Decoded media on its way from a preprocess node to an engine.
+
+    ``data`` is a tensor (a mono waveform, an image ``[3, H, W]``, frames ``[N, 3, H, W]``);
+    ``info`` holds what the response reports about the input (``duration_s``, frame
+    ``timestamps_s``, the original ``width``/``height``, the ``sample_rate``).
+    """
+
+    data: Any
+    info: dict[str, Any]

@@ -17,12 +17,20 @@ if TYPE_CHECKING:
 ENGINES: dict[str, str] = {
     "echo": "engines.echo:EchoEngine",
     "vllm": "engines.vllm:VLLMEngine",
+    "silero_vad": "engines.vad:SileroVAD",
+    "ctc_asr": "engines.asr:CTCSpeechRecognizer",
+    "image_classifier": "engines.classifier:ImageClassifier",
+    "video_classifier": "engines.classifier:VideoClassifier",
 }
 
 NODES: dict[str, str] = {
     "identity": "nodes.common:Identity",
     "result": "nodes.common:Result",
     "text_prompt": "nodes.text:TextPrompt",
+    "audio_decode": "nodes.audio:AudioDecode",
+    "image_decode": "nodes.vision:ImageDecode",
+    "video_frames": "nodes.video:VideoFrames",
+    "media_result": "nodes.media:MediaResult",
 }
 
 

@@ -2,10 +2,11 @@
 
 A config names one as ``source: generated:tiny-llama``; :func:`resolve_source` turns that into a
 directory in the cache (``$MMSERVE_CACHE_DIR``, default ``~/.cache/mmserve``), generating it on
-first use. The directory is an ordinary Hugging Face checkpoint, so engines load it through the
-same code path as a hub id. Generation is deterministic (fixed seeds, fixed corpus).
+first use. The directory is an ordinary checkpoint (Hugging Face layout for the Llama,
+``config.json`` + ``model.pt`` for the torch models), so engines load it through the same code
+path as a hub id or a local checkpoint. Generation is deterministic (fixed seeds, fixed corpus).
 
-``python -m engines.checkpoints tiny-llama`` generates it ahead of time and prints its path.
+``python -m engines.checkpoints [name ...]`` generates them ahead of time and prints their paths.
 """
 
 from __future__ import annotations
@@ -70,7 +71,60 @@ def make_tiny_llama(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-GENERATORS: dict[str, Callable[[Path], None]] = {"tiny-llama": make_tiny_llama}
+# The character vocabulary of torchaudio's wav2vec2 ASR bundles: blank, word separator, letters.
+CTC_LABELS = ["-", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
+
+TINY_WAV2VEC2 = dict(
+    extractor_mode="group_norm", extractor_conv_bias=False,
+    extractor_conv_layer_config=[[64, 10, 5], [64, 3, 2], [64, 3, 2], [64, 3, 2], [64, 2, 2], [64, 2, 2]],
+    encoder_embed_dim=128, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
+    encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=4, encoder_attention_dropout=0.0,
+    encoder_ff_interm_features=256, encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+    encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=len(CTC_LABELS),
+)
+
+IMAGE_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _save_torch_checkpoint(out: Path, config: dict, model) -> None:
+    """``config.json`` (what to build) + ``model.pt`` (its state dict): the layout our media
+    engines load (``engines.torch_models``)."""
+    import json
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    torch.save(model.state_dict(), out / "model.pt")
+
+
+def make_tiny_wav2vec2(out: Path) -> None:
+    """A 2-layer wav2vec2 CTC model (torchaudio.models.wav2vec2_model) over the character
+    vocabulary of torchaudio's ASR bundles, 16 kHz. Random weights: the text is gibberish."""
+    import torch
+    from torchaudio.models import wav2vec2_model
+
+    torch.manual_seed(0)
+    model = wav2vec2_model(**TINY_WAV2VEC2)
+    _save_torch_checkpoint(out, {"arch": "wav2vec2", "model": TINY_WAV2VEC2, "sample_rate": 16000,
+                                 "labels": CTC_LABELS}, model)
+
+
+def make_tiny_resnet18(out: Path) -> None:
+    """torchvision's resnet18 architecture with random weights and a 10-label head."""
+    import torch
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("resnet18", weights=None, num_classes=len(IMAGE_LABELS))
+    _save_torch_checkpoint(out, {"arch": "resnet18", "labels": IMAGE_LABELS}, model)
+
+
+GENERATORS: dict[str, Callable[[Path], None]] = {
+    "tiny-llama": make_tiny_llama,
+    "tiny-wav2vec2": make_tiny_wav2vec2,
+    "tiny-resnet18": make_tiny_resnet18,
+}
 
 
 def resolve_source(source: str) -> str:
@@ -97,6 +151,20 @@ def resolve_source(source: str) -> str:
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
     return str(target)
+
+
+def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
+    """``(config, state_dict)`` of a ``config.json`` + ``model.pt`` directory. The state dict is
+    loaded with ``weights_only`` (tensors only: no code runs from the file)."""
+    import json
+
+    import torch
+
+    root = Path(path)
+    if not (root / "config.json").is_file() or not (root / "model.pt").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json and model.pt expected)")
+    config = json.loads((root / "config.json").read_text())
+    return config, torch.load(root / "model.pt", map_location="cpu", weights_only=True)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import ServerConfig
 from core.deadline import iterate_within_deadline, within_deadline
-from core.errors import BadRequest, InvalidField, MMServeError, NotReady
+from core.errors import InvalidField, MMServeError, NotReady, from_validation_errors
 from core.protocol import InferRequest, InferResponse, RequestContext
 from nodes.http import RequestEnvelope
 from nodes.openai import add_openai_routes
 from nodes.router import ModelRouter
+from nodes.uploads import InferUpload, infer_request_body, read_infer_request
 from pipelines.runner import Pipeline
 
 logger = logging.getLogger("mmserve.ingress")
@@ -104,7 +105,10 @@ def request_context(body: InferRequest, request: Request, server: ServerConfig) 
     ``server.max_request_timeout_s``. ``timeout_s`` is taken out of the params the engine sees.
     The body's shape is checked against the server's limits first."""
     for name in ("input", "prompt", "messages", "params"):
-        check_shape(getattr(body, name), server, name, body.model_id)
+        value = getattr(body, name)
+        if name == "input" and isinstance(value, dict) and "data" in value:
+            value = {k: v for k, v in value.items() if k != "data"}  # media: bounded by max_bytes
+        check_shape(value, server, name, body.model_id)
     raw, field = body.params.pop("timeout_s", None), "params.timeout_s"
     if raw is None and "x-request-timeout" in request.headers:
         raw, field = request.headers["x-request-timeout"], "x-request-timeout"
@@ -132,20 +136,6 @@ async def run_guarded(pipeline: Pipeline, body: InferRequest, ctx: RequestContex
         return await within_deadline(pipeline.complete(payload, params, ctx), ctx)
 
 
-def _validation_error(exc: RequestValidationError) -> MMServeError:
-    e = exc.errors()[0]
-    loc = [str(p) for p in e["loc"][1:]] if e["loc"] and e["loc"][0] == "body" else list(map(str, e["loc"]))
-    if e["type"] == "json_invalid":
-        return BadRequest(f"malformed JSON: {e.get('ctx', {}).get('error', e['msg'])}")
-    if e["type"] == "model_attributes_type" or (not loc and e["type"] in ("dict_type", "model_type")):
-        return BadRequest("the body must be a JSON object (sent with Content-Type: application/json)")
-    if not loc and e["type"] == "missing":
-        return BadRequest("a JSON body is required")
-    field = ".".join(loc) or "body"
-    msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-    return InvalidField(f"{field}: {msg}", field=field)
-
-
 def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool = True) -> FastAPI:
     """The ingress ASGI app (FastAPI, OpenAPI at ``/docs``) wrapped in :class:`RequestEnvelope`.
 
@@ -162,7 +152,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(_validation_error(exc))
+        return error_response(from_validation_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -174,16 +164,18 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.post("/v1/infer", responses={200: {"model": InferResponse, "content": {
-        "text/event-stream": {"schema": {"type": "string"}}}}, **errors},
-              summary="Run one request through a model's pipeline (streamed with stream: true)")
-    async def infer(body: InferRequest, request: Request):
+        "text/event-stream": {"schema": {"type": "string"}}}}, **errors, 415: ERROR_SCHEMA},
+              summary="Run one request through a model's pipeline (streamed with stream: true)",
+              openapi_extra=infer_request_body())
+    async def infer(request: Request):
+        body = await read_infer_request(request)
         pipeline = router.get(body.model_id)
         ctx = request_context(body, request, server)
         result = await run_guarded(pipeline, body, ctx)
         return sse_response(result, ctx) if body.stream else JSONResponse(result)
 
-    add_openai_routes(app, router, errors, lambda body, request: request_context(body, request, server),
-                      run_guarded)
+    add_openai_routes(app, router, {**errors, 415: ERROR_SCHEMA},
+                      lambda body, request: request_context(body, request, server), run_guarded)
 
     @app.get("/v1/models", summary="Every served model, with its status")
     async def list_models():
@@ -214,6 +206,23 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
             body["error"]["models"] = waiting
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ready", "models": statuses}
+
+    def openapi() -> dict:
+        # /v1/infer reads its body itself (JSON or a form upload): publish both schemas.
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (InferRequest, InferUpload):
+                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(s.pop("$defs", {}))
+                schemas[model.__name__] = s
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     if server.cors_origins:
         from starlette.middleware.cors import CORSMiddleware

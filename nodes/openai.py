@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: ``/v1/chat/completions`` and ``/v1/completions``, streamed or not.
+"""OpenAI-compatible routes: ``/v1/chat/completions`` and ``/v1/completions`` (streamed or not),
+and ``/v1/audio/transcriptions`` (multipart upload, served by a speech recognition pipeline).
 
 They translate OpenAI's request shape into an :class:`~core.protocol.InferRequest`, run the
 same pipeline as ``/v1/infer``, and shape the answer (or the SSE chunks) as OpenAI does.
@@ -9,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import InvalidField
 from core.protocol import ChatMessage, InferRequest
 from nodes.router import ModelRouter
 
@@ -137,3 +139,36 @@ def add_openai_routes(app: FastAPI, router: ModelRouter, errors: dict, context: 
 
         # A streamed text completion chunk has the same shape as the whole answer.
         return await run(body, request, "completion", one, lambda c, first: one(c))
+
+    @app.post("/v1/audio/transcriptions", responses=errors, summary="OpenAI-compatible speech to text")
+    async def transcriptions(
+        request: Request,
+        file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
+        model: str = Form(..., min_length=1, description="A speech recognition model_id."),
+        language: str | None = Form(None, description="Accepted; the model decides the language."),
+        prompt: str | None = Form(None, description="Accepted and ignored (CTC models take no prompt)."),
+        response_format: Literal["json", "text", "verbose_json"] = Form("json"),
+        temperature: float | None = Form(None, description="Accepted and ignored (greedy decoding)."),
+    ):
+        from nodes.uploads import MEDIA_SUFFIXES
+
+        pipeline = router.get(model)
+        if pipeline.model.modality != "audio":
+            raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; transcriptions "
+                               f"need a speech recognition model", model_id=model, field="model")
+        media: dict[str, Any] = {"data": await file.read()}
+        suffix = (file.filename or "").rpartition(".")[2].lower()
+        if suffix in MEDIA_SUFFIXES:
+            media["format"] = suffix
+        req = InferRequest(model_id=model, input=media)
+        result = await run_guarded(pipeline, req, context(req, request))
+        output = result["output"]
+        if not isinstance(output, dict) or "text" not in output:
+            raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
+                               f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
+        if response_format == "text":
+            return PlainTextResponse(output["text"])
+        if response_format == "verbose_json":
+            return {"task": "transcribe", "language": language or "english",
+                    "duration": result.get("duration_s"), "text": output["text"], "segments": []}
+        return {"text": output["text"]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import AsyncIterator
 
 from core.config import ModelConfig, NodeSpec, ServerConfig
@@ -58,5 +60,27 @@ async def local_router(*pipelines: Pipeline) -> ModelRouter:
     return router
 
 
+def inline_router(cfg) -> ModelRouter:
+    """A router over every model of a composed config, each step built in this process."""
+    from pipelines.deployments import Route, pipeline_for
+
+    routes = [Route(model=m, preprocess=cfg.pipeline[m.pipeline].preprocess,
+                    postprocess=cfg.pipeline[m.pipeline].postprocess) for m in cfg.model.values()]
+    return ModelRouter([pipeline_for(r) for r in routes])
+
+
+@contextmanager
+def serve_batch_outside_serve(max_ongoing_requests: int = 1000):
+    """Let ``@serve.batch`` run without Ray: it asks the replica context for the deployment's
+    ``max_ongoing_requests`` (to warn when batches cannot fill), which only exists in a replica."""
+    import pytest
+    from ray import serve
+
+    ctx = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=max_ongoing_requests))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serve, "get_replica_context", lambda: ctx)
+        yield
+
+
 __all__ = ["FailingEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
-           "free_port", "local_pipeline", "local_router", "model"]
+           "free_port", "inline_router", "local_pipeline", "serve_batch_outside_serve", "local_router", "model"]

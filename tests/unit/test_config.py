@@ -20,7 +20,9 @@ def group_options(group: str) -> list[str]:
 
 def test_default_config_composes():
     cfg = compose()
-    assert set(cfg.model) == {"echo", "tiny_llama"}
+    # one offline model of each modality, and echo
+    assert {m.modality for m in cfg.model.values()} == {"text", "audio", "vision", "video"}
+    assert set(cfg.model) == {"echo", "tiny_llama", "silero_vad", "tiny_asr", "tiny_resnet", "tiny_video"}
     assert cfg.model["echo"].engine == "echo"  # resolved from the pipeline
     assert cfg.model["echo"].deployment.placement == "inline"
     # the model's deployment is the profile merged with its overrides
@@ -78,7 +80,7 @@ def test_pipeline_naming_missing_node():
 
 
 def test_model_naming_missing_pipeline_or_engine():
-    assert "unknown pipeline 'vision'" in problems(["model.echo.pipeline=vision"])["model.echo.pipeline"]
+    assert "unknown pipeline 'hologram'" in problems(["model.echo.pipeline=hologram"])["model.echo.pipeline"]
     assert "unknown engine 'gpt'" in problems(["+model.echo.engine=gpt"])["model.echo.engine"]
 
 

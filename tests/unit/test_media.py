@@ -1,0 +1,252 @@
+"""Audio, vision and video pipelines in process (no Ray): real decoding of synthesized media,
+real Silero VAD weights, the generated ASR and resnet18 checkpoints, both input encodings,
+the OpenAI transcription route, every kind of bad input, and batching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.testclient import TestClient
+
+from apps.config import compose
+from nodes.ingress import create_app
+from tests import media
+from tests.support import inline_router, serve_batch_outside_serve
+
+OVERRIDES = [
+    "model=[silero_vad,tiny_asr,tiny_resnet,tiny_video]",
+    "pipeline=[vad,asr,vision,video]",
+    "pipeline.asr.preprocess.kwargs.max_seconds=5",
+    "pipeline.vision.preprocess.kwargs.max_pixels=40000",
+    "pipeline.vision.preprocess.kwargs.max_bytes=100000",
+    "pipeline.video.preprocess.kwargs.max_frames=16",
+]
+
+
+@pytest.fixture(scope="module")
+def client():
+    cfg = compose(OVERRIDES)
+    router = inline_router(cfg)
+    with serve_batch_outside_serve():
+        asyncio.run(router.start())
+        with TestClient(create_app(router, cfg.server), raise_server_exceptions=False) as c:
+            c.router = router
+            yield c
+
+
+def infer(client, model_id, data: bytes, fmt: str | None = None, **params):
+    body = {"model_id": model_id, "input": {"data": media.b64(data), **({"format": fmt} if fmt else {})}}
+    if params:
+        body["params"] = params
+    return client.post("/v1/infer", json=body)
+
+
+def ok(r) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+# --- audio ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "ogg"])
+def test_vad_finds_the_speech_segment_in_every_format(client, fmt):
+    clip = media.encode_audio(media.clip_with_speech(before_s=1.0, speech_s=1.5), fmt)
+    body = ok(infer(client, "silero-vad", clip, fmt))
+    assert body["duration_s"] == pytest.approx(4.0, abs=0.1)
+    (seg,) = body["output"]["segments"]
+    assert 0.8 <= seg["start_s"] <= 1.2 and 2.3 <= seg["end_s"] <= 2.8, seg
+
+
+def test_vad_downmixes_and_resamples_stereo_44k(client):
+    clip = media.clip_with_speech(sr=44100, channels=2)
+    body = ok(infer(client, "silero-vad", media.encode_audio(clip, "flac", sr=44100)))
+    assert len(body["output"]["segments"]) == 1 and body["duration_s"] == pytest.approx(4.0, abs=0.1)
+
+
+def test_vad_on_silence_and_on_a_tone_finds_no_speech(client):
+    assert ok(infer(client, "silero-vad", media.encode_audio(media.tone(2.0) * 0)))["output"]["segments"] == []
+    assert ok(infer(client, "silero-vad", media.encode_audio(media.tone(2.0))))["output"]["segments"] == []
+
+
+def test_vad_params_reach_the_engine(client):
+    clip = media.encode_audio(media.clip_with_speech(speech_s=1.5))
+    assert ok(infer(client, "silero-vad", clip, min_speech_duration_ms=3000))["output"]["segments"] == []
+    assert error_of(infer(client, "silero-vad", clip, threshold=2), 422)["field"] == "params.threshold"
+
+
+def test_asr_transcribes_to_characters_of_its_vocabulary(client):
+    body = ok(infer(client, "tiny-asr", media.encode_audio(media.clip_with_speech()), "wav"))
+    text = body["output"]["text"]
+    assert isinstance(text, str) and set(text) <= set(" ETAONIHSRDLUMWCFGYPBVK'XJQZ")
+    assert body["duration_s"] == pytest.approx(4.0, abs=0.1)
+
+
+def test_asr_refuses_silence_and_audio_over_its_limit(client):
+    err = error_of(infer(client, "tiny-asr", media.encode_audio(media.tone(1.0) * 0)), 422)
+    assert "silent" in err["message"]
+    err = error_of(infer(client, "tiny-asr", media.encode_audio(media.tone(6.0))), 422)
+    assert "5 s (max_seconds)" in err["message"]
+
+
+# --- vision and video ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_image_classification_top_k(client, fmt):
+    body = ok(infer(client, "tiny-resnet18", media.encode_image(media.image(), fmt), fmt, top_k=4))
+    scores = [x["score"] for x in body["output"]]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+    assert {x["label"] for x in body["output"]} <= {"airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                     "frog", "horse", "ship", "truck"}
+
+
+def test_image_default_top_k_from_the_model_config(client):
+    assert len(ok(infer(client, "tiny-resnet18", media.encode_image(media.image())))["output"]) == 3
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm"])
+def test_video_frames_with_timestamps_and_a_clip_aggregate(client, fmt):
+    clip = media.encode_video(frames=20, fps=10, fmt=fmt)  # 2 s
+    body = ok(infer(client, "tiny-video", clip, fmt, num_frames=4, top_k=2))
+    frames = body["output"]["frames"]
+    assert [f["timestamp_s"] for f in frames] == pytest.approx([0.2, 0.7, 1.2, 1.7], abs=0.06)
+    assert all(len(f["top_k"]) == 2 for f in frames) and len(body["output"]["clip"]) == 2
+    assert body["duration_s"] == pytest.approx(2.0, abs=0.05)
+    by_fps = ok(infer(client, "tiny-video", clip, fmt, fps=2))["output"]["frames"]
+    assert [f["timestamp_s"] for f in by_fps] == pytest.approx([0.0, 0.5, 1.0, 1.5], abs=0.06)
+
+
+def test_video_sampling_params_are_checked(client):
+    clip = media.encode_video()
+    assert "not both" in error_of(infer(client, "tiny-video", clip, fps=1, num_frames=2), 422)["message"]
+    err = error_of(infer(client, "tiny-video", clip, fps=10), 422)  # 20 frames > max_frames 16
+    assert "20 frames" in err["message"] and "max_frames" in err["message"]
+
+
+# --- multipart uploads and the OpenAI transcription route ----------------------------------
+
+def test_multipart_upload_on_infer(client):
+    png = media.encode_image(media.image(), "png")
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18", "params": '{"top_k": 2}'},
+                    files={"file": ("cat.png", png, "image/png")})
+    assert len(ok(r)["output"]) == 2
+    wav = media.encode_audio(media.clip_with_speech())
+    r = client.post("/v1/infer", data={"model_id": "silero-vad"}, files={"file": ("a.wav", wav, "audio/wav")})
+    assert len(ok(r)["output"]["segments"]) == 1
+
+
+def test_multipart_errors_name_the_field(client):
+    png = media.encode_image(media.image(), "png")
+    assert error_of(client.post("/v1/infer", data={"model_id": "tiny-resnet18"}), 400)  # no file: not multipart
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18", "params": "[1]"},
+                    files={"file": ("x.png", png)})
+    assert error_of(r, 422)["field"] == "params"
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18", "colour": "red"}, files={"file": ("x.png", png)})
+    assert error_of(r, 422)["field"] == "colour"
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18"}, files={"file": ("x.gif", png)})
+    assert error_of(r, 415)["field"] == "input.format"
+
+
+@pytest.mark.parametrize("response_format", ["json", "text", "verbose_json"])
+def test_openai_transcriptions(client, response_format):
+    wav = media.encode_audio(media.clip_with_speech())
+    r = client.post("/v1/audio/transcriptions", data={"model": "tiny-asr", "response_format": response_format},
+                    files={"file": ("speech.wav", wav, "audio/wav")})
+    assert r.status_code == 200, r.text
+    if response_format == "text":
+        assert r.headers["content-type"].startswith("text/plain")
+    else:
+        assert isinstance(r.json()["text"], str)
+    if response_format == "verbose_json":
+        assert r.json()["duration"] == pytest.approx(4.0, abs=0.1)
+
+
+def test_transcriptions_need_a_speech_recognizer(client):
+    wav = media.encode_audio(media.clip_with_speech())
+    r = client.post("/v1/audio/transcriptions", data={"model": "tiny-resnet18"}, files={"file": ("a.wav", wav)})
+    assert "vision model" in error_of(r, 422)["message"]
+    r = client.post("/v1/audio/transcriptions", data={"model": "silero-vad"}, files={"file": ("a.wav", wav)})
+    assert "does not transcribe" in error_of(r, 422)["message"]
+
+
+# --- bad input: a 4xx naming the problem, and the next request is served --------------------
+
+WAV = media.encode_audio(media.clip_with_speech())
+PNG = media.encode_image(media.image(), "png")
+MP4 = media.encode_video()
+
+
+@pytest.mark.parametrize("model_id, data, fmt, status, says", [
+    ("tiny-asr", b"\x00\x01garbage" * 64, None, 422, "could not decode the input as audio"),
+    ("tiny-asr", WAV[:40], "wav", 422, "could not decode"),                      # truncated header
+    ("tiny-asr", PNG, None, 422, "no audio stream"),                            # an image to an audio model
+    ("tiny-asr", WAV, "aiff", 415, "format 'aiff' is not supported"),
+    ("tiny-asr", b"", "wav", 422, "empty"),
+    ("tiny-resnet18", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "png", 422, "could not decode the input as an image"),
+    ("tiny-resnet18", PNG[: len(PNG) // 2], "png", 422, "could not decode"),     # truncated
+    ("tiny-resnet18", media.encode_audio(media.tone()), None, 422, "could not decode the input as an image"),
+    ("tiny-resnet18", media.encode_image(media.image(), "bmp"), None, 415, "bmp images are not supported"),
+    ("tiny-resnet18", media.encode_image(media.image(1, 1), "png"), "png", 422, "1x1"),
+    ("tiny-resnet18", media.encode_image(media.image(256, 256) * 0, "png"), "png", 422, "max_pixels"),
+    ("tiny-resnet18", b"\xff" * 100_001, "png", 413, "max_bytes"),
+    ("tiny-video", MP4[: len(MP4) // 3], "mp4", 422, "could not decode"),
+    ("tiny-video", PNG, None, 415, "video encoded as png is not supported"),     # an image to a video model
+])
+def test_bad_media_is_a_4xx_naming_the_problem(client, model_id, data, fmt, status, says):
+    err = error_of(infer(client, model_id, data, fmt), status)
+    assert says in err["message"] and err["model_id"] == model_id
+    good = {"tiny-asr": WAV, "tiny-resnet18": PNG, "tiny-video": MP4}[model_id]
+    ok(infer(client, model_id, good))  # the pipeline keeps serving
+
+
+def test_malformed_media_inputs(client):
+    assert "base64" in error_of(client.post("/v1/infer", json={
+        "model_id": "tiny-asr", "input": {"data": "not base64!"}}), 422)["message"]
+    assert error_of(client.post("/v1/infer", json={"model_id": "tiny-asr", "input": "hello"}), 422)["field"] == "input"
+    assert error_of(client.post("/v1/infer", json={
+        "model_id": "tiny-asr", "input": {"data": media.b64(WAV), "url": "http://x"}}), 422)["field"] == "input.url"
+
+
+def test_audio_codec_outside_the_accepted_formats_is_415():
+    from core.config import ModelConfig
+    from core.errors import UnsupportedMedia
+    from nodes.audio import AudioDecode
+
+    node = AudioDecode({"formats": ["wav", "flac"]}, ModelConfig(model_id="m", modality="audio", pipeline="asr"))
+    with pytest.raises(UnsupportedMedia, match="encoded as mp3"):
+        node.decode(media.encode_audio(media.tone(), "mp3"), "m")
+
+
+# --- batching ------------------------------------------------------------------------------
+
+def test_concurrent_requests_are_batched():
+    from core.protocol import RequestContext
+    from engines.classifier import ImageClassifier
+    from nodes.vision import ImageDecode
+
+    cfg = compose(["model=[tiny_resnet]", "pipeline=[vision]", "model.tiny_resnet.engine_kwargs.max_batch_size=8",
+                   "model.tiny_resnet.engine_kwargs.batch_wait_timeout_s=0.5"])
+    m = cfg.model["tiny_resnet"]
+
+    async def run():
+        engine, decode = ImageClassifier(m), ImageDecode(cfg.pipeline["vision"].preprocess.kwargs, m)
+        await engine.start()
+        await decode.start()
+        ctx = RequestContext(request_id="r", model_id=m.model_id)
+        payloads = [await decode({"data": media.encode_image(media.image(seed=i))}, ctx) for i in range(8)]
+        params = engine.Params(top_k=1)
+
+        async def one(p):
+            return [r async for r in engine.infer(p, params, ctx)][0]
+
+        return engine, await asyncio.gather(*(one(p) for p in payloads))
+
+    with serve_batch_outside_serve():
+        engine, results = asyncio.run(run())
+    assert len(results) == 8 and all(len(r.output) == 1 for r in results)
+    assert engine.stats() == {"batches": 1, "items": 8, "mean_batch_size": 8.0}
