@@ -56,6 +56,8 @@ class RayActorOptions(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
     memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description=(
+        "Environment of the replica's process, set before it starts (e.g. OMP_WAIT_POLICY)."))
 
 
 class DeploymentOptions(Strict):
@@ -74,9 +76,12 @@ class DeploymentOptions(Strict):
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         opts = self.model_dump(exclude_none=True)
-        opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
-        if not opts["ray_actor_options"]["resources"]:
-            del opts["ray_actor_options"]["resources"]
+        actor = opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
+        if not actor["resources"]:
+            del actor["resources"]
+        env = actor.pop("env_vars")
+        if env:
+            actor["runtime_env"] = {"env_vars": env}
         if self.autoscaling_config is not None:
             del opts["num_replicas"]
         return opts

@@ -94,8 +94,11 @@ class MediaPayload:
 
     ``data`` is a tensor (a mono waveform, an image ``[3, H, W]``, frames ``[N, 3, H, W]``);
     ``info`` holds what the response reports about the input (``duration_s``, frame
-    ``timestamps_s``, the original ``width``/``height``, the ``sample_rate``).
+    ``timestamps_s``, the original ``width``/``height``, the ``sample_rate``). Images travel
+    as uint8 (a quarter of float32's bytes through Ray's object store); ``finish`` (e.g. scale
+    and normalize) turns them into the model's input where the model runs.
     """
 
     data: Any
     info: dict[str, Any]
+    finish: Any = None  # a transform the engine applies on arrival, so a compact dtype crosses hops

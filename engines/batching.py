@@ -48,6 +48,11 @@ class BatchedEngine(Engine):
         # (inline placements) one shared queue, mixing models in a batch.
         self._batch = serve.batch(max_batch_size=self.kwargs.max_batch_size,
                                   batch_wait_timeout_s=self.kwargs.batch_wait_timeout_s)(self._run_async)
+        # Set while no batch runs. serve.batch (Ray 2.60) forms the next batch while the last one
+        # still runs (it then waits for its turn), so under load it would form many small ones;
+        # requests wait here while the model is busy, and form one full batch when it is free.
+        self._model_free = asyncio.Event()
+        self._model_free.set()
 
     async def start(self) -> None:
         if self.kwargs.torch_threads:
@@ -66,13 +71,18 @@ class BatchedEngine(Engine):
         An item's output may be an ``MMServeError`` to fail that request alone."""
 
     async def infer(self, inputs: MediaPayload, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        await self._model_free.wait()
         output = await self._batch((inputs, params))
         if isinstance(output, MMServeError):
             raise output
         yield EngineResult(output=output, finish_reason="stop", info=inputs.info)
 
     async def _run_async(self, items: list[tuple[MediaPayload, BaseModel]]) -> list[Any]:
-        return await asyncio.to_thread(self._run, items)
+        self._model_free.clear()
+        try:
+            return await asyncio.to_thread(self._run, items)
+        finally:
+            self._model_free.set()
 
     def _run(self, items):
         import torch

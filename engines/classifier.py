@@ -72,7 +72,8 @@ class ImageClassifier(BatchedEngine):
         """Class probabilities per item (``[C]`` for an image, ``[N, C]`` for frames)."""
         import torch
 
-        tensors = [m.data.unsqueeze(0) if m.data.dim() == 3 else m.data for m, _ in items]
+        tensors = [m.finish(m.data) if m.finish is not None else m.data for m, _ in items]
+        tensors = [t.unsqueeze(0) if t.dim() == 3 else t for t in tensors]
         probs = self.net(torch.cat(tensors)).softmax(dim=-1)
         parts = probs.split([t.shape[0] for t in tensors])
         return [p[0] if m.data.dim() == 3 else p for p, (m, _) in zip(parts, items)]

@@ -39,10 +39,10 @@ class VideoFrames(Node):
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
-        self.transform = None
+        self.transform = self.finish = None
 
     async def start(self) -> None:
-        self.transform = self.kwargs.transforms.build()
+        self.transform, self.finish = self.kwargs.transforms.build()
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "video", ctx.model_id)
@@ -80,4 +80,5 @@ class VideoFrames(Node):
             raise decode_failed(err, "video", kw, model_id) from None
         return MediaPayload(data=self.transform(batch.data),
                             info={"duration_s": round(duration, 3),
-                                  "timestamps_s": [round(float(t), 3) for t in batch.pts_seconds]})
+                                  "timestamps_s": [round(float(t), 3) for t in batch.pts_seconds]},
+                            finish=self.finish)

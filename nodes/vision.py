@@ -29,11 +29,13 @@ class Transforms(BaseModel):
     std: list[float] = Field([0.229, 0.224, 0.225], min_length=3, max_length=3)
 
     def build(self):
+        """``(geometry, finish)``: resize + crop on uint8 here; scale + normalize where the
+        model runs (:attr:`core.protocol.MediaPayload.finish`)."""
         import torch
         from torchvision.transforms import v2
 
-        return v2.Compose([v2.Resize(self.resize, antialias=True), v2.CenterCrop(self.crop),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+        return (v2.Compose([v2.Resize(self.resize, antialias=True), v2.CenterCrop(self.crop)]),
+                v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]))
 
 
 class ImageKwargs(MediaKwargs):
@@ -54,16 +56,16 @@ def check_size(width: int, height: int, kw: ImageKwargs, what: str, model_id: st
 
 
 class ImageDecode(Node):
-    """Decodes JPEG, PNG or WebP into the normalized ``[3, crop, crop]`` tensor a classifier takes."""
+    """Decodes JPEG, PNG or WebP into the ``[3, crop, crop]`` image a classifier takes."""
 
     Kwargs = ImageKwargs
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
-        self.transform = None
+        self.transform = self.finish = None
 
     async def start(self) -> None:
-        self.transform = self.kwargs.transforms.build()
+        self.transform, self.finish = self.kwargs.transforms.build()
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "image", ctx.model_id)
@@ -93,4 +95,5 @@ class ImageDecode(Node):
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as err:
             raise decode_failed(err, "an image", self.kwargs, model_id) from None
-        return MediaPayload(data=self.transform(image), info={"width": width, "height": height})
+        return MediaPayload(data=self.transform(image), info={"width": width, "height": height},
+                            finish=self.finish)
