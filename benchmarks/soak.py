@@ -14,20 +14,44 @@ import time
 from collections import Counter
 
 PORT = 8031
-MIXES = [  # (workers, body)
-    (3, {"model_id": "echo", "input": {"text": "hello", "n": [1, 2, 3]}}),
-    (2, {"model_id": "echo-remote", "input": "hi", "params": {"delay_s": 0.01}}),
-    (2, {"model_id": "tiny-llama", "prompt": "Tell me a story", "params": {"max_tokens": 32}}),
-    (1, {"model_id": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
-         "params": {"max_tokens": 32}}),
-    (1, "bad"),  # invalid requests of several kinds
-]
-BAD = [
-    {"model_id": "ghost", "input": 1},
-    {"model_id": "tiny-llama", "prompt": "x", "params": {"temperature": 9}},
-    {"model_id": "echo", "input": 1, "params": {"nope": 1}},
-    {"model_id": "tiny-llama", "prompt": "x" * 20000},
-]
+MODELS = "model=[echo,echo_remote,tiny_llama,silero_vad,tiny_asr,tiny_resnet,tiny_video]"
+PIPELINES = "pipeline=[echo,text,vad,asr,vision,video]"
+
+
+def mixes() -> list[tuple[int, object]]:
+    """(workers, body) of every pipeline, plus one worker sending invalid requests ("bad")."""
+    from tests import media
+
+    wav = {"data": media.b64(media.encode_audio(media.clip_with_speech()))}
+    jpeg = {"data": media.b64(media.encode_image(media.image(320, 240), "jpeg"))}
+    mp4 = {"data": media.b64(media.encode_video())}
+    return [
+        (3, {"model_id": "echo", "input": {"text": "hello", "n": [1, 2, 3]}}),
+        (2, {"model_id": "echo-remote", "input": "hi", "params": {"delay_s": 0.01}}),
+        (2, {"model_id": "tiny-llama", "prompt": "Tell me a story", "params": {"max_tokens": 32}}),
+        (1, {"model_id": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+             "params": {"max_tokens": 32}}),
+        (1, {"model_id": "silero-vad", "input": wav}),
+        (1, {"model_id": "tiny-asr", "input": wav}),
+        (2, {"model_id": "tiny-resnet18", "input": jpeg}),
+        (1, {"model_id": "tiny-video", "input": mp4, "params": {"num_frames": 4}}),
+        (1, "bad"),  # invalid requests of several kinds
+    ]
+
+
+def bad_requests() -> list[dict]:
+    from tests import media
+
+    png = media.encode_image(media.image(), "png")
+    return [
+        {"model_id": "ghost", "input": 1},
+        {"model_id": "tiny-llama", "prompt": "x", "params": {"temperature": 9}},
+        {"model_id": "echo", "input": 1, "params": {"nope": 1}},
+        {"model_id": "tiny-llama", "prompt": "x" * 20000},
+        {"model_id": "tiny-asr", "input": {"data": media.b64(png)}},                # an image for audio
+        {"model_id": "tiny-resnet18", "input": {"data": media.b64(png[:200])}},      # truncated
+        {"model_id": "tiny-video", "input": {"data": media.b64(b"junk" * 100)}},     # corrupt
+    ]
 
 
 def replica_rss() -> dict[str, int]:
@@ -51,6 +75,7 @@ async def drive(url: str, seconds: float, statuses: Counter, samples: list | Non
     import aiohttp
 
     rng = random.Random(0)
+    bad = bad_requests()
     start = time.monotonic()
     end = start + seconds
 
@@ -61,7 +86,7 @@ async def drive(url: str, seconds: float, statuses: Counter, samples: list | Non
 
     async def worker(body, session):
         while time.monotonic() < end:
-            b = rng.choice(BAD) if body == "bad" else body
+            b = rng.choice(bad) if body == "bad" else body
             try:
                 async with session.post(url, json=b) as r:
                     await r.read()
@@ -72,7 +97,7 @@ async def drive(url: str, seconds: float, statuses: Counter, samples: list | Non
                 await asyncio.sleep(0.2)  # pacing the invalid traffic
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        tasks = [worker(body, session) for n, body in MIXES for _ in range(n)]
+        tasks = [worker(body, session) for n, body in mixes() for _ in range(n)]
         if samples is not None:
             tasks.append(sampler())
         await asyncio.gather(*tasks)
@@ -92,7 +117,7 @@ def main() -> None:
     from apps.config import compose
     from pipelines.builder import build_app
 
-    cfg = compose(["model=[echo,echo_remote,tiny_llama]", *args.overrides])
+    cfg = compose([MODELS, PIPELINES, *args.overrides])
     ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(cfg), name="soak", route_prefix="/")

@@ -7,6 +7,7 @@ know where a step runs: placement is configuration (``deployment.placement``).
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -137,29 +138,64 @@ class LocalEngine:
 
 
 class RemoteEngine:
-    """An engine hosted by an :class:`~pipelines.deployments.EngineServer` deployment."""
+    """An engine hosted by an :class:`~pipelines.deployments.EngineServer` deployment.
+
+    When a call finds the engine's replica dead, the model is marked recovering: requests get
+    503 with ``Retry-After`` at once rather than waiting in Serve's queue for the replacement,
+    and a probe re-opens the model as soon as a replica answers its status call again.
+    """
+
+    PROBE_TIMEOUT_S = 2.0
+    PROBE_PERIOD_S = 0.5
 
     def __init__(self, handle, model_id: str) -> None:
         self.handle = handle
         self.model_id = model_id
+        self.down_since: float | None = None
+        self._probe: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Nothing to do: the deployment started the engine."""
 
+    def _check_up(self) -> None:
+        if self.down_since is not None:
+            raise NotReady(f"model {self.model_id!r} is recovering: its replica died "
+                           f"{time.monotonic() - self.down_since:.1f} s ago and is being replaced",
+                           model_id=self.model_id, headers={"Retry-After": "2"})
+
+    def _failed(self, err: BaseException) -> BaseException:
+        mapped = remote_error(err, self.model_id)
+        if isinstance(mapped, NotReady) and self.down_since is None:
+            self.down_since = time.monotonic()
+            self._probe = asyncio.create_task(self._probe_until_up())
+        return mapped
+
+    async def _probe_until_up(self) -> None:
+        while True:
+            try:
+                if await asyncio.wait_for(self.handle.status.remote(), self.PROBE_TIMEOUT_S) == "ready":
+                    self.down_since = None
+                    return
+            except Exception:  # still down (or the probe itself timed out): probe again
+                pass
+            await asyncio.sleep(self.PROBE_PERIOD_S)  # the probing period
+
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
+        self._check_up()
         try:
             return await self.handle.generate.remote(payload, params, ctx)
         except Exception as err:
-            raise remote_error(err, self.model_id) from None
+            raise self._failed(err) from None
 
     async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        self._check_up()
         # Closing this generator (client gone) cancels the remote one, and vLLM aborts the request.
         chunks = self.handle.options(stream=True).stream.remote(payload, params, ctx)
         try:
             async for chunk in chunks:
                 yield chunk
         except Exception as err:
-            raise remote_error(err, self.model_id) from None
+            raise self._failed(err) from None
         finally:
             chunks.cancel()
 
@@ -167,6 +203,8 @@ class RemoteEngine:
         """Nothing here: the engine's own deployment is health-checked by Serve."""
 
     async def status(self, timeout_s: float) -> str:
+        if self.down_since is not None:
+            return "recovering"
         try:
             return await asyncio.wait_for(self.handle.status.remote(), timeout_s)
         except asyncio.TimeoutError:

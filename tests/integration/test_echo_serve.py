@@ -124,6 +124,8 @@ def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
     statuses = {s for s, _ in outcomes}
     assert statuses <= {200, 503}, statuses
     assert max(latency for _, latency in outcomes) < 10  # nothing hung past its deadline
+    refusals = [t for s, t in outcomes if s == 503]
+    assert refusals and max(refusals) < 1.0  # while recovering, 503 at once
     print(f"replica kill: {len(outcomes)} requests, {sum(s == 200 for s, _ in outcomes)} ok, "
           f"{sum(s == 503 for s, _ in outcomes)} fast 503, slowest {max(t for _, t in outcomes):.2f} s")
 
