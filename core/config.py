@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Placement = Literal["inline", "engine", "split"]
 Modality = Literal["text", "audio", "vision", "video"]
@@ -58,6 +58,15 @@ class RayActorOptions(Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
     env_vars: dict[str, str] = Field(default_factory=dict, description=(
         "Environment of the replica's process, set before it starts (e.g. OMP_WAIT_POLICY)."))
+
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _env_as_strings(cls, v: Any) -> Any:
+        # YAML reads MALLOC_ARENA_MAX: 2 as a number; the environment only holds strings.
+        if isinstance(v, dict):
+            return {k: str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+                    for k, x in v.items()}
+        return v
 
 
 class DeploymentOptions(Strict):

@@ -19,6 +19,12 @@ from core.errors import EngineError, InvalidField, NotReady
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine
 
+# vLLM configures logging at import with logging.config.dictConfig, which closes every handler
+# already installed, Ray Serve's buffering MemoryHandler included: closed, it keeps its place on
+# the "ray.serve" logger and buffers every access-log record forever (~1.6 KB per request, found
+# by the soak). Unless the user says otherwise, vLLM's loggers propagate to Ray's handlers instead.
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
 # On the CPU, vLLM reads gpu_memory_utilization as the share of NUMA node 0's memory to reserve
 # for the KV cache; its default of 0.92 fails to start on a shared machine (STACK.md).
 CPU_DEFAULTS = {"gpu_memory_utilization": 0.1}
