@@ -81,10 +81,12 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="In-flight grace on stop.")
+    access_log: bool = Field(True, description="Serve's one log line per request of this deployment.")
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         opts = self.model_dump(exclude_none=True)
+        opts["logging_config"] = {"enable_access_log": opts.pop("access_log")}
         actor = opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
         if not actor["resources"]:
             del actor["resources"]
