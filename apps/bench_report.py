@@ -115,6 +115,8 @@ def report(sweep_dir: Path, bench: BenchConfig | None = None, console=None) -> d
     best = next((j for j in jobs if j["best"]), None)
     if best is not None and bench.write_best:
         write_best(sweep_dir / "best.yaml", best, bench.goal)
+    else:
+        (sweep_dir / "best.yaml").unlink(missing_ok=True)  # no job meets this goal
     (console or Console()).print(table(jobs, summary))
     return summary
 
@@ -272,6 +274,8 @@ def main() -> None:
     ap.add_argument("--max", action="append", default=[], metavar="METRIC=BOUND",
                     help="an upper bound (repeatable); replaces bench.goal.max")
     args = ap.parse_args()
+    if not args.sweep_dir.is_dir():
+        ap.error(f"{args.sweep_dir} is not a directory")
     bench = sweep_bench_config(load_jobs(args.sweep_dir))
     goal = bench.goal.model_dump()
     if args.objective:

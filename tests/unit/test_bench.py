@@ -178,6 +178,10 @@ def test_best_yaml_is_a_config_the_launcher_serves(sweep):
     assert out.returncode == 0, out.stderr
     assert "model_id: echo" in out.stdout
 
+    # a goal no job meets: no best, and no stale best.yaml
+    summary = report(sweep, BenchConfig(goal=Goal(objective="rps", max={"p99_ms": 10})))
+    assert summary["best"] is None and not (sweep / "best.yaml").exists()
+
 
 def test_report_cli_takes_another_goal(sweep):
     out = subprocess.run([sys.executable, "-m", "apps.bench_report", str(sweep), "--objective", "p99_ms",
