@@ -111,7 +111,7 @@ def report(sweep_dir: Path, bench: BenchConfig | None = None, console=None) -> d
     summary = {"sweep_dir": str(sweep_dir), **annotate(jobs, bench), "jobs": jobs}
     (sweep_dir / "summary.json").write_text(json.dumps(finite(summary), indent=2) + "\n")
     write_csv(sweep_dir / "summary.csv", jobs)
-    plot(sweep_dir / "pareto.png", jobs, *summary["axes"])
+    plot(sweep_dir / "pareto.png", jobs, *summary["axes"], bounds=bench.goal.max)
     best = next((j for j in jobs if j["best"]), None)
     if best is not None and bench.write_best:
         write_best(sweep_dir / "best.yaml", best, bench.goal)
@@ -184,9 +184,9 @@ def table(jobs: list[dict], summary: dict):
     return t
 
 
-def plot(path: Path, jobs: list[dict], x: str, y: str) -> None:
+def plot(path: Path, jobs: list[dict], x: str, y: str, bounds: dict | None = None) -> None:
     """pareto.png: ``y`` against ``x`` for every successful job, the front joined, the best
-    starred, each point labelled with its job number."""
+    starred, each point labelled with its job number; the goal's bounds on either axis drawn."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -206,6 +206,10 @@ def plot(path: Path, jobs: list[dict], x: str, y: str) -> None:
             if j.get("best"):
                 ax.scatter([j["metrics"][x]], [j["metrics"][y]], marker="*", s=300, color="gold",
                            edgecolors="black", zorder=3, label="best for the goal")
+        for key, bound in (bounds or {}).items():
+            if key in (x, y):
+                line = ax.axvline if key == x else ax.axhline
+                line(bound, color="gray", linestyle="--", label=f"{key} ≤ {bound:g}")
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no successful job", ha="center", va="center", transform=ax.transAxes)
