@@ -131,6 +131,7 @@ def _ensure_ray(cfg) -> None:
         check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
         return
     serving.connect_ray(cfg, log_to_driver=False)  # replicas' access logs would bury the progress
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Connecting to existing Serve app"...
     _owned = {"http": http}
 
 
