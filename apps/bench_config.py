@@ -11,22 +11,17 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from core.config import AppConfig
+from core.config import AppConfig, Strict
 from core.validate import ConfigError, _check_with, validate_config
 
 # Figures a job records (apps.loadgen.LoadResult, plus error_rate); the goal and the plot
-# name them. Latency-like ones are better low, the others high.
+# name them.
 METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "errors", "error_rate", "output_tokens",
            "output_tok_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms",
            "tpot_p99_ms")
-LOWER_IS_BETTER = frozenset(m for m in METRICS if m.endswith("_ms") or m.startswith("error"))
 Metric = Literal[METRICS]  # type: ignore[valid-type]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class RequestSpec(Strict):
