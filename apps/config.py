@@ -11,8 +11,12 @@ from core.validate import ConfigError, validate_config
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def to_app_config(cfg) -> AppConfig:
-    """Validate a composed ``DictConfig``; raises ConfigError (interpolation errors included)."""
+def to_plain(cfg) -> dict:
+    """A composed ``DictConfig`` as a resolved plain dict without its ``hydra`` section.
+
+    Raises:
+        ConfigError: an interpolation failed (named by its dotted key).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -21,7 +25,12 @@ def to_app_config(cfg) -> AppConfig:
     except OmegaConfBaseException as err:
         raise ConfigError([(getattr(err, "full_key", None) or "config", str(err).splitlines()[0])]) from None
     raw.pop("hydra", None)
-    return validate_config(raw)
+    return raw
+
+
+def to_app_config(cfg) -> AppConfig:
+    """Validate a composed ``DictConfig``; raises ConfigError (interpolation errors included)."""
+    return validate_config(to_plain(cfg))
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> AppConfig:

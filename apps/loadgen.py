@@ -2,7 +2,9 @@
 
 Used by the benchmarks and by ``apps.bench`` sweeps. Latency is measured per request from
 send to full response; throughput counts completed requests over the measured window
-(warm-up excluded). ``python -m apps.loadgen --url ... --body '{...}' -c 32 -d 10``.
+(warm-up excluded). With ``stream=True`` (text pipelines) each request is read as Server-Sent
+Events and also yields time to first token and time per output token, defined as ``vllm bench
+serve`` defines them. ``python -m apps.loadgen --url ... --body '{...}' -c 32 -d 10``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 
 @dataclass
 class LoadResult:
-    """What one load run measured."""
+    """What one load run measured. The token fields are set for streamed runs only:
+    TTFT from send to the first event with output, TPOT = (latency - TTFT) / (tokens - 1)
+    over requests of more than one token, output tokens from each stream's last ``usage``."""
 
     requests: int
     duration_s: float
@@ -28,6 +33,15 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    output_tokens: int | None = None
+    output_tok_s: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p90_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p90_ms: float | None = None
+    tpot_p99_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -43,43 +57,137 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-async def _one(session, url: str, body: bytes, latencies: list, statuses: Counter, record: bool):
+@dataclass
+class Sample:
+    """One request: its status ("200", "503", an exception's name, "stream_error"), its
+    latency, and for streams the time to its first token and its output tokens."""
+
+    status: str
+    latency_s: float
+    ttft_s: float | None = None
+    tokens: int = 0
+
+
+def body_factory(body: dict) -> Callable[[int], bytes]:
+    """Encoded request ``i``: ``body`` with ``{n}`` in any string replaced by ``i`` (distinct
+    prompts keep a server's prefix cache from answering them), or the same bytes every time."""
+    raw = json.dumps(body)
+    if "{n}" not in raw:
+        encoded = raw.encode()
+        return lambda i: encoded
+    return lambda i: raw.replace("{n}", str(i)).encode()
+
+
+async def read_events(response, t0: float) -> tuple[float | None, int, str | None]:
+    """Read mmserve's SSE stream to its end: (ttft_s, output tokens from the last ``usage``,
+    the error message of an error event or None)."""
+    ttft, tokens, error = None, 0, None
+    async for raw in response.content:
+        line = raw.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            error = event["error"].get("message", "error")
+            continue
+        if ttft is None and event.get("output"):
+            ttft = time.perf_counter() - t0
+        tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    return ttft, tokens, error
+
+
+async def send(session, url: str, body: bytes, stream: bool) -> Sample:
+    """POST one request and read the whole answer; never raises (a refused or reset
+    connection is a result, not a crash)."""
     t0 = time.perf_counter()
+    ttft, tokens = None, 0
     try:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
-            await r.read()
             status = str(r.status)
-    except Exception as err:  # a refused or reset connection is a result, not a crash
+            if stream and r.status == 200:
+                ttft, tokens, error = await read_events(r, t0)
+                if error is not None:
+                    status = "stream_error"
+            else:
+                await r.read()
+    except Exception as err:
         status = type(err).__name__
-    if record:
-        latencies.append((time.perf_counter() - t0) * 1000)
-        statuses[status] += 1
+    return Sample(status, time.perf_counter() - t0, ttft, tokens)
+
+
+def summarize(samples: list[Sample], elapsed: float, stream: bool) -> LoadResult:
+    """Figures of the measured samples over ``elapsed`` seconds."""
+    n = len(samples)
+    ms = [s.latency_s * 1000 for s in samples]
+    statuses = Counter(s.status for s in samples)
+    res = LoadResult(requests=n, duration_s=round(elapsed, 3), rps=n / elapsed if elapsed > 0 else 0.0,
+                     p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90), p99_ms=percentile(ms, 99),
+                     mean_ms=sum(ms) / n if n else float("nan"), statuses=dict(statuses),
+                     errors=n - statuses.get("200", 0))
+    if stream:
+        ok = [s for s in samples if s.status == "200"]
+        ttfts = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
+        tpots = [(s.latency_s - s.ttft_s) * 1000 / (s.tokens - 1) for s in ok if s.ttft_s is not None and s.tokens > 1]
+        res.output_tokens = sum(s.tokens for s in ok)
+        res.output_tok_s = res.output_tokens / elapsed if elapsed > 0 else 0.0
+        res.ttft_p50_ms, res.ttft_p90_ms, res.ttft_p99_ms = (percentile(ttfts, q) for q in (50, 90, 99))
+        res.tpot_p50_ms, res.tpot_p90_ms, res.tpot_p99_ms = (percentile(tpots, q) for q in (50, 90, 99))
+    return res
+
+
+async def _show_progress(samples: list[Sample], start: float, total_s: float, done: asyncio.Event) -> None:
+    """A Rich progress bar over the run's time, with the requests and errors measured so far."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("load"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("load", total=total_s, info="warming up")
+        while not done.is_set():
+            errors = sum(s.status != "200" for s in samples)
+            bar.update(task, completed=min(time.perf_counter() - start, total_s),
+                       info=f"{len(samples)} requests, {errors} errors" if samples else "warming up")
+            try:
+                await asyncio.wait_for(done.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
 
 
 async def run_load(url: str, body: dict, *, concurrency: int = 32, duration_s: float = 10.0,
-                   warmup_s: float = 2.0, rate: float | None = None, seed: int = 0) -> LoadResult:
-    """Drive ``url`` with POSTs of ``body``.
+                   warmup_s: float = 2.0, rate: float | None = None, seed: int = 0,
+                   stream: bool = False, timeout_s: float = 300.0, progress: bool = False) -> LoadResult:
+    """Drive ``url`` with POSTs of ``body`` (see :func:`body_factory` for ``{n}``).
 
     Closed loop (``rate`` None): ``concurrency`` workers each send the next request as soon as
     the last one finished. Open loop: requests start at Poisson arrivals of ``rate`` per second,
-    at most ``concurrency`` in flight. Runs ``warmup_s`` unmeasured, then ``duration_s``.
+    at most ``concurrency`` in flight. Runs ``warmup_s`` unmeasured, then ``duration_s``; a
+    request is measured when it starts inside the measured window. ``stream`` adds
+    ``"stream": true`` and the token figures.
     """
     import aiohttp
 
-    raw = json.dumps(body).encode()
-    latencies: list[float] = []
-    statuses: Counter = Counter()
+    encode = body_factory({**body, "stream": True} if stream else body)
+    samples: list[Sample] = []
+    sent = 0
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=300)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         measure_from = start + warmup_s
         end = measure_from + duration_s
+        done = asyncio.Event()
+        shown = asyncio.create_task(_show_progress(samples, start, warmup_s + duration_s, done)) if progress else None
+
+        async def one(record: bool):
+            nonlocal sent
+            sent += 1
+            sample = await send(session, url, encode(sent), stream)
+            if record:
+                samples.append(sample)
 
         if rate is None:
             async def worker():
                 while (now := time.perf_counter()) < end:
-                    await _one(session, url, raw, latencies, statuses, now >= measure_from)
+                    await one(now >= measure_from)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
@@ -89,7 +197,7 @@ async def run_load(url: str, body: dict, *, concurrency: int = 32, duration_s: f
 
             async def fire(record: bool):
                 async with sem:
-                    await _one(session, url, raw, latencies, statuses, record)
+                    await one(record)
 
             t = start
             while t < end:
@@ -100,29 +208,10 @@ async def run_load(url: str, body: dict, *, concurrency: int = 32, duration_s: f
                 tasks.append(asyncio.create_task(fire(t >= measure_from)))
             await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - measure_from
-    n = len(latencies)
-    return LoadResult(requests=n, duration_s=round(elapsed, 3), rps=n / elapsed if elapsed > 0 else 0.0,
-                      p50_ms=percentile(latencies, 50), p90_ms=percentile(latencies, 90),
-                      p99_ms=percentile(latencies, 99),
-                      mean_ms=sum(latencies) / n if n else float("nan"), statuses=dict(statuses))
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--url", default="http://127.0.0.1:8000/v1/infer")
-    ap.add_argument("--body", default='{"model_id": "echo", "input": "hello"}')
-    ap.add_argument("-c", "--concurrency", type=int, default=32)
-    ap.add_argument("-d", "--duration", type=float, default=10.0)
-    ap.add_argument("-w", "--warmup", type=float, default=2.0)
-    ap.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
-    args = ap.parse_args()
-    res = asyncio.run(run_load(args.url, json.loads(args.body), concurrency=args.concurrency,
-                               duration_s=args.duration, warmup_s=args.warmup, rate=args.rate))
-    print(json.dumps(res.as_dict(), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+        done.set()
+        if shown is not None:
+            await shown
+    return summarize(samples, elapsed, stream)
 
 
 @dataclass
@@ -175,22 +264,34 @@ async def closed_loop_text(call, n_requests: int, concurrency: int) -> TextLoadR
 
 async def stream_infer(session, url: str, body: dict) -> tuple[float, float, int]:
     """POST a ``stream: true`` request; returns (ttft_s, latency_s, output tokens) read from
-    the SSE events (the last event's ``usage.completion_tokens``)."""
+    the SSE events (the last event's ``usage.completion_tokens``). Raises RuntimeError on a
+    status other than 200 or an error event."""
     t0 = time.perf_counter()
-    ttft = None
-    tokens = 0
     async with session.post(url, json={**body, "stream": True}) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
-        async for raw in r.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"]["message"])
-            if ttft is None and event.get("output"):
-                ttft = time.perf_counter() - t0
-            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+        ttft, tokens, error = await read_events(r, t0)
+    if error is not None:
+        raise RuntimeError(error)
     latency = time.perf_counter() - t0
     return (ttft if ttft is not None else latency), latency, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--url", default="http://127.0.0.1:8000/v1/infer")
+    ap.add_argument("--body", default='{"model_id": "echo", "input": "hello"}')
+    ap.add_argument("-c", "--concurrency", type=int, default=32)
+    ap.add_argument("-d", "--duration", type=float, default=10.0)
+    ap.add_argument("-w", "--warmup", type=float, default=2.0)
+    ap.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
+    ap.add_argument("--stream", action="store_true", help="stream (text): adds TTFT, TPOT, tokens/s")
+    args = ap.parse_args()
+    res = asyncio.run(run_load(args.url, json.loads(args.body), concurrency=args.concurrency,
+                               duration_s=args.duration, warmup_s=args.warmup, rate=args.rate,
+                               stream=args.stream, progress=True))
+    print(json.dumps(res.as_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,18 +23,20 @@ def local_gpu_count() -> int:
     return len(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def connect_ray(cfg: AppConfig) -> None:
+def connect_ray(cfg: AppConfig, log_to_driver: bool = True) -> None:
     """Join the cluster at ``RAY_ADDRESS`` or start a local one, after checking that the
-    deployments fit in it. Raises ConfigError (disconnecting first) if they do not."""
+    deployments fit in it. Raises ConfigError (disconnecting first) if they do not.
+    ``log_to_driver=False`` leaves the replicas' logs in Ray's log files only."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         check_resources(cfg, float(os.cpu_count() or 1), float(local_gpu_count()))
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=log_to_driver)
         install_signal_handlers()
         return
-    ray.init(address=address, logging_level=logging.WARNING)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     install_signal_handlers()
     res = ray.cluster_resources()
     try:
