@@ -10,9 +10,8 @@ from pydantic import Field
 
 from core.errors import InvalidField
 from core.protocol import MediaPayload, RequestContext
-from nodes.base import Node
 from nodes.media import check_codec, decode_failed, media_bytes
-from nodes.vision import ImageKwargs, check_size
+from nodes.vision import ImageKwargs, PixelNode, check_size
 
 
 class VideoKwargs(ImageKwargs):
@@ -32,17 +31,10 @@ def sample_times(begin: float, duration: float, fps: float | None, num_frames: i
     return [begin + (i + 0.5) * duration / num_frames for i in range(num_frames)]
 
 
-class VideoFrames(Node):
+class VideoFrames(PixelNode):
     """Samples and transforms a clip's frames; records their timestamps and the duration."""
 
     Kwargs = VideoKwargs
-
-    def __init__(self, kwargs, model) -> None:
-        super().__init__(kwargs, model)
-        self.transform = self.finish = None
-
-    async def start(self) -> None:
-        self.transform, self.finish = self.kwargs.transforms.build()
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "video", ctx.model_id)

@@ -55,10 +55,8 @@ def check_size(width: int, height: int, kw: ImageKwargs, what: str, model_id: st
                            f"{kw.min_side} pixels (min_side)", model_id=model_id, field="input.data")
 
 
-class ImageDecode(Node):
-    """Decodes JPEG, PNG or WebP into the ``[3, crop, crop]`` image a classifier takes."""
-
-    Kwargs = ImageKwargs
+class PixelNode(Node):
+    """Base of image and video preprocessing: builds ``kwargs.transforms`` at start-up."""
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
@@ -66,6 +64,12 @@ class ImageDecode(Node):
 
     async def start(self) -> None:
         self.transform, self.finish = self.kwargs.transforms.build()
+
+
+class ImageDecode(PixelNode):
+    """Decodes JPEG, PNG or WebP into the ``[3, crop, crop]`` image a classifier takes."""
+
+    Kwargs = ImageKwargs
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "image", ctx.model_id)
