@@ -73,7 +73,7 @@ def served(modality: str, data: bytes, max_batch: int, args) -> dict:
                    f"++model.{key}.engine_kwargs.torch_threads={args.engine_threads or args.threads}",
                    f"model.{key}.deployment.engine.ray_actor_options.num_cpus=1",
                    f"model.{key}.deployment.engine.max_ongoing_requests={max(args.concurrency, max_batch)}",
-                   f"model.{key}.deployment.placement={args.placement}"])
+                   f"model.{key}.deployment.placement={args.placement}", *args.overrides])
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
         body = {"model_id": cfg.model[key].model_id, "input": {"data": b64(data)}}
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the served engine (default: --threads)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served config")
     args = ap.parse_args()
 
     import ray
