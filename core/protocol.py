@@ -71,7 +71,7 @@ class RequestContext:
     deadline: float | None = None
     timeout_s: float | None = None
     stage: str = "ingress"
-    params: dict[str, Any] | None = None  # the request's validated params (set by the pipeline)
+    params: Any = None  # the request's validated params, the engine's Params (set by the pipeline)
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""

@@ -10,7 +10,6 @@ the engine deployment's ``max_ongoing_requests`` must be at least ``max_batch_si
 from __future__ import annotations
 
 import asyncio
-import threading
 from abc import abstractmethod
 from typing import Any, AsyncIterator
 
@@ -41,7 +40,6 @@ class BatchedEngine(Engine):
 
     def __init__(self, model) -> None:
         super().__init__(model)
-        self._lock = threading.Lock()  # one batch at a time on the model (stateful models, threads)
         self.batches = 0
         self.items = 0
         # Decorated per instance: @serve.batch on the class would give every engine in a process
@@ -87,7 +85,7 @@ class BatchedEngine(Engine):
     def _run(self, items):
         import torch
 
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():  # one batch at a time: serve.batch's max_concurrent_batches=1
             outputs = self.run_batch(items)
         self.batches += 1
         self.items += len(items)

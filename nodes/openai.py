@@ -150,17 +150,13 @@ def add_openai_routes(app: FastAPI, router: ModelRouter, errors: dict, context: 
         response_format: Literal["json", "text", "verbose_json"] = Form("json"),
         temperature: float | None = Form(None, description="Accepted and ignored (greedy decoding)."),
     ):
-        from nodes.uploads import MEDIA_SUFFIXES
+        from nodes.uploads import uploaded_media
 
         pipeline = router.get(model)
         if pipeline.model.modality != "audio":
             raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; transcriptions "
                                f"need a speech recognition model", model_id=model, field="model")
-        media: dict[str, Any] = {"data": await file.read()}
-        suffix = (file.filename or "").rpartition(".")[2].lower()
-        if suffix in MEDIA_SUFFIXES:
-            media["format"] = suffix
-        req = InferRequest(model_id=model, input=media)
+        req = InferRequest(model_id=model, input=await uploaded_media(file))
         result = await run_guarded(pipeline, req, context(req, request))
         output = result["output"]
         if not isinstance(output, dict) or "text" not in output:

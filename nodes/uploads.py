@@ -42,6 +42,18 @@ def infer_request_body() -> dict[str, Any]:
         "multipart/form-data": {"schema": {"$ref": "#/components/schemas/InferUpload"}}}}}
 
 
+async def uploaded_media(upload, fmt: str | None = None) -> dict[str, Any]:
+    """The media input ``{"data": <bytes>, "format": ...}`` of an uploaded file; without a
+    declared ``fmt``, the file name's suffix when it names a media format."""
+    if fmt is None and upload.filename:
+        suffix = PurePath(upload.filename).suffix.lstrip(".").lower()
+        fmt = suffix if suffix in MEDIA_SUFFIXES else None
+    media: dict[str, Any] = {"data": await upload.read()}
+    if fmt is not None:
+        media["format"] = fmt
+    return media
+
+
 def validated(data: Any) -> InferRequest:
     try:
         return InferRequest.model_validate(data)
@@ -84,13 +96,7 @@ async def _from_form(request: Request) -> InferRequest:
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidField("file: a file upload is required", field="file")
-    fmt = form.get("format")
-    if fmt is None and upload.filename:
-        suffix = PurePath(upload.filename).suffix.lstrip(".").lower()
-        fmt = suffix if suffix in MEDIA_SUFFIXES else None
-    media: dict[str, Any] = {"data": await upload.read()}
-    if fmt is not None:
-        media["format"] = fmt
+    media = await uploaded_media(upload, form.get("format"))
     params = form.get("params") or "{}"
     try:
         params = json.loads(params) if isinstance(params, str) else None

@@ -38,9 +38,9 @@ class VideoFrames(PixelNode):
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "video", ctx.model_id)
-        params = ctx.params or {}
-        return await asyncio.to_thread(self.decode, data, params.get("fps"),
-                                       params.get("num_frames") or self.kwargs.num_frames, ctx.model_id)
+        fps, num_frames = getattr(ctx.params, "fps", None), getattr(ctx.params, "num_frames", None)
+        return await asyncio.to_thread(self.decode, data, fps, num_frames or self.kwargs.num_frames,
+                                       ctx.model_id)
 
     def decode(self, data: bytes, fps: float | None, num_frames: int, model_id: str) -> MediaPayload:
         from torchcodec.decoders import VideoDecoder

@@ -44,7 +44,7 @@ class Pipeline:
         """Check params and preprocess: everything a client can get wrong fails here, before
         any response (streamed or not) has started. Returns ``(payload, params)``."""
         params = self.check_params(request.params)
-        ctx.params = params.model_dump()  # preprocess may need them (e.g. a video's frame rate)
+        ctx.params = params  # preprocess may need them (e.g. a video's frame rate)
         ctx.stage = "preprocess"
         payload = await self.preprocess(request.model_input(), ctx)
         return payload, params
