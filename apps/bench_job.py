@@ -123,6 +123,9 @@ def _ensure_ray(cfg) -> None:
     from core.validate import check_resources
 
     http = (cfg.server.host, cfg.server.port)
+    env = serving.serve_env(cfg.server, local=False)
+    if _owned is not None and _owned["env"] != env and not os.environ.get("RAY_ADDRESS"):
+        close_ray()  # Serve's processes read their mode when they start: a fresh local Ray
     if _owned is not None and _owned["http"] != http and not os.environ.get("RAY_ADDRESS"):
         serve.shutdown()  # this job's proxy listens elsewhere: deploy() starts it again
         _owned["http"] = http
@@ -132,7 +135,7 @@ def _ensure_ray(cfg) -> None:
         return
     serving.connect_ray(cfg, log_to_driver=False)  # replicas' access logs would bury the progress
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Connecting to existing Serve app"...
-    _owned = {"http": http}
+    _owned = {"http": http, "env": env}
 
 
 def _start_serve(cfg) -> None:

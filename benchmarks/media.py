@@ -38,7 +38,6 @@ def plain_loop(modality: str, data: bytes, batch: int, seconds: float, threads: 
     import torch
 
     from apps.config import compose
-    from core.protocol import RequestContext
     from core.registry import engine_class, node_class
 
     torch.set_num_threads(threads)
@@ -104,12 +103,15 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from apps.config import compose
+    from apps.serving import init_local_ray
+
     results: dict[str, dict] = {}
     for modality in args.modality:
         data, _ = sample(modality)
         plain = plain_loop(modality, data, args.batch, args.duration, args.threads)
         results[modality] = {"plain": {"rps": plain}}
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        init_local_ray(compose(args.overrides).server, logging_level="ERROR", log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
             for name, size in (("batched", args.batch), ("unbatched", 1)):

@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("-d", "--duration", type=float, default=15.0)
     ap.add_argument("-w", "--warmup", type=float, default=3.0)
     ap.add_argument("--variants", default="minimal,inline,engine,split")
+    ap.add_argument("--http-proxy", default="haproxy", choices=["haproxy", "ray"],
+                    help="Serve's HTTP proxy mode for every app (server.http_proxy)")
     args = ap.parse_args()
 
     import ray
@@ -83,7 +85,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    from core.config import ServerConfig
+    from apps.serving import init_local_ray
+
+    init_local_ray(ServerConfig(http_proxy=args.http_proxy), logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     rows = []
     for name in args.variants.split(","):

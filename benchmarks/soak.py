@@ -115,10 +115,11 @@ def main() -> None:
     from ray import serve
 
     from apps.config import compose
+    from apps.serving import init_local_ray
     from pipelines.builder import build_app
 
     cfg = compose([MODELS, PIPELINES, *args.overrides])
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    init_local_ray(cfg.server, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(cfg), name="soak", route_prefix="/")
     url = f"http://127.0.0.1:{PORT}/v1/infer"

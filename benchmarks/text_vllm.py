@@ -73,22 +73,14 @@ async def run_direct(model, levels, max_tokens):
     return rows[1:]
 
 
-# Ray Serve's experimental direct ingress: the ingress replica serves HTTP itself on this port,
-# with no proxy actor in between (RAY_SERVE_ENABLE_DIRECT_INGRESS, read when Ray starts).
-DIRECT_INGRESS_PORT = 30000
-
-
-def run_mmserve(cfg, levels, max_tokens, placements, direct_ingress=False):
+def run_mmserve(cfg, levels, max_tokens, placements):
     import ray
     from ray import serve
 
+    from apps.serving import init_local_ray
     from pipelines.builder import build_app
 
-    if direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(DIRECT_INGRESS_PORT)
-    port = DIRECT_INGRESS_PORT if direct_ingress else PORT
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    init_local_ray(cfg.server, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     rows = []
     try:
@@ -97,8 +89,8 @@ def run_mmserve(cfg, levels, max_tokens, placements, direct_ingress=False):
             for m in placed.model.values():
                 m.deployment.placement = placement
             serve.run(build_app(placed), name="bench", route_prefix="/")
-            side = f"mmserve {placement}" + (" direct" if direct_ingress else "")
-            rows += [(side, r) for r in drive_http(placed, levels, max_tokens, port)]
+            side = f"mmserve {placement}"
+            rows += [(side, r) for r in drive_http(placed, levels, max_tokens, PORT)]
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -137,8 +129,6 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--placements", default="engine,inline", help="mmserve placements to measure")
-    ap.add_argument("--direct-ingress", action="store_true",
-                    help="experimental: Ray Serve's direct ingress (no proxy hop)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -149,13 +139,14 @@ def main() -> None:
     model = next(iter(cfg.model.values()))
     rows = asyncio.run(run_direct(model, levels, args.max_tokens))
     gc.collect()
-    rows += run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","), args.direct_ingress)
+    rows += run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","))
 
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{model.model_id}: streamed, greedy, {args.max_tokens} max tokens, "
-                        f"{os.cpu_count()} CPUs, client on the same machine")
+                        f"{os.cpu_count()} CPUs, client on the same machine, "
+                        f"http_proxy {cfg.server.http_proxy}")
     for col in ("concurrency", "side", "requests", "out tok/s", "vs vllm", "TTFT p50 ms", "TTFT p99 ms",
                 "TPOT p50 ms", "errors"):
         table.add_column(col)

@@ -49,6 +49,14 @@ class AutoscalingConfig(Strict):
         return self
 
 
+def _env_strings(cls, v: Any) -> Any:
+    """YAML reads ``MALLOC_ARENA_MAX: 2`` as a number; the environment only holds strings."""
+    if isinstance(v, dict):
+        return {k: str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+                for k, x in v.items()}
+    return v
+
+
 class RayActorOptions(Strict):
     """Resources of each replica (Ray actor options)."""
 
@@ -59,14 +67,7 @@ class RayActorOptions(Strict):
     env_vars: dict[str, str] = Field(default_factory=dict, description=(
         "Environment of the replica's process, set before it starts (e.g. OMP_WAIT_POLICY)."))
 
-    @field_validator("env_vars", mode="before")
-    @classmethod
-    def _env_as_strings(cls, v: Any) -> Any:
-        # YAML reads MALLOC_ARENA_MAX: 2 as a number; the environment only holds strings.
-        if isinstance(v, dict):
-            return {k: str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
-                    for k, x in v.items()}
-        return v
+    _env_as_strings = field_validator("env_vars", mode="before")(_env_strings)
 
 
 class DeploymentOptions(Strict):
@@ -154,6 +155,15 @@ class ServerConfig(Strict):
     api_keys_env: str | None = Field("MMSERVE_API_KEYS", description=(
         "Environment variable (read by the launcher) holding more comma-separated keys."))
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    http_proxy: Literal["haproxy", "ray"] = Field("haproxy", description=(
+        "What takes HTTP on `port`. haproxy: Ray Serve's throughput-optimized mode, HAProxy (shipped "
+        "with ray[serve]) forwarding to the ingress replica, which serves HTTP itself. ray: Ray "
+        "Serve's Python proxy actor. Applies to the Ray and Serve that the launcher starts."))
+    serve_env: dict[str, str] = Field(default_factory=dict, description=(
+        "More environment of the Ray processes the launcher starts (RAY_SERVE_* settings); "
+        "overrides what http_proxy sets."))
+
+    _env_as_strings = field_validator("serve_env", mode="before")(_env_strings)
 
     @model_validator(mode="after")
     def _keys_from_env(self) -> "ServerConfig":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import AsyncIterator
@@ -16,12 +15,6 @@ from nodes.common import Identity, Result
 from nodes.router import ModelRouter
 from pipelines.runner import Pipeline
 from pipelines.stages import LocalEngine, LocalNode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FailingEngine(Engine):
@@ -83,4 +76,4 @@ def serve_batch_outside_serve(max_ongoing_requests: int = 1000):
 
 
 __all__ = ["FailingEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
-           "free_port", "inline_router", "local_pipeline", "serve_batch_outside_serve", "local_router", "model"]
+           "inline_router", "local_pipeline", "serve_batch_outside_serve", "local_router", "model"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import free_port
+from apps.serving import free_port
 
 
 @pytest.fixture(scope="module")
@@ -14,12 +14,12 @@ def serve_app(request):
     from ray import serve
 
     from apps.config import compose
+    from apps.serving import init_local_ray
     from pipelines.builder import build_app
 
     port = free_port()
     cfg = compose([*request.module.OVERRIDES, f"server.port={port}"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    init_local_ray(cfg.server, num_cpus=2, logging_level="ERROR", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix="/")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from apps.loadgen import body_factory, percentile, run_load
-from tests.support import free_port
+from apps.serving import free_port
 
 DELAY_S = 0.05        # every answer
 FIRST_TOKEN_S = 0.05  # streamed: the first token after this, then one token every TOKEN_S
