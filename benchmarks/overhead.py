@@ -85,8 +85,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from core.config import ServerConfig
     from apps.serving import init_local_ray
+    from core.config import ServerConfig
 
     init_local_ray(ServerConfig(http_proxy=args.http_proxy), logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
