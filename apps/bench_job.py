@@ -125,7 +125,9 @@ def _ensure_ray(cfg) -> None:
     http = (cfg.server.host, cfg.server.port)
     env = serving.serve_env(cfg.server, local=False)
     if _owned is not None and _owned["env"] != env and not os.environ.get("RAY_ADDRESS"):
-        close_ray()  # Serve's processes read their mode when they start: a fresh local Ray
+        # Serve's processes read their mode when they start: this job needs a fresh local Ray
+        logger.info("server.http_proxy %s / serve_env changed: restarting the local Ray", cfg.server.http_proxy)
+        close_ray()
     if _owned is not None and _owned["http"] != http and not os.environ.get("RAY_ADDRESS"):
         serve.shutdown()  # this job's proxy listens elsewhere: deploy() starts it again
         _owned["http"] = http
