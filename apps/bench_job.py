@@ -95,7 +95,6 @@ def measure(app, load, num: int) -> dict:
     _ensure_ray(served)
     t0 = time.perf_counter()
     try:
-        _start_serve(served)
         serving.deploy(served)
         deploy_s = time.perf_counter() - t0
         logger.info("job %d: %s ready in %.1fs; load: %s", num, served.server.app_name, deploy_s, url)
@@ -124,11 +123,12 @@ def _ensure_ray(cfg) -> None:
 
     http = (cfg.server.host, cfg.server.port)
     env = serving.serve_env(cfg.server, local=False)
-    if _owned is not None and _owned["env"] != env and not os.environ.get("RAY_ADDRESS"):
+    local = not os.environ.get("RAY_ADDRESS")  # a cluster's Serve is not ours to restart
+    if _owned is not None and _owned["env"] != env and local:
         # Serve's processes read their mode when they start: this job needs a fresh local Ray
         logger.info("server.http_proxy %s / serve_env changed: restarting the local Ray", cfg.server.http_proxy)
         close_ray()
-    if _owned is not None and _owned["http"] != http and not os.environ.get("RAY_ADDRESS"):
+    if _owned is not None and _owned["http"] != http and local:
         serve.shutdown()  # this job's proxy listens elsewhere: deploy() starts it again
         _owned["http"] = http
     if ray.is_initialized():
@@ -138,19 +138,6 @@ def _ensure_ray(cfg) -> None:
     serving.connect_ray(cfg, log_to_driver=False)  # replicas' access logs would bury the progress
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Connecting to existing Serve app"...
     _owned = {"http": http, "env": env}
-
-
-def _start_serve(cfg) -> None:
-    """Start Serve and its HTTP proxy, or join the running one. Jobs that a Ray launcher runs
-    at the same time may start it at the same moment; the one that loses joins the other's."""
-    from ray import serve
-    from ray.exceptions import ActorAlreadyExistsError
-
-    http = {"host": cfg.server.host, "port": cfg.server.port}
-    try:
-        serve.start(http_options=http)
-    except ActorAlreadyExistsError:
-        serve.start(http_options=http)
 
 
 def _delete(app_name: str) -> None:

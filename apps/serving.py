@@ -118,18 +118,25 @@ def connect_ray(cfg: AppConfig, log_to_driver: bool = True) -> None:
 
 
 def deploy(cfg: AppConfig) -> None:
-    """Start Serve's HTTP proxy on the configured address, deploy, and wait until running.
+    """Start Serve's HTTP proxy on the configured address (or join the running Serve), deploy,
+    and wait until running. Processes that start Serve at the same moment (a Ray launcher's
+    sweep jobs) race to create its controller: the one that loses joins the other's.
 
     Raises:
         RuntimeError: the application failed to deploy, or was not ready in ``ready_timeout_s``.
     """
     from ray import serve
+    from ray.exceptions import ActorAlreadyExistsError
     from ray.serve.api import _run
     from ray.serve.schema import ApplicationStatus
 
     from pipelines.builder import build_app
 
-    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+    http = {"host": cfg.server.host, "port": cfg.server.port}
+    try:
+        serve.start(http_options=http)
+    except ActorAlreadyExistsError:
+        serve.start(http_options=http)
     name = cfg.server.app_name
     _run(build_app(cfg), name=name, route_prefix=cfg.server.route_prefix, _blocking=False)
     deadline = time.monotonic() + cfg.server.ready_timeout_s
