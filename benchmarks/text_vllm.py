@@ -3,14 +3,17 @@
 For each concurrency (1, 8, 32 by default), a closed loop of streamed requests with the same
 prompts and sampling parameters (greedy, so both sides generate the same tokens):
 
-- ``vllm``: AsyncLLM driven directly in this process (the ceiling), before and after the
-  served sides, which are compared with the mean of the two;
+- ``vllm``: AsyncLLM driven directly in this process (the ceiling), before and after each
+  round of served sides, each of which is compared with the mean of its two neighbours;
 - ``mmserve <placement>``: ``POST /v1/infer`` with ``stream: true`` through the full text
   pipeline (ingress → text_prompt → vLLM engine → result) on Ray Serve, with the engine in its
   own deployment (``engine``) and in the ingress replica (``inline``).
 
-The direct engine is shut down before Ray starts, so the two never share the 2 cores.
-``python -m benchmarks.text_vllm [--model tiny_llama] [--concurrency 1,8,32] [overrides...]``
+The direct engine is shut down before Ray starts, so the two never share the 2 cores. With
+``--rounds N`` the sequence is vllm, served, vllm, served, ..., vllm and each served side is
+summed up by the median of its N ratios: on a shared machine vLLM's own figure moves by 20-30%
+from one run to the next, and one pair of runs can land on either side of a target.
+``python -m benchmarks.text_vllm [--model tiny_llama] [--concurrency 1,8,32] [--rounds N] [overrides...]``
 """
 
 from __future__ import annotations
@@ -69,8 +72,7 @@ async def run_direct(model, levels, max_tokens):
                     tokens += len(out.outputs[0].token_ids)
                 return ttft, time.perf_counter() - t0, tokens
 
-            res = await closed_loop_text(call, n, c)
-            rows.append(("vllm", res))
+            rows.append(await closed_loop_text(call, n, c))
     finally:
         llm.shutdown()
     return rows[1:]
@@ -132,6 +134,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--placements", default="engine,inline", help="mmserve placements to measure")
+    ap.add_argument("--rounds", type=int, default=1, help="served rounds, each between two runs of vLLM's own")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -140,33 +143,56 @@ def main() -> None:
 
     cfg = compose([f"model=[{args.model}]", *args.overrides])
     model = next(iter(cfg.model.values()))
-    # vLLM's own figures move between runs on a shared machine more than ours do: measure them
-    # before and after the served sides and compare with their mean.
-    rows = [("vllm before", r) for _, r in asyncio.run(run_direct(model, levels, args.max_tokens))]
-    gc.collect()
-    rows += run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","))
-    rows += [("vllm after", r) for _, r in asyncio.run(run_direct(model, levels, args.max_tokens))]
 
+    def direct():
+        rows = asyncio.run(run_direct(model, levels, args.max_tokens))
+        gc.collect()
+        return rows
+
+    # runs[k] = (round, side, result); round k's served sides sit between direct runs k and k+1
+    directs = [direct()]
+    runs = []
+    for k in range(args.rounds):
+        runs += [(k, side, r) for side, r in run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","))]
+        directs.append(direct())
+    report(cfg, model, args, levels, directs, runs)
+
+
+def report(cfg, model, args, levels, directs, runs) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{model.model_id}: streamed, greedy, {args.max_tokens} max tokens, "
                         f"{os.cpu_count()} CPUs, client on the same machine, "
-                        f"http_proxy {cfg.server.http_proxy}")
-    for col in ("concurrency", "side", "requests", "out tok/s", "vs vllm", "TTFT p50 ms", "TTFT p50 over vllm",
+                        f"http_proxy {cfg.server.http_proxy}, {args.rounds} round(s)")
+    for col in ("concurrency", "round", "side", "out tok/s", "vs vllm", "TTFT p50 ms", "TTFT p50 over vllm",
                 "TTFT p99 ms", "TPOT p50 ms", "errors"):
         table.add_column(col)
     for c in levels:
-        level = [(side, r) for side, r in rows if r.concurrency == c]
-        direct = [r for side, r in level if side.startswith("vllm")]
-        tok_s = statistics.mean(r.output_tok_s for r in direct)
-        ttft = statistics.mean(r.ttft_p50_ms for r in direct)
-        for side, r in level:
-            table.add_row(str(c), side, str(r.requests), f"{r.output_tok_s:.0f}", f"{r.output_tok_s / tok_s:.2f}",
-                          f"{r.ttft_p50_ms:.1f}", f"{r.ttft_p50_ms - ttft:+.1f}", f"{r.ttft_p99_ms:.1f}",
-                          f"{r.tpot_p50_ms:.2f}", str(r.errors))
-        print(json.dumps({"concurrency": c, "vllm_tok_s": tok_s, "vllm_ttft_p50_ms": ttft,
-                          "sides": [{"side": side, **r.as_dict()} for side, r in level]}), flush=True)
+        at = [next(r for r in d if r.concurrency == c) for d in directs]
+        sides: dict[str, list[dict]] = {}
+        for k in range(args.rounds):
+            ref_tok_s = statistics.mean(r.output_tok_s for r in at[k:k + 2])
+            ref_ttft = statistics.mean(r.ttft_p50_ms for r in at[k:k + 2])
+            level = [("vllm", at[k])] + [(side, r) for kk, side, r in runs if kk == k and r.concurrency == c]
+            if k == args.rounds - 1:
+                level.append(("vllm", at[k + 1]))
+            for side, r in level:
+                table.add_row(str(c), str(k + 1), side, f"{r.output_tok_s:.0f}", f"{r.output_tok_s / ref_tok_s:.2f}",
+                              f"{r.ttft_p50_ms:.1f}", f"{r.ttft_p50_ms - ref_ttft:+.1f}", f"{r.ttft_p99_ms:.1f}",
+                              f"{r.tpot_p50_ms:.2f}", str(r.errors))
+                if side != "vllm":
+                    sides.setdefault(side, []).append({**r.as_dict(), "round": k + 1,
+                                                       "vs_vllm": r.output_tok_s / ref_tok_s,
+                                                       "ttft_p50_over_vllm_ms": r.ttft_p50_ms - ref_ttft})
+        summary = {side: {"vs_vllm_median": statistics.median(x["vs_vllm"] for x in xs),
+                          "ttft_p50_over_vllm_ms_median": statistics.median(x["ttft_p50_over_vllm_ms"] for x in xs)}
+                   for side, xs in sides.items()}
+        print(json.dumps({"concurrency": c, "vllm": [r.as_dict() for r in at], "sides": sides,
+                          "summary": summary}), flush=True)
+        for side, m in summary.items():
+            table.add_row(str(c), "median", side, "", f"{m['vs_vllm_median']:.2f}", "",
+                          f"{m['ttft_p50_over_vllm_ms_median']:+.1f}", "", "", "")
     Console().print(table)
 
 
