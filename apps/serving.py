@@ -48,9 +48,9 @@ HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT
 
 
 # Serve's control plane, quieter: its controller reconciles every 0.1 s and every replica and
-# proxy exports its cached metrics every 0.1 s (Ray's defaults), which kept ~4% of a core busy
-# (controller, GCS, replicas) with nothing to do, out of what the models get on 2 cores
-# (BENCHMARKS.md). Half a second of reconciliation delays a replica's start, restart or
+# proxy exports its cached metrics every 0.1 s (Ray's defaults): with nothing to do, a local Ray
+# serving the echo model took 11.1% of a core, 8.8% with these (benchmarks/idle.py), CPU that
+# the models get back on 2 cores (BENCHMARKS.md). Half a second of reconciliation delays a replica's start, restart or
 # removal by at most 0.4 s; metrics are scraped every few seconds anyway.
 CONTROL_PLANE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 

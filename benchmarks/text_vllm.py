@@ -13,7 +13,7 @@ The direct engine is shut down before Ray starts, so the two never share the 2 c
 ``--rounds N`` the sequence is vllm, served, vllm, served, ..., vllm and each served side is
 summed up by the median of its N ratios: on a shared machine vLLM's own figure moves by 20-30%
 from one run to the next, and one pair of runs can land on either side of a target.
-``python -m benchmarks.text_vllm [--model tiny_llama] [--concurrency 1,8,32] [--rounds N] [overrides...]``
+``python -m benchmarks.text_vllm [--model tiny_llama] [--concurrency 1,8,32] [--rounds 3] [overrides...]``
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--placements", default="engine,inline", help="mmserve placements to measure")
-    ap.add_argument("--rounds", type=int, default=1, help="served rounds, each between two runs of vLLM's own")
+    ap.add_argument("--rounds", type=int, default=3, help="served rounds, each between two runs of vLLM's own")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
