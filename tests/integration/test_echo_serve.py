@@ -111,13 +111,17 @@ def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
                     outcomes.append((r.status_code, time.monotonic() - t0))
             await asyncio.gather(*(worker() for _ in range(2)))
 
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "echo-remote.engine" in a["name"]]
+    assert len(names) == 1, names
+    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
     async def scenario():
         task = asyncio.create_task(load(6))
         await asyncio.sleep(1)  # load running before the kill
-        names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                 if "echo-remote.engine" in a["name"]]
-        assert len(names) == 1, names
-        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+        # Off the event loop, so that the clients' requests are in flight when the replica dies
+        # (Ray's blocking calls here held them back, and a request that reaches Serve's router
+        # only after the death waits for the replacement: README, "Faults").
+        await asyncio.to_thread(ray.kill, replica, no_restart=True)
         await task
 
     asyncio.run(scenario())
