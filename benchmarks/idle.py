@@ -22,14 +22,12 @@ import time
 QUIET = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
-def label(pid: str) -> str:
+def label(argv: list[str]) -> str:
     """A process's name as ``top`` would want it: ``ray::ServeController``, ``gcs_server``,
     ``log_monitor.py``."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     if not argv:
         return "?"
-    if argv[0].startswith("ray::"):
+    if argv[0].startswith("ray::"):  # Ray retitles an actor's process with the method it runs
         return argv[0].split()[0].split(".")[0]
     if os.path.basename(argv[0]).startswith("python"):
         script = next((a for a in argv[1:] if a.endswith(".py")), argv[-1])
@@ -37,17 +35,15 @@ def label(pid: str) -> str:
     return os.path.basename(argv[0])
 
 
-def cpu_seconds() -> dict[str, float]:
-    """User + system CPU seconds of every process, by pid."""
-    hz = os.sysconf("SC_CLK_TCK")
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """(label, user + system CPU seconds) of every process, by pid (psutil, as benchmarks.soak)."""
+    import psutil
+
     out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        out[pid] = (int(fields[11]) + int(fields[12])) / hz
+    for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        times = p.info["cpu_times"]
+        if times is not None:  # None: exited or not ours to read
+            out[p.info["pid"]] = (label(p.info["cmdline"] or []), times.user + times.system)
     return out
 
 
@@ -71,12 +67,9 @@ def measure(cfg, seconds: float, settle_s: float) -> dict[str, float]:
         time.sleep(seconds)
         b, dt = cpu_seconds(), time.monotonic() - t0
         shares: dict[str, float] = {}
-        for pid in set(a) & set(b) - before - {str(os.getpid())}:
-            try:
-                name = label(pid)
-            except OSError:
-                continue
-            shares[name] = shares.get(name, 0.0) + 100 * (b[pid] - a[pid]) / dt
+        for pid in set(a) & set(b) - before - {os.getpid()}:
+            name, cpu = b[pid]
+            shares[name] = shares.get(name, 0.0) + 100 * (cpu - a[pid][1]) / dt
         return shares
     finally:
         serve.shutdown()
