@@ -106,6 +106,11 @@ class DeploymentOptions(Strict):
         a = self.autoscaling_config
         return a.initial_replicas if a.initial_replicas is not None else a.min_replicas
 
+    @property
+    def scales_to_zero(self) -> bool:
+        """Whether the deployment may have no replica at all while idle (autoscaling to 0)."""
+        return self.autoscaling_config is not None and self.autoscaling_config.min_replicas == 0
+
 
 class ModelDeployment(Strict):
     """Where a model's nodes run and with which options.

@@ -93,7 +93,8 @@ def pipeline_for(route: Route):
     def node(spec: NodeSpec, handle):
         return RemoteNode(handle, m.model_id) if handle else LocalNode(node_class(spec.name)(spec.kwargs, m))
 
-    engine = (RemoteEngine(route.engine_handle, m.model_id) if route.engine_handle
+    engine = (RemoteEngine(route.engine_handle, m.model_id, m.deployment.engine.scales_to_zero)
+              if route.engine_handle
               else LocalEngine(engine_class(m.engine)(m)))
     return Pipeline(m, node(route.preprocess, route.preprocess_handle), engine,
                     node(route.postprocess, route.postprocess_handle))

@@ -24,6 +24,17 @@ def overloaded(model_id: str) -> Overloaded:
                       headers={"Retry-After": "1"})
 
 
+def routable_replicas(handle) -> int | None:
+    """How many replicas the handle's Serve router can send a call to right now, or None
+    while it does not know yet (or where Ray's router is built differently: its request
+    router is not public API; Ray 2.60)."""
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    request_router = getattr(router, "_request_router", None)
+    if request_router is None or not handle.running_replicas_populated():
+        return None
+    return len(request_router.curr_replicas)
+
+
 def remote_error(err: BaseException, model_id: str) -> BaseException:
     """Map what a Ray handle call raised to the error vocabulary (or leave it as it is)."""
     from ray import exceptions as rx
@@ -142,15 +153,22 @@ class RemoteEngine:
 
     When a call finds the engine's replica dead, the model is marked recovering: requests get
     503 with ``Retry-After`` at once rather than waiting in Serve's queue for the replacement,
-    and a probe re-opens the model as soon as a replica answers its status call again.
+    and a probe re-opens the model as soon as a replica answers its status call again. A call
+    can also find the replica dead before it is in flight: Serve's router drops the replica and
+    holds the call until a replacement is up (seconds for a light engine, minutes for a model).
+    While a call waits for a replica, it is checked every ``ASSIGN_CHECK_S``: if the router has
+    none left to give it to, and the deployment does not scale to zero (where waiting for a
+    replica to start is what the user asked for), that is the same death, and the same 503.
     """
 
     PROBE_TIMEOUT_S = 2.0
     PROBE_PERIOD_S = 0.5
+    ASSIGN_CHECK_S = 0.25
 
-    def __init__(self, handle, model_id: str) -> None:
+    def __init__(self, handle, model_id: str, scales_to_zero: bool = False) -> None:
         self.handle = handle
         self.model_id = model_id
+        self.scales_to_zero = scales_to_zero
         self.down_since: float | None = None
         self._probe: asyncio.Task | None = None
 
@@ -180,10 +198,27 @@ class RemoteEngine:
                 pass
             await asyncio.sleep(self.PROBE_PERIOD_S)  # the probing period
 
+    async def _assigned(self, response) -> None:
+        """Wait until Serve's router has given ``response`` to a replica; raise NotReady
+        (cancelling it) if the router is left with no replica to give it to."""
+        assignment = asyncio.ensure_future(response._fetch_future_result_async())
+        try:
+            while not (await asyncio.wait({assignment}, timeout=self.ASSIGN_CHECK_S))[0]:
+                if not self.scales_to_zero and routable_replicas(self.handle) == 0:
+                    raise NotReady(f"model {self.model_id!r} is unavailable: its replica died and "
+                                   "is being replaced", model_id=self.model_id, headers={"Retry-After": "2"})
+            assignment.result()
+        except BaseException:
+            assignment.cancel()
+            response.cancel()
+            raise
+
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         self._check_up()
+        response = self.handle.generate.remote(payload, params, ctx)
         try:
-            return await self.handle.generate.remote(payload, params, ctx)
+            await self._assigned(response)
+            return await response
         except Exception as err:
             raise self._failed(err) from None
 
@@ -192,6 +227,7 @@ class RemoteEngine:
         # Closing this generator (client gone) cancels the remote one, and vLLM aborts the request.
         chunks = self.handle.options(stream=True).stream.remote(payload, params, ctx)
         try:
+            await self._assigned(chunks)
             async for chunk in chunks:
                 yield chunk
         except Exception as err:

@@ -115,9 +115,7 @@ def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
                     outcomes.append((r.status_code, time.monotonic() - t0))
             await asyncio.gather(*(worker() for _ in range(2)))
 
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "echo-remote.engine" in a["name"]]
-    assert len(names) == 1, names
-    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    replica = engine_replica("echo-remote")
 
     async def scenario():
         task = asyncio.create_task(load(6))
@@ -134,10 +132,41 @@ def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
     print(f"replica kill: {len(outcomes)} requests, {sum(s == 200 for s, _ in outcomes)} ok, "
           f"{sum(s == 503 for s, _ in outcomes)} fast 503, slowest {max(t for _, t in outcomes):.2f} s")
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if httpx.post(f"{serve_app}/v1/infer", json=body, timeout=15).status_code == 200:
-            break
-        time.sleep(0.5)  # until Serve has replaced the replica
+    wait_until_serving(serve_app, body)
     after = [httpx.post(f"{serve_app}/v1/infer", json=body, timeout=15) for _ in range(4)]
     assert [r.status_code for r in after] == [200] * 4  # sequential: within the small limits
+
+
+def test_request_after_an_idle_replica_died_gets_503_not_a_wait_for_the_replacement(serve_app):
+    """No request in flight when the engine replica dies: the next one meets the dead replica
+    in Serve's router, which would hold it until the replacement is up. It gets 503 at once
+    instead, and the model serves again once the replacement is."""
+    import ray
+
+    body = {"model_id": "echo-remote", "input": 1, "params": {"timeout_s": 20}}
+    wait_until_serving(serve_app, body)  # the replica of the previous test's kill, if it ran
+    ray.kill(engine_replica("echo-remote"), no_restart=True)
+    t0 = time.monotonic()
+    r = httpx.post(f"{serve_app}/v1/infer", json=body, timeout=30)
+    assert r.status_code == 503 and time.monotonic() - t0 < 2, (r.status_code, time.monotonic() - t0)
+    assert r.json()["error"]["type"] == "not_ready" and r.headers["retry-after"]
+    wait_until_serving(serve_app, body)
+
+
+def engine_replica(model_id: str):
+    """The actor of a model's only engine replica."""
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{model_id}.engine" in a["name"]]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+
+def wait_until_serving(url: str, body: dict, timeout_s: float = 60) -> None:
+    """Poll until ``body`` is served (Serve has replaced a killed replica)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.post(f"{url}/v1/infer", json=body, timeout=15).status_code == 200:
+            return
+        time.sleep(0.5)  # polling the replacement's start, not waiting for readiness blindly
+    raise AssertionError(f"{body['model_id']} not serving again within {timeout_s} s")

@@ -1,0 +1,94 @@
+"""RemoteEngine's wait for a replica, against a fake Serve handle (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from core.errors import NotReady
+from core.protocol import RequestContext
+from pipelines.stages import RemoteEngine, routable_replicas
+
+
+class FakeResponse:
+    """A handle call whose assignment to a replica completes when ``assign`` is called."""
+
+    def __init__(self) -> None:
+        self.assignment = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+
+    async def _fetch_future_result_async(self):
+        return await asyncio.shield(self.assignment)
+
+    def assign(self, result) -> None:
+        self.assignment.set_result(result)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __await__(self):
+        return self._fetch_future_result_async().__await__()
+
+
+def fake_handle(response: FakeResponse, replicas: dict, populated: bool = True):
+    async def down():
+        raise ConnectionError("no replica")
+
+    request_router = SimpleNamespace(curr_replicas=replicas)
+    return SimpleNamespace(
+        _router=SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=request_router)),
+        running_replicas_populated=lambda: populated,
+        generate=SimpleNamespace(remote=lambda *args: response),
+        status=SimpleNamespace(remote=down))
+
+
+def ctx() -> RequestContext:
+    return RequestContext(request_id="r", model_id="m", deadline=None)
+
+
+def test_routable_replicas_reads_the_router_and_says_when_it_does_not_know():
+    assert routable_replicas(fake_handle(None, {"a": 1, "b": 2})) == 2
+    assert routable_replicas(fake_handle(None, {}, populated=False)) is None
+    assert routable_replicas(SimpleNamespace(running_replicas_populated=lambda: True)) is None
+
+
+def test_a_call_left_without_a_replica_is_503_and_marks_the_model_recovering():
+    async def scenario():
+        response = FakeResponse()
+        engine = RemoteEngine(fake_handle(response, {}), "m")
+        with pytest.raises(NotReady, match="replica died"):
+            await asyncio.wait_for(engine.generate(None, None, ctx()), 2)
+        assert response.cancelled and engine.down_since is not None
+        with pytest.raises(NotReady, match="recovering"):  # the next call, at once
+            await engine.generate(None, None, ctx())
+        engine._probe.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_queued_behind_live_replicas_keeps_waiting_for_its_turn():
+    async def scenario():
+        response = FakeResponse()
+        engine = RemoteEngine(fake_handle(response, {"a": 1}), "m")
+        call = asyncio.create_task(engine.generate(None, None, ctx()))
+        await asyncio.sleep(3 * RemoteEngine.ASSIGN_CHECK_S)
+        assert not call.done()
+        response.assign("the result")
+        assert await call == "the result" and not response.cancelled
+
+    asyncio.run(scenario())
+
+
+def test_a_deployment_that_scales_to_zero_waits_for_a_replica_to_start():
+    async def scenario():
+        response = FakeResponse()
+        engine = RemoteEngine(fake_handle(response, {}), "m", scales_to_zero=True)
+        call = asyncio.create_task(engine.generate(None, None, ctx()))
+        await asyncio.sleep(3 * RemoteEngine.ASSIGN_CHECK_S)
+        assert not call.done()
+        response.assign("started")
+        assert await call == "started"
+
+    asyncio.run(scenario())
