@@ -1,5 +1,5 @@
-"""CPU that Ray and Serve take while serving nothing: Serve's control plane at Ray's defaults (what
-mmserve runs) and quieter (``QUIET``, through ``server.serve_env``), one after the other in one run.
+"""CPU that Ray and Serve take while serving nothing: Serve's control plane at Ray's defaults and
+at mmserve's (``apps.serving.CONTROL_PLANE_ENV``), one after the other in one run.
 
 Each side starts a local Ray the way the launcher does (``init_local_ray``), deploys the model
 (the echo pipeline by default), lets start-up finish, then reads the CPU time of every process
@@ -15,11 +15,8 @@ import argparse
 import os
 import time
 
-# Serve's controller reconciles every 0.1 s and replicas, proxies and handles export cached
-# metrics every 0.1 s (ray.serve._private.constants); QUIET slows both. Not mmserve's default: with
-# it, a request that reached Serve's router just as its engine replica was killed waited ~9 s for
-# the replacement (or its deadline) instead of failing at once (BENCHMARKS.md).
-QUIET = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+# Serve's own defaults for what CONTROL_PLANE_ENV changes (ray.serve._private.constants)
+RAY_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
 
 
 def label(argv: list[str]) -> str:
@@ -87,7 +84,7 @@ def main() -> None:
 
     cfg = compose(args.overrides or ["model=[echo]"])
     sides = {}
-    for name, env in (("Ray's defaults (mmserve)", {}), ("quieter", QUIET)):
+    for name, env in (("Ray's defaults", RAY_DEFAULTS), ("mmserve", {})):
         side = cfg.model_copy(deep=True)
         side.server.serve_env = {**side.server.serve_env, **env}
         sides[name] = measure(side, args.seconds, args.settle)

@@ -91,7 +91,9 @@ def pipeline_for(route: Route):
     m = route.model
 
     def node(spec: NodeSpec, handle):
-        return RemoteNode(handle, m.model_id) if handle else LocalNode(node_class(spec.name)(spec.kwargs, m))
+        if handle:
+            return RemoteNode(handle, m.model_id, m.deployment.node.scales_to_zero)
+        return LocalNode(node_class(spec.name)(spec.kwargs, m))
 
     engine = (RemoteEngine(route.engine_handle, m.model_id, m.deployment.engine.scales_to_zero)
               if route.engine_handle

@@ -35,6 +35,30 @@ def routable_replicas(handle) -> int | None:
     return len(request_router.curr_replicas)
 
 
+ASSIGN_CHECK_S = 0.25
+
+
+async def assigned(response, handle, model_id: str, scales_to_zero: bool = False) -> None:
+    """Wait until Serve's router has given ``response`` (a call on ``handle``) to a replica.
+
+    A router that finds a replica dead drops it and holds the call until a replacement is up:
+    seconds for a light node, minutes for a model. Every ``ASSIGN_CHECK_S`` of waiting, the router
+    is asked whether it still has a replica; if it has none, the call is cancelled and NotReady
+    raised (503), unless the deployment scales to zero, where waiting for a replica to start
+    is the point. A call queued behind busy replicas keeps waiting for its turn."""
+    assignment = asyncio.ensure_future(response._fetch_future_result_async())
+    try:
+        while not (await asyncio.wait({assignment}, timeout=ASSIGN_CHECK_S))[0]:
+            if not scales_to_zero and routable_replicas(handle) == 0:
+                raise NotReady(f"model {model_id!r} is unavailable: its replica died and is being "
+                               "replaced", model_id=model_id, headers={"Retry-After": "2"})
+        assignment.result()
+    except BaseException:
+        assignment.cancel()
+        response.cancel()
+        raise
+
+
 def remote_error(err: BaseException, model_id: str) -> BaseException:
     """Map what a Ray handle call raised to the error vocabulary (or leave it as it is)."""
     from ray import exceptions as rx
@@ -67,16 +91,19 @@ class LocalNode:
 class RemoteNode:
     """A node hosted by a :class:`~pipelines.deployments.NodeServer` deployment."""
 
-    def __init__(self, handle, model_id: str) -> None:
+    def __init__(self, handle, model_id: str, scales_to_zero: bool = False) -> None:
         self.handle = handle
         self.model_id = model_id
+        self.scales_to_zero = scales_to_zero
 
     async def start(self) -> None:
         """Nothing to do: the deployment started the node."""
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
+        response = self.handle.remote(payload, ctx)
         try:
-            return await self.handle.remote(payload, ctx)
+            await assigned(response, self.handle, self.model_id, self.scales_to_zero)
+            return await response
         except Exception as err:
             raise remote_error(err, self.model_id) from None
 
@@ -151,19 +178,14 @@ class LocalEngine:
 class RemoteEngine:
     """An engine hosted by an :class:`~pipelines.deployments.EngineServer` deployment.
 
-    When a call finds the engine's replica dead, the model is marked recovering: requests get
-    503 with ``Retry-After`` at once rather than waiting in Serve's queue for the replacement,
-    and a probe re-opens the model as soon as a replica answers its status call again. A call
-    can also find the replica dead before it is in flight: Serve's router drops the replica and
-    holds the call until a replacement is up (seconds for a light engine, minutes for a model).
-    While a call waits for a replica, it is checked every ``ASSIGN_CHECK_S``: if the router has
-    none left to give it to, and the deployment does not scale to zero (where waiting for a
-    replica to start is what the user asked for), that is the same death, and the same 503.
+    When a call finds the engine's replica dead, in flight or (:func:`assigned`) in Serve's
+    router before it, the model is marked recovering: requests get 503 with ``Retry-After`` at
+    once rather than waiting in Serve's queue for the replacement, and a probe re-opens the
+    model as soon as a replica answers its status call again.
     """
 
     PROBE_TIMEOUT_S = 2.0
     PROBE_PERIOD_S = 0.5
-    ASSIGN_CHECK_S = 0.25
 
     def __init__(self, handle, model_id: str, scales_to_zero: bool = False) -> None:
         self.handle = handle
@@ -198,26 +220,11 @@ class RemoteEngine:
                 pass
             await asyncio.sleep(self.PROBE_PERIOD_S)  # the probing period
 
-    async def _assigned(self, response) -> None:
-        """Wait until Serve's router has given ``response`` to a replica; raise NotReady
-        (cancelling it) if the router is left with no replica to give it to."""
-        assignment = asyncio.ensure_future(response._fetch_future_result_async())
-        try:
-            while not (await asyncio.wait({assignment}, timeout=self.ASSIGN_CHECK_S))[0]:
-                if not self.scales_to_zero and routable_replicas(self.handle) == 0:
-                    raise NotReady(f"model {self.model_id!r} is unavailable: its replica died and "
-                                   "is being replaced", model_id=self.model_id, headers={"Retry-After": "2"})
-            assignment.result()
-        except BaseException:
-            assignment.cancel()
-            response.cancel()
-            raise
-
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         self._check_up()
         response = self.handle.generate.remote(payload, params, ctx)
         try:
-            await self._assigned(response)
+            await assigned(response, self.handle, self.model_id, self.scales_to_zero)
             return await response
         except Exception as err:
             raise self._failed(err) from None
@@ -227,7 +234,7 @@ class RemoteEngine:
         # Closing this generator (client gone) cancels the remote one, and vLLM aborts the request.
         chunks = self.handle.options(stream=True).stream.remote(payload, params, ctx)
         try:
-            await self._assigned(chunks)
+            await assigned(chunks, self.handle, self.model_id, self.scales_to_zero)
             async for chunk in chunks:
                 yield chunk
         except Exception as err:

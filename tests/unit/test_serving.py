@@ -7,7 +7,7 @@ import os
 import pytest
 
 from apps.config import compose
-from apps.serving import HAPROXY_ENV, HAPROXY_PORTS, environ, serve_env
+from apps.serving import CONTROL_PLANE_ENV, HAPROXY_ENV, HAPROXY_PORTS, environ, serve_env
 from core.validate import ConfigError
 
 
@@ -27,12 +27,13 @@ def test_ports_already_in_the_environment_are_kept(monkeypatch):
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in serve_env(compose().server, local=True)
 
 
-def test_ray_proxy_mode_sets_nothing_and_serve_env_overrides():
-    assert serve_env(compose(["server.http_proxy=ray"]).server, local=True) == {}
+def test_ray_proxy_mode_sets_only_the_control_plane_and_serve_env_overrides():
+    assert serve_env(compose(["server.http_proxy=ray"]).server, local=True) == CONTROL_PLANE_ENV
     server = compose(["++server.serve_env.RAY_SERVE_USE_GRPC_BY_DEFAULT=1",
-                      "++server.serve_env.RAY_SERVE_HAPROXY_NBTHREAD=2"]).server
+                      "++server.serve_env.RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.1"]).server
     env = serve_env(server, local=False)
-    assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
+    assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == CONTROL_PLANE_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
 
 
 def test_unknown_mode_fails_validation_naming_the_key():

@@ -1,4 +1,4 @@
-"""RemoteEngine's wait for a replica, against a fake Serve handle (no Ray)."""
+"""The remote steps' wait for a replica, against a fake Serve handle (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from core.errors import NotReady
 from core.protocol import RequestContext
-from pipelines.stages import RemoteEngine, routable_replicas
+from pipelines.stages import ASSIGN_CHECK_S, RemoteEngine, RemoteNode, routable_replicas
 
 
 class FakeResponse:
@@ -40,6 +40,7 @@ def fake_handle(response: FakeResponse, replicas: dict, populated: bool = True):
     return SimpleNamespace(
         _router=SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=request_router)),
         running_replicas_populated=lambda: populated,
+        remote=lambda *args: response,
         generate=SimpleNamespace(remote=lambda *args: response),
         status=SimpleNamespace(remote=down))
 
@@ -73,7 +74,7 @@ def test_a_call_queued_behind_live_replicas_keeps_waiting_for_its_turn():
         response = FakeResponse()
         engine = RemoteEngine(fake_handle(response, {"a": 1}), "m")
         call = asyncio.create_task(engine.generate(None, None, ctx()))
-        await asyncio.sleep(3 * RemoteEngine.ASSIGN_CHECK_S)
+        await asyncio.sleep(3 * ASSIGN_CHECK_S)
         assert not call.done()
         response.assign("the result")
         assert await call == "the result" and not response.cancelled
@@ -86,9 +87,19 @@ def test_a_deployment_that_scales_to_zero_waits_for_a_replica_to_start():
         response = FakeResponse()
         engine = RemoteEngine(fake_handle(response, {}), "m", scales_to_zero=True)
         call = asyncio.create_task(engine.generate(None, None, ctx()))
-        await asyncio.sleep(3 * RemoteEngine.ASSIGN_CHECK_S)
+        await asyncio.sleep(3 * ASSIGN_CHECK_S)
         assert not call.done()
         response.assign("started")
         assert await call == "started"
+
+    asyncio.run(scenario())
+
+
+def test_a_node_call_left_without_a_replica_is_503_too():
+    async def scenario():
+        response = FakeResponse()
+        with pytest.raises(NotReady, match="replica died"):
+            await asyncio.wait_for(RemoteNode(fake_handle(response, {}), "m")(None, ctx()), 2)
+        assert response.cancelled
 
     asyncio.run(scenario())
