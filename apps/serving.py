@@ -49,11 +49,12 @@ HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT
 
 # Serve's control plane, quieter: its controller reconciles every 0.1 s and every replica and
 # proxy exports its cached metrics every 0.1 s (Ray's defaults): with nothing to do, a local Ray
-# serving the echo model took 11.1% of a core, 8.8% with these (benchmarks/idle.py), CPU that
-# the models get back on 2 cores (BENCHMARKS.md). Half a second of reconciliation delays a
+# serving the echo model took 9.5-11.1% of a core, 6.7-8.8% with these (benchmarks/idle.py), CPU
+# that the models get back on 2 cores (BENCHMARKS.md). Half a second of reconciliation delays a
 # replica's start, restart or removal by at most 0.4 s; metrics are scraped every few seconds.
-# The controller then learns later of a dead replica, and requests that meet the dead replica in
-# a handle's router meanwhile are failed with 503 by RemoteEngine, not left waiting.
+# The controller then learns later of a dead replica; requests that meet the dead replica in a
+# handle's router meanwhile get 503 (pipelines.stages.assigned) rather than wait for the
+# replacement.
 CONTROL_PLANE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
