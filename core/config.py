@@ -18,6 +18,7 @@ a pipeline naming a node) are checked in :mod:`core.validate`.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -66,8 +67,32 @@ class RayActorOptions(Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
     env_vars: dict[str, str] = Field(default_factory=dict, description=(
         "Environment of the replica's process, set before it starts (e.g. OMP_WAIT_POLICY)."))
+    jemalloc: bool = Field(False, description=(
+        "Run the replica's process on jemalloc (the copy Ray ships, through LD_PRELOAD) instead "
+        "of glibc's malloc, whose per-thread arenas keep growing under media decoding in "
+        "worker threads (BENCHMARKS.md)."))
 
     _env_as_strings = field_validator("env_vars", mode="before")(_env_strings)
+
+    def process_env(self) -> dict[str, str]:
+        """``env_vars``, with jemalloc preloaded if asked for and Ray ships it here. A cluster
+        node whose Ray lies elsewhere only warns that it cannot preload it, and runs glibc's."""
+        env = dict(self.env_vars)
+        lib = ray_jemalloc()
+        if self.jemalloc and lib and "LD_PRELOAD" not in env:
+            env["LD_PRELOAD"] = lib
+        return env
+
+
+def ray_jemalloc() -> str | None:
+    """The jemalloc library inside the installed ray package, found without importing ray."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return None
+    lib = os.path.join(os.path.dirname(spec.origin), "core", "libjemalloc.so")
+    return lib if os.path.exists(lib) else None
 
 
 class DeploymentOptions(Strict):
@@ -91,7 +116,8 @@ class DeploymentOptions(Strict):
         actor = opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
         if not actor["resources"]:
             del actor["resources"]
-        env = actor.pop("env_vars")
+        actor.pop("env_vars"), actor.pop("jemalloc")
+        env = self.ray_actor_options.process_env()
         if env:
             actor["runtime_env"] = {"env_vars": env}
         if self.autoscaling_config is not None:
@@ -172,8 +198,6 @@ class ServerConfig(Strict):
 
     @model_validator(mode="after")
     def _keys_from_env(self) -> "ServerConfig":
-        import os
-
         extra = os.environ.get(self.api_keys_env or "", "")
         self.api_keys = list(dict.fromkeys([*self.api_keys, *(k.strip() for k in extra.split(",") if k.strip())]))
         return self

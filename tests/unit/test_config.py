@@ -131,3 +131,22 @@ def test_launcher_prints_config_with_hydra_cfg_flag():
     r = launch("--cfg", "job")
     assert r.returncode == 0, r.stderr
     assert "model_id: echo" in r.stdout
+
+
+def test_media_decoding_deployments_run_on_rays_jemalloc_and_engines_do_not():
+    from core.config import ray_jemalloc
+
+    lib = ray_jemalloc()
+    assert lib and lib.endswith("ray/core/libjemalloc.so")  # ray[serve] ships it
+    cfg = compose()
+    env = cfg.deployment.ingress.serve_options()["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env == {"LD_PRELOAD": lib}
+    dep = cfg.model["tiny_video"].deployment
+    assert dep.node.serve_options()["ray_actor_options"]["runtime_env"]["env_vars"]["LD_PRELOAD"] == lib
+    assert "runtime_env" not in cfg.model["tiny_llama"].deployment.engine.serve_options()["ray_actor_options"]
+    # a user's own LD_PRELOAD wins; jemalloc off leaves the environment alone
+    own = compose(["++deployment.ingress.ray_actor_options.env_vars.LD_PRELOAD=/opt/libtcmalloc.so"])
+    assert own.deployment.ingress.serve_options()["ray_actor_options"]["runtime_env"]["env_vars"] == {
+        "LD_PRELOAD": "/opt/libtcmalloc.so"}
+    off = compose(["deployment.ingress.ray_actor_options.jemalloc=false"])
+    assert "runtime_env" not in off.deployment.ingress.serve_options()["ray_actor_options"]
