@@ -78,8 +78,7 @@ class RayActorOptions(Strict):
         """``env_vars``, with jemalloc preloaded if asked for and Ray ships it here. A cluster
         node whose Ray lies elsewhere only warns that it cannot preload it, and runs glibc's."""
         env = dict(self.env_vars)
-        lib = ray_jemalloc()
-        if self.jemalloc and lib and "LD_PRELOAD" not in env:
+        if self.jemalloc and "LD_PRELOAD" not in env and (lib := ray_jemalloc()):
             env["LD_PRELOAD"] = lib
         return env
 
@@ -116,7 +115,8 @@ class DeploymentOptions(Strict):
         actor = opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
         if not actor["resources"]:
             del actor["resources"]
-        actor.pop("env_vars"), actor.pop("jemalloc")
+        for key in ("env_vars", "jemalloc"):  # both become the process's environment
+            del actor[key]
         env = self.ray_actor_options.process_env()
         if env:
             actor["runtime_env"] = {"env_vars": env}
