@@ -209,7 +209,13 @@ def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
     """Kept last: it kills vLLM's engine core process and waits for the replica to come back."""
     import psutil
 
-    cores = [p for p in psutil.process_iter(["cmdline"]) if "EngineCore" in " ".join(p.info["cmdline"] or [])]
+    def engine_cores():  # vLLM retitles the process; its name holds the title's first 15 characters
+        return [p for p in psutil.process_iter(["name", "cmdline"])
+                if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+
+    deadline = time.monotonic() + 10
+    while not (cores := engine_cores()) and time.monotonic() < deadline:
+        time.sleep(0.5)  # a /proc read can miss a process for a moment; look again
     assert cores, "no vLLM engine core process found"
     for p in cores:
         p.kill()
