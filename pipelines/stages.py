@@ -24,6 +24,12 @@ def overloaded(model_id: str) -> Overloaded:
                       headers={"Retry-After": "1"})
 
 
+def replica_unavailable(model_id: str) -> NotReady:
+    """A model's replica is dead or unreachable and Serve is bringing up another."""
+    return NotReady(f"model {model_id!r} is unavailable (its replica is restarting)",
+                    model_id=model_id, headers={"Retry-After": "5"})
+
+
 def routable_replicas(handle) -> int | None:
     """How many replicas the handle's Serve router can send a call to right now, or None
     while it does not know yet (or where Ray's router is built differently: its request
@@ -50,8 +56,7 @@ async def assigned(response, handle, model_id: str, scales_to_zero: bool = False
     try:
         while not (await asyncio.wait({assignment}, timeout=ASSIGN_CHECK_S))[0]:
             if not scales_to_zero and routable_replicas(handle) == 0:
-                raise NotReady(f"model {model_id!r} is unavailable: its replica died and is being "
-                               "replaced", model_id=model_id, headers={"Retry-After": "2"})
+                raise replica_unavailable(model_id)
         assignment.result()
     except BaseException:
         assignment.cancel()
@@ -70,8 +75,7 @@ def remote_error(err: BaseException, model_id: str) -> BaseException:
     if isinstance(cause, BackPressureError):
         return overloaded(model_id)
     if isinstance(cause, (rx.RayActorError, DeploymentUnavailableError, rx.ActorUnavailableError)):
-        return NotReady(f"model {model_id!r} is unavailable (its replica is restarting)",
-                        model_id=model_id, headers={"Retry-After": "5"})
+        return replica_unavailable(model_id)
     return cause
 
 

@@ -99,7 +99,7 @@ def test_replica_kill_under_load_fails_fast_then_recovers(serve_app):
 
     Requests spend 0.3 s in the engine, so the kill (which Ray carries out a moment after the
     call returns) finds them in flight, the path that marks the model recovering. One that
-    reaches Serve's router only after the death waits for the replacement instead (README)."""
+    reaches Serve's router only after the death is the next test's case."""
     import ray
 
     body = {"model_id": "echo-remote", "input": 1, "params": {"delay_s": 0.3, "timeout_s": 10}}

@@ -59,7 +59,7 @@ def test_a_call_left_without_a_replica_is_503_and_marks_the_model_recovering():
     async def scenario():
         response = FakeResponse()
         engine = RemoteEngine(fake_handle(response, {}), "m")
-        with pytest.raises(NotReady, match="replica died"):
+        with pytest.raises(NotReady, match="its replica is restarting"):
             await asyncio.wait_for(engine.generate(None, None, ctx()), 2)
         assert response.cancelled and engine.down_since is not None
         with pytest.raises(NotReady, match="recovering"):  # the next call, at once
@@ -98,7 +98,7 @@ def test_a_deployment_that_scales_to_zero_waits_for_a_replica_to_start():
 def test_a_node_call_left_without_a_replica_is_503_too():
     async def scenario():
         response = FakeResponse()
-        with pytest.raises(NotReady, match="replica died"):
+        with pytest.raises(NotReady, match="its replica is restarting"):
             await asyncio.wait_for(RemoteNode(fake_handle(response, {}), "m")(None, ctx()), 2)
         assert response.cancelled
 
