@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=6)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.seconds <= WARMUP_S:
+        ap.error(f"--seconds must be more than the {WARMUP_S:g} s before RSS is first read")
     if args.child:  # one side, in its own process
         print(json.dumps(measure(args.child, args.seconds, args.threads)), flush=True)
         return

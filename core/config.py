@@ -112,11 +112,11 @@ class DeploymentOptions(Strict):
         """Keyword arguments for ``Deployment.options``."""
         opts = self.model_dump(exclude_none=True)
         opts["logging_config"] = {"enable_access_log": opts.pop("access_log")}
-        actor = opts["ray_actor_options"] = self.ray_actor_options.model_dump(exclude_none=True)
+        # env_vars and jemalloc become the process's environment (process_env)
+        actor = opts["ray_actor_options"] = self.ray_actor_options.model_dump(
+            exclude_none=True, exclude={"env_vars", "jemalloc"})
         if not actor["resources"]:
             del actor["resources"]
-        for key in ("env_vars", "jemalloc"):  # both become the process's environment
-            del actor[key]
         env = self.ray_actor_options.process_env()
         if env:
             actor["runtime_env"] = {"env_vars": env}
