@@ -1,9 +1,12 @@
-"""From Hydra's composed config to a validated :class:`~core.config.AppConfig`."""
+"""From Hydra's composed config to a validated :class:`~core.config.AppConfig`, and the
+launcher's secrets from the environment added to it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from core.config import AppConfig
 from core.validate import ConfigError, validate_config
@@ -39,6 +42,18 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_app_config(hydra_compose(config_name=config_name, overrides=overrides or []))
+
+
+def with_env_api_keys(cfg: AppConfig, env: Mapping[str, str] = os.environ) -> AppConfig:
+    """``cfg`` with the comma-separated keys of the variable ``server.api_keys_env`` (in
+    ``env``) added to ``server.api_keys``, duplicates dropped. The launcher calls it after
+    validation, so that the config validates the same in every shell; tests and sweeps,
+    which call no authenticated route, leave it out."""
+    extra = env.get(cfg.server.api_keys_env or "", "")
+    keys = list(dict.fromkeys([*cfg.server.api_keys, *(k.strip() for k in extra.split(",") if k.strip())]))
+    if keys == cfg.server.api_keys:
+        return cfg
+    return cfg.model_copy(update={"server": cfg.server.model_copy(update={"api_keys": keys})})
 
 
 def exit_on_config_error(err: ConfigError) -> None:

@@ -10,37 +10,33 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from apps.config import CONF_DIR, exit_on_config_error, to_app_config
+from apps.config import CONF_DIR, exit_on_config_error, to_app_config, with_env_api_keys
+from core.config import AppConfig
 from core.validate import ConfigError
 
 logger = logging.getLogger("mmserve.launch")
 
 
-def serve_config(cfg) -> None:
-    """Deploy a validated config and serve until SIGINT/SIGTERM."""
+def serve_config(cfg: AppConfig) -> None:
+    """Serve a validated config until SIGINT/SIGTERM, then drain and stop."""
     from rich.console import Console
 
     from apps import serving
     from apps.graph import graph_table
 
     Console().print(graph_table(cfg))
-    serving.install_signal_handlers()
     try:
-        serving.connect_ray(cfg)
-    except ConfigError as err:
+        with serving.served(cfg, handle_signals=True) as server:
+            logger.info("ready: %d model(s) served at %s/ (POST %s/v1/infer); Ctrl-C to stop",
+                        len(cfg.model), server.url, server.url)
+            try:
+                serving.wait_forever()
+            except serving.ShutdownRequested as sig:
+                logger.info("%s received: shutting down", sig)
+    except ConfigError as err:  # more than the cluster has: nothing left running
         exit_on_config_error(err)
-    except serving.ShutdownRequested:
-        return
-    try:
-        serving.deploy(cfg)
-        url = f"http://{cfg.server.host}:{cfg.server.port}{cfg.server.route_prefix}"
-        logger.info("ready: %d model(s) served at %s (POST %sv1/infer); Ctrl-C to stop",
-                    len(cfg.model), url, url.rstrip("/") + "/")
-        serving.wait_forever()
     except serving.ShutdownRequested as sig:
-        logger.info("%s received: shutting down", sig)
-    finally:
-        serving.shutdown(cfg)
+        logger.info("%s received while starting: stopped", sig)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -49,7 +45,7 @@ def main(dcfg: DictConfig) -> None:
         cfg = to_app_config(dcfg)
     except ConfigError as err:
         exit_on_config_error(err)
-    serve_config(cfg)
+    serve_config(with_env_api_keys(cfg))
 
 
 if __name__ == "__main__":

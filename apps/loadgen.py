@@ -1,22 +1,26 @@
-"""An async HTTP load generator: closed loop at a fixed concurrency, or open loop at a rate.
+"""The load generator: one closed loop (a fixed concurrency) and one open loop (Poisson
+arrivals at a rate), over any ``call(i) -> Sample``; :func:`run_load` drives HTTP with them.
 
-Used by the benchmarks and by ``apps.bench`` sweeps. Latency is measured per request from
-send to full response; throughput counts completed requests over the measured window
-(warm-up excluded). With ``stream=True`` (text pipelines) each request is read as Server-Sent
-Events and also yields time to first token and time per output token, defined as ``vllm bench
-serve`` defines them. ``python -m apps.loadgen --url ... --body '{...}' -c 32 -d 10``.
+Used by every benchmark (``benchmarks/``), ``apps.bench`` sweeps and the tests. Latency is
+measured per request from send to full response; throughput counts completed requests over
+the measured window (warm-up excluded). With ``stream=True`` (text pipelines) each request is
+read as Server-Sent Events and also yields time to first token and time per output token,
+defined as ``vllm bench serve`` defines them.
+``python -m apps.loadgen --url ... --body '{...}' -c 32 -d 10``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 
 @dataclass
@@ -135,6 +139,87 @@ def summarize(samples: list[Sample], elapsed: float, stream: bool) -> LoadResult
     return res
 
 
+# --- the two loops -------------------------------------------------------------------------
+# Both drive ``call(i) -> Sample`` for request numbers i = 0, 1, 2...: an HTTP request
+# (:func:`send`, what :func:`run_load` uses) or anything else measured the same way (an engine
+# driven in-process, for comparison). A call that raises is a sample whose status is the
+# exception's name. A request is measured when it starts after ``warmup_s``; the window runs
+# from then until the last measured answer.
+
+Call = Callable[[int], Awaitable[Sample]]
+
+
+async def _sample(call: Call, i: int) -> Sample:
+    t0 = time.perf_counter()
+    try:
+        return await call(i)
+    except Exception as err:  # a result of the run, not a crash of it
+        return Sample(type(err).__name__, time.perf_counter() - t0)
+
+
+async def closed_loop(call: Call, *, concurrency: int, duration_s: float | None = None,
+                      requests: int | None = None, warmup_s: float = 0.0,
+                      samples: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """``concurrency`` workers, each starting its next request as soon as its last one ended,
+    until ``warmup_s + duration_s`` have passed or ``requests`` have started (whichever comes
+    first; one of them is required). Returns the measured samples (appended to ``samples``
+    as they end, for a progress display) and the measured window in seconds."""
+    if duration_s is None and requests is None:
+        raise ValueError("closed_loop needs duration_s or requests")
+    samples = [] if samples is None else samples
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    end = measure_from + duration_s if duration_s is not None else math.inf
+    numbers = itertools.count()
+
+    async def worker():
+        while (now := time.perf_counter()) < end:
+            i = next(numbers)
+            if requests is not None and i >= requests:
+                return
+            sample = await _sample(call, i)
+            if now >= measure_from:
+                samples.append(sample)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - measure_from
+
+
+async def open_loop(call: Call, *, rate: float, concurrency: int, duration_s: float,
+                    warmup_s: float = 0.0, seed: int = 0,
+                    samples: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """Requests start at Poisson arrivals of ``rate`` per second (seeded by ``seed``) for
+    ``warmup_s + duration_s``, at most ``concurrency`` in flight (an arrival beyond that
+    waits for a free slot). Returns what :func:`closed_loop` returns."""
+    samples = [] if samples is None else samples
+    rng = random.Random(seed)
+    slots = asyncio.Semaphore(concurrency)
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    end = measure_from + duration_s
+
+    async def arrive(i: int, measured: bool):
+        async with slots:
+            sample = await _sample(call, i)
+        if measured:
+            samples.append(sample)
+
+    tasks = []
+    t = start
+    for i in itertools.count():
+        t += rng.expovariate(rate)
+        if t >= end:
+            break
+        delay = t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the Poisson schedule, not a readiness wait
+        tasks.append(asyncio.create_task(arrive(i, t >= measure_from)))
+    await asyncio.gather(*tasks)
+    return samples, time.perf_counter() - measure_from
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
 async def _show_progress(samples: list[Sample], start: float, total_s: float, done: asyncio.Event) -> None:
     """A Rich progress bar over the run's time, with the requests and errors measured so far."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -152,129 +237,50 @@ async def _show_progress(samples: list[Sample], start: float, total_s: float, do
                 pass
 
 
-async def run_load(url: str, body: dict, *, concurrency: int = 32, duration_s: float = 10.0,
-                   warmup_s: float = 2.0, rate: float | None = None, seed: int = 0,
-                   stream: bool = False, timeout_s: float = 300.0, progress: bool = False) -> LoadResult:
-    """Drive ``url`` with POSTs of ``body`` (see :func:`body_factory` for ``{n}``).
+async def run_load(url: str, body: dict | Callable[[int], dict], *, concurrency: int = 32,
+                   duration_s: float | None = 10.0, warmup_s: float = 2.0, requests: int | None = None,
+                   rate: float | None = None, seed: int = 0, stream: bool = False,
+                   timeout_s: float = 300.0, progress: bool = False) -> LoadResult:
+    """Drive ``url`` with POSTs of ``body``: a dict (see :func:`body_factory` for ``{n}``), or
+    ``body(i)``, the body of request ``i``.
 
-    Closed loop (``rate`` None): ``concurrency`` workers each send the next request as soon as
-    the last one finished. Open loop: requests start at Poisson arrivals of ``rate`` per second,
-    at most ``concurrency`` in flight. Runs ``warmup_s`` unmeasured, then ``duration_s``; a
-    request is measured when it starts inside the measured window. ``stream`` adds
-    ``"stream": true`` and the token figures.
+    Closed loop (``rate`` None, :func:`closed_loop`): ``concurrency`` in flight, for
+    ``duration_s`` after ``warmup_s`` and/or ``requests`` requests. Open loop
+    (:func:`open_loop`): Poisson arrivals of ``rate`` per second, at most ``concurrency`` in
+    flight. ``stream`` adds ``"stream": true`` and the token figures; ``progress`` shows a bar.
     """
     import aiohttp
 
-    encode = body_factory({**body, "stream": True} if stream else body)
+    if callable(body):
+        make = body
+        encode = (lambda i: json.dumps({**make(i), "stream": True}).encode()) if stream \
+            else (lambda i: json.dumps(make(i)).encode())
+    else:
+        encode = body_factory({**body, "stream": True} if stream else body)
     samples: list[Sample] = []
-    sent = 0
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        start = time.perf_counter()
-        measure_from = start + warmup_s
-        end = measure_from + duration_s
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        def call(i: int) -> Awaitable[Sample]:
+            return send(session, url, encode(i), stream)
+
         done = asyncio.Event()
-        shown = asyncio.create_task(_show_progress(samples, start, warmup_s + duration_s, done)) if progress else None
-
-        async def one(record: bool):
-            nonlocal sent
-            sent += 1
-            sample = await send(session, url, encode(sent), stream)
-            if record:
-                samples.append(sample)
-
-        if rate is None:
-            async def worker():
-                while (now := time.perf_counter()) < end:
-                    await one(now >= measure_from)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        else:
-            rng = random.Random(seed)
-            sem = asyncio.Semaphore(concurrency)
-            tasks = []
-
-            async def fire(record: bool):
-                async with sem:
-                    await one(record)
-
-            t = start
-            while t < end:
-                t += rng.expovariate(rate)
-                delay = t - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # the Poisson schedule, not a readiness wait
-                tasks.append(asyncio.create_task(fire(t >= measure_from)))
-            await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - measure_from
-        done.set()
-        if shown is not None:
-            await shown
+        shown = None
+        if progress and duration_s is not None:
+            shown = asyncio.create_task(_show_progress(samples, time.perf_counter(), warmup_s + duration_s, done))
+        try:
+            if rate is None:
+                _, elapsed = await closed_loop(call, concurrency=concurrency, duration_s=duration_s,
+                                               requests=requests, warmup_s=warmup_s, samples=samples)
+            else:
+                if duration_s is None:
+                    raise ValueError("the open loop needs duration_s")
+                _, elapsed = await open_loop(call, rate=rate, concurrency=concurrency, duration_s=duration_s,
+                                             warmup_s=warmup_s, seed=seed, samples=samples)
+        finally:
+            done.set()
+            if shown is not None:
+                await shown
     return summarize(samples, elapsed, stream)
-
-
-@dataclass
-class TextLoadResult:
-    """Token-level figures of a text load run, defined as ``vllm bench serve`` defines them:
-    TTFT from send to the first token, TPOT = (latency - TTFT) / (output tokens - 1)."""
-
-    concurrency: int
-    requests: int
-    duration_s: float
-    output_tokens: int
-    output_tok_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    tpot_p50_ms: float
-    errors: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-async def closed_loop_text(call, n_requests: int, concurrency: int) -> TextLoadResult:
-    """Run ``call(i) -> (ttft_s, latency_s, output_tokens)`` ``n_requests`` times, at most
-    ``concurrency`` at once (closed loop). A call that raises counts as an error."""
-    ttfts, tpots, tokens, errors = [], [], 0, 0
-    next_i = 0
-
-    async def worker():
-        nonlocal next_i, tokens, errors
-        while next_i < n_requests:
-            i, next_i = next_i, next_i + 1
-            try:
-                ttft, latency, n = await call(i)
-            except Exception:
-                errors += 1
-                continue
-            ttfts.append(ttft * 1000)
-            tokens += n
-            if n > 1:
-                tpots.append((latency - ttft) * 1000 / (n - 1))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    return TextLoadResult(concurrency=concurrency, requests=n_requests - errors, duration_s=round(elapsed, 3),
-                          output_tokens=tokens, output_tok_s=tokens / elapsed,
-                          ttft_p50_ms=percentile(ttfts, 50), ttft_p99_ms=percentile(ttfts, 99),
-                          tpot_p50_ms=percentile(tpots, 50), errors=errors)
-
-
-async def stream_infer(session, url: str, body: dict) -> tuple[float, float, int]:
-    """POST a ``stream: true`` request; returns (ttft_s, latency_s, output tokens) read from
-    the SSE events (the last event's ``usage.completion_tokens``). Raises RuntimeError on a
-    status other than 200 or an error event."""
-    t0 = time.perf_counter()
-    async with session.post(url, json={**body, "stream": True}) as r:
-        if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
-        ttft, tokens, error = await read_events(r, t0)
-    if error is not None:
-        raise RuntimeError(error)
-    latency = time.perf_counter() - t0
-    return (ttft if ttft is not None else latency), latency, tokens
 
 
 def main() -> None:

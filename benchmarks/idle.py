@@ -1,8 +1,8 @@
 """CPU that Ray and Serve take while serving nothing: Serve's control plane at Ray's defaults and
-at mmserve's (``apps.serving.CONTROL_PLANE_ENV``), one after the other in one run.
+at mmserve's (``server.serve_env`` in ``conf/server/default.yaml``), one after the other in one run.
 
-Each side starts a local Ray the way the launcher does (``init_local_ray``), deploys the model
-(the echo pipeline by default), lets start-up finish, then reads the CPU time of every process
+Each side serves the config on a local Ray as the launcher does (``apps.serving.served``; the
+echo pipeline by default), lets start-up finish, then reads the CPU time of every process
 that Ray started (``/proc``) over a window with no requests. On a small machine that CPU is taken
 from the models whenever they are busy.
 
@@ -15,7 +15,8 @@ import argparse
 import os
 import time
 
-# Serve's own defaults for what CONTROL_PLANE_ENV changes (ray.serve._private.constants)
+# Serve's own defaults for the control-plane settings of conf/server/default.yaml
+# (ray.serve._private.constants)
 RAY_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
 
 
@@ -46,31 +47,21 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
 
 def measure(cfg, seconds: float, settle_s: float) -> dict[str, float]:
     """Percent of one core per process label that the Ray started for ``cfg`` takes idle."""
-    import ray
-    from ray import serve
-
-    from apps.serving import free_port, init_local_ray
-    from pipelines.builder import build_app
+    from apps.serving import served
 
     before = set(cpu_seconds())
-    init_local_ray(cfg.server, logging_level="ERROR", log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-        serve.run(build_app(cfg), name="idle", route_prefix="/")
-        # serve.run returned: the app is ready. Start-up's own bursts (imports, the controller
+    with served(cfg, app_name="idle", logging_level="ERROR", log_to_driver=False):
+        # served: the app is running. Start-up's own bursts (imports, the controller
         # reconciling new replicas) end within seconds; the window starts after them.
         time.sleep(settle_s)
         a, t0 = cpu_seconds(), time.monotonic()
         time.sleep(seconds)
         b, dt = cpu_seconds(), time.monotonic() - t0
-        shares: dict[str, float] = {}
-        for pid in set(a) & set(b) - before - {os.getpid()}:
-            name, cpu = b[pid]
-            shares[name] = shares.get(name, 0.0) + 100 * (cpu - a[pid][1]) / dt
-        return shares
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    shares: dict[str, float] = {}
+    for pid in set(a) & set(b) - before - {os.getpid()}:
+        name, cpu = b[pid]
+        shares[name] = shares.get(name, 0.0) + 100 * (cpu - a[pid][1]) / dt
+    return shares
 
 
 def main() -> None:
@@ -81,12 +72,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from apps.config import compose
+    from apps.serving import free_port
 
     cfg = compose(args.overrides or ["model=[echo]"])
     sides = {}
     for name, env in (("Ray's defaults", RAY_DEFAULTS), ("mmserve", {})):
         side = cfg.model_copy(deep=True)
         side.server.serve_env = {**side.server.serve_env, **env}
+        side.server.port = free_port()
         sides[name] = measure(side, args.seconds, args.settle)
 
     from rich.console import Console

@@ -58,12 +58,14 @@ def plain_loop(modality: str, data: bytes, batch: int, seconds: float, threads: 
     return items / (time.perf_counter() - t0)
 
 
-def served(modality: str, data: bytes, max_batch: int, args) -> dict:
+def measure_served(session, modality: str, data: bytes, max_batch: int, args) -> dict:
+    """Serve the modality's model into ``session`` with ``max_batch_size: max_batch``, drive
+    it, and read its engine's mean batch size."""
     from ray import serve
 
     from apps.config import compose
     from apps.loadgen import run_load
-    from pipelines.builder import build_app
+    from apps.serving import served
     from tests.media import b64
 
     key, pipe = MODELS[modality]
@@ -73,15 +75,13 @@ def served(modality: str, data: bytes, max_batch: int, args) -> dict:
                    f"model.{key}.deployment.engine.ray_actor_options.num_cpus=1",
                    f"model.{key}.deployment.engine.max_ongoing_requests={max(args.concurrency, max_batch)}",
                    f"model.{key}.deployment.placement={args.placement}", *args.overrides])
-    serve.run(build_app(cfg), name="bench", route_prefix="/")
-    try:
+    with served(cfg, session=session, app_name="bench") as app:
         body = {"model_id": cfg.model[key].model_id, "input": {"data": b64(data)}}
-        res = asyncio.run(run_load(f"http://127.0.0.1:{PORT}/v1/infer", body, concurrency=args.concurrency,
+        res = asyncio.run(run_load(f"{app.url}/v1/infer", body, concurrency=args.concurrency,
                                    duration_s=args.duration, warmup_s=args.warmup))
-        stats = (serve.get_deployment_handle(f"{cfg.model[key].model_id}.engine", "bench").stats.remote().result()
+        stats = (serve.get_deployment_handle(f"{cfg.model[key].model_id}.engine", app.app_name)
+                 .stats.remote().result()
                  if args.placement == "engine" else {"mean_batch_size": float("nan")})
-    finally:
-        serve.delete("bench")
     return {**res.as_dict(), "mean_batch_size": stats["mean_batch_size"]}
 
 
@@ -100,25 +100,18 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served config")
     args = ap.parse_args()
 
-    import ray
-    from ray import serve
-
     from apps.config import compose
-    from apps.serving import init_local_ray
+    from apps.serving import ray_serve
 
+    server = compose([f"server.port={PORT}", *args.overrides]).server
     results: dict[str, dict] = {}
     for modality in args.modality:
         data, _ = sample(modality)
         plain = plain_loop(modality, data, args.batch, args.duration, args.threads)
         results[modality] = {"plain": {"rps": plain}}
-        init_local_ray(compose(args.overrides).server, logging_level="ERROR", log_to_driver=False)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        with ray_serve(server, logging_level="ERROR", log_to_driver=False) as session:
             for name, size in (("batched", args.batch), ("unbatched", 1)):
-                results[modality][name] = served(modality, data, size, args)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+                results[modality][name] = measure_served(session, modality, data, size, args)
         row = results[modality]
         print(f"\n{modality}: {len(data)} bytes per item, concurrency {args.concurrency}, batch {args.batch}")
         print(f"{'':12}{'items/s':>10}{'vs plain':>10}{'p50 ms':>10}{'p99 ms':>10}{'mean batch':>12}  statuses")

@@ -41,30 +41,31 @@ def minimal_app():
     return Minimal.bind()
 
 
-def mmserve_app(placement: str):
+def mmserve_config(placement: str, http_proxy: str):
     from apps.config import compose
-    from pipelines.builder import build_app
 
-    cfg = compose(["model=echo", f"++model.echo.deployment.placement={placement}",
-                   "++model.echo.deployment.engine.ray_actor_options.num_cpus=0",
-                   "++model.echo.deployment.engine.max_ongoing_requests=1000",
-                   "++model.echo.deployment.node.max_ongoing_requests=1000"])
-    return build_app(cfg)
+    return compose(["model=echo", f"server.port={PORT}", f"server.http_proxy={http_proxy}",
+                    f"++model.echo.deployment.placement={placement}",
+                    "++model.echo.deployment.engine.ray_actor_options.num_cpus=0",
+                    "++model.echo.deployment.engine.max_ongoing_requests=1000",
+                    "++model.echo.deployment.node.max_ongoing_requests=1000"])
 
 
-def measure(name: str, app, args) -> dict:
-    from ray import serve
-
+def measure(name: str, session, args) -> dict:
+    """Deploy variant ``name`` alone into ``session``, drive it, delete it."""
     from apps.loadgen import run_load
+    from apps.serving import served
 
     t0 = time.perf_counter()
-    serve.run(app, name="bench", route_prefix="/")
-    deploy_s = time.perf_counter() - t0
-    res = asyncio.run(run_load(f"http://127.0.0.1:{PORT}/v1/infer",
-                               {"model_id": "echo", "input": "hello world"},
-                               concurrency=args.concurrency, duration_s=args.duration,
-                               warmup_s=args.warmup))
-    serve.delete("bench")
+    if name == "minimal":
+        app = session.deployed(minimal_app(), name="bench")
+    else:
+        app = served(mmserve_config(name, args.http_proxy), session=session, app_name="bench")
+    with app as deployed:
+        deploy_s = time.perf_counter() - t0
+        res = asyncio.run(run_load(f"{deployed.url}/v1/infer", {"model_id": "echo", "input": "hello world"},
+                                   concurrency=args.concurrency, duration_s=args.duration,
+                                   warmup_s=args.warmup))
     row = {"app": name, "deploy_s": round(deploy_s, 1), **res.as_dict()}
     print(json.dumps(row), flush=True)
     return row
@@ -80,22 +81,15 @@ def main() -> None:
                     help="Serve's HTTP proxy mode for every app (server.http_proxy)")
     args = ap.parse_args()
 
-    import ray
-    from ray import serve
     from rich.console import Console
     from rich.table import Table
 
-    from apps.serving import init_local_ray
-    from core.config import ServerConfig
+    from apps.serving import ray_serve
 
-    init_local_ray(ServerConfig(http_proxy=args.http_proxy), logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    rows = []
-    for name in args.variants.split(","):
-        app = minimal_app() if name == "minimal" else mmserve_app(name)
-        rows.append(measure(name, app, args))
-    serve.shutdown()
-    ray.shutdown()
+    # the server side of the served config (serve_env included), for the one Ray of the run
+    server = mmserve_config("inline", args.http_proxy).server
+    with ray_serve(server, logging_level="ERROR", log_to_driver=False) as session:
+        rows = [measure(name, session, args) for name in args.variants.split(",")]
 
     base = next((r for r in rows if r["app"] == "minimal"), rows[0])
     table = Table(title=f"/v1/infer at concurrency {args.concurrency}, {args.duration:g}s each "

@@ -33,7 +33,7 @@ def mixes() -> list[tuple[int, object]]:
              "params": {"max_tokens": 32}}),
         (1, {"model_id": "silero-vad", "input": wav}),
         (1, {"model_id": "tiny-asr", "input": wav}),
-        (2, {"model_id": "tiny-resnet18", "input": jpeg}),
+        (2, {"model_id": "tiny-resnet", "input": jpeg}),
         (1, {"model_id": "tiny-video", "input": mp4, "params": {"num_frames": 4}}),
         (1, "bad"),  # invalid requests of several kinds
     ]
@@ -49,7 +49,7 @@ def bad_requests() -> list[dict]:
         {"model_id": "echo", "input": 1, "params": {"nope": 1}},
         {"model_id": "tiny-llama", "prompt": "x" * 20000},
         {"model_id": "tiny-asr", "input": {"data": media.b64(png)}},                # an image for audio
-        {"model_id": "tiny-resnet18", "input": {"data": media.b64(png[:200])}},      # truncated
+        {"model_id": "tiny-resnet", "input": {"data": media.b64(png[:200])}},      # truncated
         {"model_id": "tiny-video", "input": {"data": media.b64(b"junk" * 100)}},     # corrupt
     ]
 
@@ -69,38 +69,41 @@ def replica_rss() -> dict[str, int]:
     return out
 
 
-async def drive(url: str, seconds: float, statuses: Counter, samples: list | None = None,
-                sample_every_s: float = 60) -> None:
-    """Closed-loop mixed load for ``seconds``; appends (elapsed s, RSS by process) to ``samples``."""
+async def drive(url: str, seconds: float, samples: list | None = None,
+                sample_every_s: float = 60) -> Counter:
+    """Mixed load for ``seconds``: a closed loop (:func:`apps.loadgen.closed_loop`) per entry
+    of :func:`mixes`, with its number of workers, all at once. Returns the requests by status;
+    appends (elapsed s, RSS by process) to ``samples`` every ``sample_every_s``."""
     import aiohttp
+
+    from apps.loadgen import body_factory, closed_loop, send
 
     rng = random.Random(0)
     bad = bad_requests()
     start = time.monotonic()
-    end = start + seconds
 
     async def sampler():
-        while time.monotonic() < end:
+        while time.monotonic() < start + seconds:
             await asyncio.sleep(sample_every_s)  # the sampling period
             samples.append((round(time.monotonic() - start), await asyncio.to_thread(replica_rss)))
 
-    async def worker(body, session):
-        while time.monotonic() < end:
-            b = rng.choice(bad) if body == "bad" else body
-            try:
-                async with session.post(url, json=b) as r:
-                    await r.read()
-                    statuses[str(r.status)] += 1
-            except Exception as err:  # counted, not fatal
-                statuses[type(err).__name__] += 1
-            if body == "bad":
-                await asyncio.sleep(0.2)  # pacing the invalid traffic
+    def call_for(body, session):
+        if body != "bad":
+            encode = body_factory(body)
+            return lambda i: send(session, url, encode(i), stream=False)
+
+        async def call(i):
+            sample = await send(session, url, body_factory(rng.choice(bad))(i), stream=False)
+            await asyncio.sleep(0.2)  # pacing the invalid traffic
+            return sample
+        return call
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        tasks = [worker(body, session) for n, body in mixes() for _ in range(n)]
+        loops = [closed_loop(call_for(body, session), concurrency=n, duration_s=seconds) for n, body in mixes()]
         if samples is not None:
-            tasks.append(sampler())
-        await asyncio.gather(*tasks)
+            loops.append(sampler())
+        done = await asyncio.gather(*loops)
+    return Counter(s.status for measured, _ in done[:len(mixes())] for s in measured)
 
 
 def main() -> None:
@@ -111,30 +114,19 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
 
-    import ray
-    from ray import serve
-
     from apps.config import compose
-    from apps.serving import init_local_ray
-    from pipelines.builder import build_app
+    from apps.serving import served
 
-    cfg = compose([MODELS, PIPELINES, *args.overrides])
-    init_local_ray(cfg.server, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(cfg), name="soak", route_prefix="/")
-    url = f"http://127.0.0.1:{PORT}/v1/infer"
-    statuses: Counter = Counter()
+    cfg = compose([MODELS, PIPELINES, f"server.port={PORT}", *args.overrides])
     samples: list = []
-    try:
-        asyncio.run(drive(url, args.warmup, Counter()))
+    with served(cfg, app_name="soak", logging_level="ERROR", log_to_driver=False) as app:
+        url = f"{app.url}/v1/infer"
+        asyncio.run(drive(url, args.warmup))
         start = replica_rss()
         t0 = time.monotonic()
-        asyncio.run(drive(url, args.minutes * 60, statuses, samples, args.sample_every))
+        statuses = asyncio.run(drive(url, args.minutes * 60, samples, args.sample_every))
         elapsed = time.monotonic() - t0
         end = replica_rss()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     total = sum(statuses.values())
     print(json.dumps({"seconds": round(elapsed), "requests": total, "by_status": dict(statuses)}))

@@ -24,6 +24,11 @@ import gc
 import json
 import os
 import statistics
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from apps.loadgen import LoadResult
 
 PORT = 8021
 PROMPT_WORDS = ("serving models at scale needs batching streaming routing and clear errors "
@@ -40,14 +45,16 @@ def requests_for(concurrency: int) -> int:
     return max(32, 8 * concurrency)
 
 
-async def run_direct(model, levels, max_tokens):
+async def run_direct(model, levels, max_tokens) -> dict[int, LoadResult]:
+    """vLLM's AsyncLLM in this process, driven by the load generator's closed loop at each
+    concurrency of ``levels`` (after a warm-up pass at 1)."""
     from transformers import AutoTokenizer
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.platforms import current_platform
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from apps.loadgen import closed_loop_text
+    from apps.loadgen import Sample, closed_loop, summarize
     from engines.checkpoints import resolve_source
     from engines.vllm import VLLMKwargs
 
@@ -56,76 +63,60 @@ async def run_direct(model, levels, max_tokens):
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=source, **kwargs.engine_args(current_platform.is_cpu())))
     tok = AutoTokenizer.from_pretrained(source)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, output_kind=RequestOutputKind.DELTA)
-    rows = []
+    rows = {}
     try:
-        for c in [1] + levels:  # the first pass warms up
+        for n_pass, c in enumerate([1] + levels):  # the first pass warms up
             n = requests_for(c)
             ids = [tok.encode(p) for p in prompts(n)]
 
-            async def call(i, ids=ids, c=c):
-                import time
+            async def call(i, ids=ids, tag=f"bench-{c}-{n_pass}"):
                 t0 = time.perf_counter()
                 ttft, tokens = None, 0
-                async for out in llm.generate({"prompt_token_ids": ids[i]}, sp, f"bench-{c}-{i}-{len(rows)}"):
+                async for out in llm.generate({"prompt_token_ids": ids[i]}, sp, f"{tag}-{i}"):
                     if ttft is None and out.outputs[0].text:
                         ttft = time.perf_counter() - t0
                     tokens += len(out.outputs[0].token_ids)
-                return ttft, time.perf_counter() - t0, tokens
+                return Sample("200", time.perf_counter() - t0, ttft, tokens)
 
-            rows.append(await closed_loop_text(call, n, c))
+            res = summarize(*await closed_loop(call, concurrency=c, requests=n), stream=True)
+            if n_pass:
+                rows[c] = res
     finally:
         llm.shutdown()
-    return rows[1:]
+    return rows
 
 
-def run_mmserve(cfg, levels, max_tokens, placements):
-    import ray
-    from ray import serve
+def run_mmserve(cfg, levels, max_tokens, placements) -> list[tuple[str, dict[int, LoadResult]]]:
+    """(side, results by concurrency) of each placement, served one after the other on one Ray."""
+    from apps.serving import ray_serve, served
 
-    from apps.serving import init_local_ray
-    from pipelines.builder import build_app
-
-    init_local_ray(cfg.server, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     rows = []
-    try:
+    with ray_serve(cfg.server, logging_level="ERROR", log_to_driver=False) as session:
         for placement in placements:
             placed = cfg.model_copy(deep=True)
             for m in placed.model.values():
                 m.deployment.placement = placement
-            serve.run(build_app(placed), name="bench", route_prefix="/")
-            side = f"mmserve {placement}"
-            rows += [(side, r) for r in drive_http(placed, levels, max_tokens, PORT)]
-            serve.delete("bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+            with served(placed, session=session, app_name="bench") as app:
+                rows.append((f"mmserve {placement}", drive_http(placed, levels, max_tokens, f"{app.url}/v1/infer")))
     return rows
 
 
-def drive_http(cfg, levels, max_tokens, port):
-    import aiohttp
-
-    from apps.loadgen import closed_loop_text, stream_infer
+def drive_http(cfg, levels, max_tokens, url) -> dict[int, LoadResult]:
+    """Streamed ``POST /v1/infer`` with the same prompts, closed loop at each concurrency of
+    ``levels`` (after a warm-up pass at 1)."""
+    from apps.loadgen import run_load
 
     model = next(iter(cfg.model.values()))
-    url = f"http://127.0.0.1:{port}/v1/infer"
-    rows = []
-
-    async def drive():
-        conn = aiohttp.TCPConnector(limit=64)
-        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
-            for c in [1] + levels:
-                texts = prompts(requests_for(c))
-
-                async def call(i, texts=texts):
-                    return await stream_infer(s, url, {"model_id": model.model_id, "prompt": texts[i],
-                                                       "params": {"max_tokens": max_tokens, "temperature": 0}})
-
-                rows.append(await closed_loop_text(call, len(texts), c))
-
-    asyncio.run(drive())
-    return rows[1:]  # the first pass warms up
+    rows = {}
+    for n_pass, c in enumerate([1] + levels):
+        texts = prompts(requests_for(c))
+        res = asyncio.run(run_load(
+            url, lambda i, texts=texts: {"model_id": model.model_id, "prompt": texts[i],
+                                         "params": {"max_tokens": max_tokens, "temperature": 0}},
+            concurrency=c, duration_s=None, warmup_s=0, requests=len(texts), stream=True, timeout_s=600))
+        if n_pass:  # the first pass warms up
+            rows[c] = res
+    return rows
 
 
 def main() -> None:
@@ -141,7 +132,7 @@ def main() -> None:
 
     from apps.config import compose
 
-    cfg = compose([f"model=[{args.model}]", *args.overrides])
+    cfg = compose([f"model=[{args.model}]", f"server.port={PORT}", *args.overrides])
     model = next(iter(cfg.model.values()))
 
     def direct():
@@ -149,11 +140,12 @@ def main() -> None:
         gc.collect()
         return rows
 
-    # runs[k] = (round, side, result); round k's served sides sit between direct runs k and k+1
+    # directs[k]: vLLM's own results by concurrency; runs: (round, side, results by concurrency),
+    # round k's served sides sitting between direct runs k and k+1
     directs = [direct()]
     runs = []
     for k in range(args.rounds):
-        runs += [(k, side, r) for side, r in run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","))]
+        runs += [(k, side, by_c) for side, by_c in run_mmserve(cfg, levels, args.max_tokens, args.placements.split(","))]
         directs.append(direct())
     report(cfg, model, args, levels, directs, runs)
 
@@ -169,12 +161,12 @@ def report(cfg, model, args, levels, directs, runs) -> None:
                 "TTFT p99 ms", "TPOT p50 ms", "errors"):
         table.add_column(col)
     for c in levels:
-        at = [next(r for r in d if r.concurrency == c) for d in directs]
+        at = [d[c] for d in directs]
         sides: dict[str, list[dict]] = {}
         for k in range(args.rounds):
             ref_tok_s = statistics.mean(r.output_tok_s for r in at[k:k + 2])
             ref_ttft = statistics.mean(r.ttft_p50_ms for r in at[k:k + 2])
-            level = [("vllm", at[k])] + [(side, r) for kk, side, r in runs if kk == k and r.concurrency == c]
+            level = [("vllm", at[k])] + [(side, by_c[c]) for kk, side, by_c in runs if kk == k]
             if k == args.rounds - 1:
                 level.append(("vllm", at[k + 1]))
             for side, r in level:

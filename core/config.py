@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Placement = Literal["inline", "engine", "split"]
 Modality = Literal["text", "audio", "vision", "video"]
@@ -166,6 +166,18 @@ class DeploymentProfile(ModelDeployment):
 
 # --- server/ -------------------------------------------------------------------------------
 
+class RetryAfter(Strict):
+    """Seconds a 503 tells a client to wait before retrying (``Retry-After``), by its cause."""
+
+    overloaded: int = Field(1, ge=0, description="The model's queue is full (Overloaded).")
+    recovering: int = Field(2, ge=0, description=(
+        "The model's engine replica died and is being replaced; a probe re-opens the model."))
+    replica_unavailable: int = Field(5, ge=0, description="A call found the model's replica dead or unreachable.")
+    engine_dead: int = Field(30, ge=0, description=(
+        "vLLM's engine core died; Serve restarts its replica (vLLM takes tens of seconds to start)."))
+    not_ready: int = Field(5, ge=0, description="Models are starting or unhealthy (/ready).")
+
+
 class ServerConfig(Strict):
     """The HTTP side: where Serve listens and what it accepts."""
 
@@ -184,23 +196,23 @@ class ServerConfig(Strict):
     api_keys: list[str] = Field(default_factory=list, description=(
         "Bearer keys; when any is set, every route but /health needs one. Prefer api_keys_env."))
     api_keys_env: str | None = Field("MMSERVE_API_KEYS", description=(
-        "Environment variable (read by the launcher) holding more comma-separated keys."))
+        "Environment variable holding more comma-separated keys; the launcher adds them after "
+        "validation (apps.config.with_env_api_keys), so a config validates the same in every shell."))
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    retry_after_s: RetryAfter = Field(default_factory=RetryAfter, description=(
+        "The Retry-After of each kind of 503, the one place that sets it."))
     http_proxy: Literal["haproxy", "ray"] = Field("haproxy", description=(
-        "What takes HTTP on `port`. haproxy: Ray Serve's throughput-optimized mode, HAProxy (shipped "
-        "with ray[serve]) forwarding to the ingress replica, which serves HTTP itself. ray: Ray "
-        "Serve's Python proxy actor. Applies to the Ray and Serve that the launcher starts."))
+        "What takes HTTP on `port`. haproxy: Ray Serve's throughput-optimized mode "
+        "(RAY_SERVE_ENABLE_HA_PROXY=1, RAY_SERVE_THROUGHPUT_OPTIMIZED=1), HAProxy (shipped with "
+        "ray[serve]) forwarding to the ingress replica, which serves HTTP itself; a local Ray gets "
+        "free ports for its stats, metrics and fallback proxy. ray: Ray Serve's Python proxy actor. "
+        "Applies to the Serve that mmserve starts (apps.serving.serve_env)."))
     serve_env: dict[str, str] = Field(default_factory=dict, description=(
-        "More environment of the Ray processes the launcher starts (RAY_SERVE_* settings); "
-        "overrides what http_proxy sets."))
+        "Environment of the Ray and Serve processes that mmserve starts (RAY_SERVE_* settings), "
+        "on top of what http_proxy sets; conf/server/default.yaml holds mmserve's defaults, "
+        "each documented there."))
 
     _env_as_strings = field_validator("serve_env", mode="before")(_env_strings)
-
-    @model_validator(mode="after")
-    def _keys_from_env(self) -> "ServerConfig":
-        extra = os.environ.get(self.api_keys_env or "", "")
-        self.api_keys = list(dict.fromkeys([*self.api_keys, *(k.strip() for k in extra.split(",") if k.strip())]))
-        return self
 
     def __repr_args__(self):  # never print keys
         return [(k, "***" if k == "api_keys" and v else v) for k, v in super().__repr_args__()]
@@ -219,6 +231,9 @@ class PipelineConfig(Strict):
     """The chain of one modality: preprocess → engine → postprocess."""
 
     description: str = ""
+    modality: Modality | None = Field(None, description=(
+        "The modality of the models this pipeline serves; a model of another one fails "
+        "validation. None: any (echo)."))
     preprocess: NodeSpec
     engine: str = Field(..., description="Default engine of models on this pipeline.")
     postprocess: NodeSpec
@@ -239,6 +254,16 @@ class ModelConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="Default request params.")
     deployment: ModelDeployment = Field(default_factory=ModelDeployment)
     description: str = ""
+
+    _options: Any = PrivateAttr(default=None)
+
+    def options(self, schema: type[BaseModel]) -> Any:
+        """``engine_kwargs`` as ``schema`` (the engine's ``Kwargs``), typed and defaulted:
+        resolved once (by :func:`core.validate.validate_config`) and carried with the model to
+        the replicas. Raises pydantic's ValidationError if they do not fit the schema."""
+        if not isinstance(self._options, schema):
+            self._options = schema.model_validate(self.engine_kwargs)
+        return self._options
 
 
 # --- the whole tree ------------------------------------------------------------------------

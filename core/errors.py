@@ -2,8 +2,10 @@
 
 Every failure a client can cause or observe is one of these exceptions. Each carries the HTTP
 status it maps to, a stable ``type`` string, a message a user can act on, and optionally the
-``model_id`` and the ``field`` involved. The ingress turns them into JSON in one place
-(``nodes.ingress``); nodes and engines only raise them.
+``model_id`` and the ``field`` involved. :meth:`MMServeError.to_dict` is the one rendering of
+an error body (``api.errors`` sends it as JSON, as an SSE event or from the ASGI middleware);
+nodes and engines only raise them. The body carries OpenAI's ``param`` and ``code`` beside
+mmserve's ``field`` and ``model_id``, so OpenAI clients read it as they read vLLM's.
 """
 
 from __future__ import annotations
@@ -18,27 +20,34 @@ class MMServeError(Exception):
     type: str = "internal_error"
 
     def __init__(self, message: str, *, model_id: str | None = None, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, details: dict[str, Any] | None = None,
+                 retry: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.model_id = model_id
         self.field = field
         self.headers = headers or {}
+        self.details = details or {}  # more keys of the error body (e.g. each model's status)
+        # why a retry may succeed: a key of server.retry_after_s, which gives Retry-After
+        self.retry = retry
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of the error response: ``{"error": {...}}``."""
         err: dict[str, Any] = {"type": self.type, "message": self.message, "model_id": self.model_id}
         if self.field is not None:
             err["field"] = self.field
-        return {"error": err}
+        err["param"] = self.field
+        err["code"] = self.status
+        return {"error": {**err, **self.details}}
 
     def __reduce__(self):
         # Errors cross Ray process boundaries; keep keyword-only state through pickling.
-        return (_rebuild, (type(self), self.message, self.model_id, self.field, self.headers))
+        return (_rebuild, (type(self), self.message, self.model_id, self.field, self.headers,
+                           self.details, self.retry))
 
 
-def _rebuild(cls, message, model_id, field, headers):
-    return cls(message, model_id=model_id, field=field, headers=headers)
+def _rebuild(cls, message, model_id, field, headers, details=None, retry=None):
+    return cls(message, model_id=model_id, field=field, headers=headers, details=details, retry=retry)
 
 
 class BadRequest(MMServeError):
@@ -88,6 +97,20 @@ class InvalidField(MMServeError):
     type = "invalid_request"
 
 
+class InvalidParameter(InvalidField):
+    """As :class:`InvalidField`, on the OpenAI-compatible routes: vLLM's own server answers a
+    request it refuses with 400, and so do they (the request surface is vLLM's)."""
+
+    status = 400
+
+
+class Unsupported(MMServeError):
+    """The model does not serve this route or feature (e.g. chat on an embedding model)."""
+
+    status = 400
+    type = "unsupported"
+
+
 class Overloaded(MMServeError):
     """The model's queue is full: retry later (the response carries ``Retry-After``)."""
 
@@ -112,6 +135,27 @@ class EngineError(MMServeError):
 
     status = 500
     type = "engine_error"
+
+
+class NotImplementedByEngine(MMServeError):
+    """The engine does not implement what the request asks (vLLM's 501)."""
+
+    status = 501
+    type = "not_implemented"
+
+
+class RouteNotFound(MMServeError):
+    """No route at this path."""
+
+    status = 404
+    type = "not_found"
+
+
+class MethodNotAllowed(MMServeError):
+    """The route exists, but not with this HTTP method."""
+
+    status = 405
+    type = "method_not_allowed"
 
 
 def from_validation_errors(errors: list[dict[str, Any]]) -> MMServeError:

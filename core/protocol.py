@@ -9,13 +9,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class NoOptions(BaseModel):
+    """The schema of an engine's or node's options when it takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class ChatMessage(BaseModel):
     """One chat turn."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[dict[str, Any]] = Field(..., description=(
+        "A string, or OpenAI's content parts ([{\"type\": \"text\", \"text\": ...}, ...])."))
     name: str | None = None
 
 

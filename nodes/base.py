@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from core.config import ModelConfig
-from core.protocol import RequestContext
-from engines.base import NoOptions
+from core.protocol import NoOptions, RequestContext
 
 
 class Node(ABC):

@@ -1,1 +1,1 @@
-"""Pipelines: bind nodes and engines into one Ray Serve application (``pipelines.builder``)."""
+"""Pipelines: bind nodes and engines into one Ray Serve application (``apps.builder`` binds them with the ingress)."""

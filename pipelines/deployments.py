@@ -1,26 +1,24 @@
-"""The Ray Serve deployments a config becomes: the ingress/router, engine servers, node servers.
+"""The Ray Serve deployments of a model's steps: engine servers and node servers, and the
+:class:`Route` the ingress (``api.ingress``) builds each model's pipeline from.
 
-Each hosts one of the plain objects of ``nodes``/``engines``; this module is the only place
-that knows about Ray Serve's deployment API.
+Each hosts one of the plain objects of ``nodes``/``engines``.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
 from ray import serve
 
-from core.config import ModelConfig, NodeSpec, ServerConfig
+from core.config import ModelConfig, NodeSpec
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import NotReady
 from core.protocol import EngineResult, RequestContext
 from core.registry import engine_class, node_class
 from engines.base import collect
 
-logger = logging.getLogger("mmserve")
 
 
 @serve.deployment
@@ -38,6 +36,13 @@ class EngineServer:
     async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         async for chunk in iterate_within_deadline(self.engine.infer(payload, params, ctx), ctx):
             yield chunk
+
+    async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+        async for chunk in iterate_within_deadline(self.engine.openai(route, body, ctx), ctx):
+            yield chunk
+
+    async def model_card(self) -> dict[str, Any]:
+        return await self.engine.model_card()
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -100,25 +105,3 @@ def pipeline_for(route: Route):
               else LocalEngine(engine_class(m.engine)(m)))
     return Pipeline(m, node(route.preprocess, route.preprocess_handle), engine,
                     node(route.postprocess, route.postprocess_handle))
-
-
-@serve.deployment
-@serve.ingress()
-class Ingress:
-    """The single HTTP entry: FastAPI routes (``nodes.ingress``) over the model router."""
-
-    async def __init__(self, server: ServerConfig, routes: list[Route]) -> None:
-        from nodes.router import ModelRouter
-
-        self.server = server
-        self.router = ModelRouter([pipeline_for(r) for r in routes])
-        await self.router.start()
-
-    async def check_health(self) -> None:
-        # Engines placed inline live in this replica: if one is dead, Serve must restart it.
-        await self.router.check_local_engines()
-
-    def __serve_build_asgi_app__(self):
-        from nodes.ingress import create_app
-
-        return create_app(self.router, self.server, echo_request_id=False)

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 from pydantic import ValidationError
 
 from core.config import ModelConfig
-from core.errors import InvalidField
+from core.errors import InvalidField, Unsupported
 from core.protocol import InferRequest, RequestContext
 from core.registry import engine_class
 
@@ -24,7 +24,9 @@ class Pipeline:
         self.preprocess = preprocess
         self.engine = engine
         self.postprocess = postprocess
-        self.params_schema = engine_class(model.engine).Params
+        cls = engine_class(model.engine)
+        self.params_schema = cls.Params
+        self.openai_routes = cls.openai_routes(model)
 
     async def start(self) -> None:
         for step in (self.preprocess, self.engine, self.postprocess):
@@ -62,6 +64,22 @@ class Pipeline:
         async for chunk in self.engine.stream(payload, params, ctx):
             yield await self.postprocess(chunk, ctx)
 
+    def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        """An OpenAI-compatible request (``route``: ``chat``, ``completion``, ``embedding``...),
+        answered by the engine in its own protocol: one dict, or SSE events as strings.
+        Raises Unsupported, naming the routes the model serves, for another route."""
+        if route not in self.openai_routes:
+            served = ", ".join(sorted(self.openai_routes)) or "none (use POST /v1/infer)"
+            raise Unsupported(f"model {self.model.model_id!r} ({self.model.pipeline} pipeline) does not "
+                              f"serve {route} requests; its OpenAI-compatible routes: {served}",
+                              model_id=self.model.model_id, field="model")
+        ctx.stage = "engine"
+        return self.engine.openai(route, body, ctx)
+
+    async def model_card(self) -> dict[str, Any]:
+        """What the running engine tells about the model (vLLM: max_model_len, root, permission)."""
+        return await self.engine.model_card()
+
     async def status(self, timeout_s: float) -> str:
         """``ready``, ``starting``, ``unavailable`` or ``unhealthy: <why>``."""
         return await self.engine.status(timeout_s)
@@ -70,4 +88,5 @@ class Pipeline:
         m = self.model
         return {"model_id": m.model_id, "modality": m.modality, "pipeline": m.pipeline,
                 "engine": m.engine, "source": m.source, "engine_kwargs": m.engine_kwargs,
-                "params": m.params, "deployment": m.deployment.model_dump(exclude_none=True)}
+                "params": m.params, "deployment": m.deployment.model_dump(exclude_none=True),
+                "openai_routes": sorted(self.openai_routes)}

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
 
+from core import internals
 from core.errors import MMServeError, NotReady, Overloaded
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine, collect
@@ -21,24 +22,13 @@ from nodes.base import Node
 
 def overloaded(model_id: str) -> Overloaded:
     return Overloaded(f"model {model_id!r} is at capacity; retry shortly", model_id=model_id,
-                      headers={"Retry-After": "1"})
+                      retry="overloaded")
 
 
 def replica_unavailable(model_id: str) -> NotReady:
     """A model's replica is dead or unreachable and Serve is bringing up another."""
     return NotReady(f"model {model_id!r} is unavailable (its replica is restarting)",
-                    model_id=model_id, headers={"Retry-After": "5"})
-
-
-def routable_replicas(handle) -> int | None:
-    """How many replicas the handle's Serve router can send a call to right now, or None
-    while it does not know yet (or where Ray's router is built differently: its request
-    router is not public API; Ray 2.60)."""
-    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
-    request_router = getattr(router, "_request_router", None)
-    if request_router is None or not handle.running_replicas_populated():
-        return None
-    return len(request_router.curr_replicas)
+                    model_id=model_id, retry="replica_unavailable")
 
 
 ASSIGN_CHECK_S = 0.25
@@ -52,10 +42,10 @@ async def assigned(response, handle, model_id: str, scales_to_zero: bool = False
     is asked whether it still has a replica; if it has none, the call is cancelled and NotReady
     raised (503), unless the deployment scales to zero, where waiting for a replica to start
     is the point. A call queued behind busy replicas keeps waiting for its turn."""
-    assignment = asyncio.ensure_future(response._fetch_future_result_async())
+    assignment = asyncio.ensure_future(internals.assignment(response))
     try:
         while not (await asyncio.wait({assignment}, timeout=ASSIGN_CHECK_S))[0]:
-            if not scales_to_zero and routable_replicas(handle) == 0:
+            if not scales_to_zero and internals.routable_replicas(handle) == 0:
                 raise replica_unavailable(model_id)
         assignment.result()
     except BaseException:
@@ -164,6 +154,14 @@ class LocalEngine:
             async for chunk in self.engine.infer(payload, params, ctx):
                 yield chunk
 
+    async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+        async with self.admission.slot():
+            async for chunk in self.engine.openai(route, body, ctx):
+                yield chunk
+
+    async def model_card(self) -> dict[str, Any]:
+        return await self.engine.model_card() if self.started else {}
+
     async def check_local(self) -> None:
         """Raise NotReady if this in-process engine is unhealthy (the replica must restart)."""
         if self.started:
@@ -197,6 +195,7 @@ class RemoteEngine:
         self.scales_to_zero = scales_to_zero
         self.down_since: float | None = None
         self._probe: asyncio.Task | None = None
+        self._card: dict[str, Any] | None = None
 
     async def start(self) -> None:
         """Nothing to do: the deployment started the engine."""
@@ -205,7 +204,7 @@ class RemoteEngine:
         if self.down_since is not None:
             raise NotReady(f"model {self.model_id!r} is recovering: its replica died "
                            f"{time.monotonic() - self.down_since:.1f} s ago and is being replaced",
-                           model_id=self.model_id, headers={"Retry-After": "2"})
+                           model_id=self.model_id, retry="recovering")
 
     def _failed(self, err: BaseException) -> BaseException:
         mapped = remote_error(err, self.model_id)
@@ -233,10 +232,22 @@ class RemoteEngine:
         except Exception as err:
             raise self._failed(err) from None
 
-    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        return self._remote_stream("stream", payload, params, ctx)
+
+    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+        return self._remote_stream("openai", route, body, ctx)
+
+    async def model_card(self) -> dict[str, Any]:
+        """The engine's facts for /v1/models, asked once it answered them."""
+        if self._card is None:
+            self._card = await self.handle.model_card.remote()
+        return self._card
+
+    async def _remote_stream(self, method: str, *args) -> AsyncIterator[Any]:
         self._check_up()
         # Closing this generator (client gone) cancels the remote one, and vLLM aborts the request.
-        chunks = self.handle.options(stream=True).stream.remote(payload, params, ctx)
+        chunks = getattr(self.handle.options(stream=True), method).remote(*args)
         try:
             await assigned(chunks, self.handle, self.model_id, self.scales_to_zero)
             async for chunk in chunks:

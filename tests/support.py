@@ -9,10 +9,11 @@ from typing import AsyncIterator
 from core.config import ModelConfig, NodeSpec, ServerConfig
 from core.errors import InvalidField, NotReady
 from core.protocol import EngineResult, RequestContext
-from engines.base import Engine, NoOptions
+from engines.base import Engine
+from core.protocol import NoOptions
 from engines.echo import EchoEngine
 from nodes.common import Identity, Result
-from nodes.router import ModelRouter
+from pipelines.router import ModelRouter
 from pipelines.runner import Pipeline
 from pipelines.stages import LocalEngine, LocalNode
 
@@ -37,6 +38,61 @@ class UnhealthyEngine(Engine):
         raise NotReady("engine core is down")
 
 
+class ScriptedOpenAIEngine(Engine):
+    """Speaks an OpenAI protocol of its own making: ``chat`` and ``completion`` answer the body
+    back (as one dict, or streamed as pre-framed SSE events ``data: {"n": i}`` then
+    ``data: [DONE]``); ``"refuse": "<field>"`` is refused naming it; ``"delay_s"`` waits first."""
+
+    @classmethod
+    def openai_routes(cls, model) -> frozenset[str]:
+        return frozenset({"chat", "completion"})
+
+    async def infer(self, inputs, params, ctx):
+        yield EngineResult(output=inputs, finish_reason="stop")
+
+    async def openai(self, route, body, ctx):
+        import asyncio
+        import json
+
+        from core.errors import InvalidParameter
+
+        if "refuse" in body:
+            raise InvalidParameter(f"{body['refuse']}: refused", model_id=ctx.model_id, field=body["refuse"])
+        if body.get("stream"):
+            for i in range(body.get("events", 2)):
+                yield f"data: {json.dumps({'route': route, 'n': i})}\n\n"
+                await asyncio.sleep(body.get("delay_s", 0))
+            yield "data: [DONE]\n\n"
+            return
+        await asyncio.sleep(body.get("delay_s", 0))
+        yield {"route": route, "body": body}
+
+
+class VLLMProtocolEngine(Engine):
+    """Reads every OpenAI-compatible request with vLLM's own request models, as the vLLM engine
+    does (``engines.vllm_openai.parse_request``), and answers a fixed body: the API's handling
+    of vLLM's request surface, without an engine behind it."""
+
+    @classmethod
+    def openai_routes(cls, model) -> frozenset[str]:
+        from engines.vllm_openai import routes_for
+
+        return routes_for(None)
+
+    async def infer(self, inputs, params, ctx):
+        yield EngineResult(output=inputs, finish_reason="stop")
+
+    async def openai(self, route, body, ctx):
+        from engines.vllm_openai import parse_request
+
+        request = parse_request(route, body, ctx.model_id)
+        if getattr(request, "stream", False):
+            yield "data: {}\n\n"
+            yield "data: [DONE]\n\n"
+        else:
+            yield {"object": route, "model": ctx.model_id}
+
+
 def model(model_id: str, **kw) -> ModelConfig:
     return ModelConfig(model_id=model_id, modality="text", pipeline="echo", engine="echo", **kw)
 
@@ -44,6 +100,7 @@ def model(model_id: str, **kw) -> ModelConfig:
 def local_pipeline(m: ModelConfig, engine_cls: type[Engine] = EchoEngine) -> Pipeline:
     p = Pipeline(m, LocalNode(Identity({}, m)), LocalEngine(engine_cls(m)), LocalNode(Result({}, m)))
     p.params_schema = engine_cls.Params
+    p.openai_routes = engine_cls.openai_routes(m)
     return p
 
 
@@ -75,5 +132,5 @@ def serve_batch_outside_serve(max_ongoing_requests: int = 1000):
         yield
 
 
-__all__ = ["FailingEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
+__all__ = ["FailingEngine", "ScriptedOpenAIEngine", "VLLMProtocolEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
            "inline_router", "local_pipeline", "serve_batch_outside_serve", "local_router", "model"]

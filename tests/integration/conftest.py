@@ -9,21 +9,11 @@ from apps.serving import free_port
 
 @pytest.fixture(scope="module")
 def serve_app(request):
-    """Deploy ``request.module.OVERRIDES`` (Hydra overrides) and yield its base URL."""
-    import ray
-    from ray import serve
-
+    """Serve ``request.module.OVERRIDES`` (Hydra overrides) as the launcher does, on a local
+    Ray of 2 CPUs, and yield its base URL."""
     from apps.config import compose
-    from apps.serving import init_local_ray
-    from pipelines.builder import build_app
+    from apps.serving import served
 
-    port = free_port()
-    cfg = compose([*request.module.OVERRIDES, f"server.port={port}"])
-    init_local_ray(cfg.server, num_cpus=2, logging_level="ERROR", log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    cfg = compose([*request.module.OVERRIDES, f"server.port={free_port()}"])
+    with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False) as server:
+        yield server.url

@@ -81,6 +81,24 @@ async def _burst(base_url: str, n: int, body: dict) -> list[httpx.Response]:
         return await asyncio.gather(*(client.post("/v1/infer", json=body) for _ in range(n)))
 
 
+def test_the_ray_internals_mmserve_reads_are_there_on_real_handles(serve_app):
+    """``core.internals`` against Ray's own objects: a Ray upgrade that moves them fails here."""
+    import asyncio
+
+    from ray import serve
+
+    from core import internals
+
+    async def read():
+        handle = serve.get_deployment_handle("echo-remote.engine", app_name="mmserve")
+        response = handle.status.remote()
+        await internals.assignment(response)  # completes once a replica has the call
+        assert await response == "ready"
+        return internals.check_ray_handle(handle), internals.routable_replicas(handle)
+
+    assert asyncio.run(read()) == (True, 1)
+
+
 def test_remote_engine_backpressure_refuses_the_excess_at_once(serve_app):
     body = {"model_id": "echo-remote", "input": 1, "params": {"delay_s": 0.5}}
     t0 = time.monotonic()

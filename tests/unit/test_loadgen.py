@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apps.loadgen import body_factory, percentile, run_load
+from apps.loadgen import Sample, body_factory, closed_loop, open_loop, percentile, run_load, summarize
 from apps.serving import free_port
 
 DELAY_S = 0.05        # every answer
@@ -50,15 +50,16 @@ async def _stub_server(port: int, seen: list):
     return runner
 
 
-def drive(path: str, **kw):
-    """Start the stub, run the load at ``path``, stop the stub; returns (LoadResult, bodies)."""
+def drive(path: str, body=None, **kw):
+    """Start the stub, run the load of ``body`` (default: numbered) at ``path``, stop the stub;
+    returns (LoadResult, bodies)."""
     port = free_port()
     seen: list = []
 
     async def go():
         runner = await _stub_server(port, seen)
         try:
-            return await run_load(f"http://127.0.0.1:{port}{path}", {"input": "{n} hi"}, **kw)
+            return await run_load(f"http://127.0.0.1:{port}{path}", body or {"input": "{n} hi"}, **kw)
         finally:
             await runner.cleanup()
 
@@ -101,6 +102,51 @@ def test_open_loop_follows_the_rate():
     res, _ = drive("/ok", concurrency=32, duration_s=2.0, warmup_s=0, rate=50, seed=1)
     assert 70 <= res.requests <= 130  # Poisson(100)
     assert res.errors == 0
+
+
+def test_a_closed_loop_of_n_requests_over_any_call_counts_what_raises():
+    started, in_flight, most = [], 0, 0
+
+    async def call(i):
+        nonlocal in_flight, most
+        started.append(i)
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        if i % 5 == 4:
+            raise RuntimeError("engine failed")
+        return Sample("200", 0.01, ttft_s=0.005, tokens=3)
+
+    samples, elapsed = asyncio.run(closed_loop(call, concurrency=3, requests=20))
+    assert sorted(started) == list(range(20)) and most == 3
+    res = summarize(samples, elapsed, stream=True)
+    assert res.requests == 20 and res.statuses == {"200": 16, "RuntimeError": 4} and res.errors == 4
+    assert res.output_tokens == 48 and res.ttft_p50_ms == pytest.approx(5)
+    with pytest.raises(ValueError):
+        asyncio.run(closed_loop(call, concurrency=1))
+
+
+def test_the_open_loop_caps_what_is_in_flight():
+    in_flight, most = 0, 0
+
+    async def call(i):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.2)
+        in_flight -= 1
+        return Sample("200", 0.2)
+
+    samples, _ = asyncio.run(open_loop(call, rate=200, concurrency=4, duration_s=0.5, seed=0))
+    assert most == 4 and len(samples) > 4
+
+
+def test_bodies_can_be_built_per_request_number():
+    res, seen = drive("/ok", lambda i: {"prompt": f"p{i}"}, concurrency=2, duration_s=None,
+                      warmup_s=0, requests=6)
+    assert res.requests == 6 and res.errors == 0
+    assert sorted(b["prompt"] for b in seen) == [f"p{i}" for i in range(6)]
 
 
 def test_body_factory_and_percentile():

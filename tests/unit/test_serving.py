@@ -1,4 +1,5 @@
-"""The environment Serve's processes start with, per ``server.http_proxy`` (no Ray started)."""
+"""The environment Serve's processes start with, per ``server.http_proxy``, and the launcher's
+secrets from the environment (no Ray started)."""
 
 from __future__ import annotations
 
@@ -6,39 +7,70 @@ import os
 
 import pytest
 
-from apps.config import compose
-from apps.serving import CONTROL_PLANE_ENV, HAPROXY_ENV, HAPROXY_PORTS, environ, serve_env
+from apps.config import compose, with_env_api_keys
+from apps.serving import HAPROXY_MODE_ENV, HAPROXY_PORTS, RaySession, environ, serve_env
+from core.config import ServerConfig
 from core.validate import ConfigError
+
+# conf/server/default.yaml's serve_env: what the printed config shows is what Serve gets
+DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+            "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
+
+def test_the_config_shows_the_serve_env_defaults_it_applies():
+    server = compose().server
+    assert server.serve_env == DEFAULTS
+    assert {k: v for k, v in serve_env(server, local=False).items() if k not in HAPROXY_MODE_ENV} == DEFAULTS
 
 
 def test_haproxy_is_the_default_mode_and_a_local_ray_gets_free_ports():
     server = compose().server
     assert server.http_proxy == "haproxy"
     env = serve_env(server, local=True)
-    assert {k: env[k] for k in HAPROXY_ENV} == HAPROXY_ENV
+    assert {k: env[k] for k in HAPROXY_MODE_ENV} == HAPROXY_MODE_ENV
     ports = [int(env[k]) for k in HAPROXY_PORTS]
     assert len(set(ports)) == len(ports) and all(p > 0 for p in ports)
     # on a cluster the ports are the cluster's business
     assert not set(HAPROXY_PORTS) & set(serve_env(server, local=False))
 
 
-def test_ports_already_in_the_environment_are_kept(monkeypatch):
+def test_ports_already_in_the_environment_or_the_config_are_kept(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in serve_env(compose().server, local=True)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT")
+    server = compose(["++server.serve_env.RAY_SERVE_HAPROXY_STATS_PORT=18405"]).server
+    assert serve_env(server, local=True)["RAY_SERVE_HAPROXY_STATS_PORT"] == "18405"
 
 
-def test_ray_proxy_mode_sets_only_the_control_plane_and_serve_env_overrides():
-    assert serve_env(compose(["server.http_proxy=ray"]).server, local=True) == CONTROL_PLANE_ENV
+def test_ray_proxy_mode_sets_only_serve_env_and_serve_env_overrides():
+    assert serve_env(compose(["server.http_proxy=ray"]).server, local=True) == DEFAULTS
     server = compose(["++server.serve_env.RAY_SERVE_USE_GRPC_BY_DEFAULT=1",
-                      "++server.serve_env.RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.1"]).server
+                      "++server.serve_env.RAY_SERVE_ENABLE_HA_PROXY=0"]).server
     env = serve_env(server, local=False)
-    assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
-    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == CONTROL_PLANE_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
+    assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == DEFAULTS["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
 
 
 def test_unknown_mode_fails_validation_naming_the_key():
     with pytest.raises(ConfigError, match="server.http_proxy"):
         compose(["server.http_proxy=nginx"])
+
+
+def test_api_keys_from_the_environment_are_added_by_the_launcher_not_by_validation(monkeypatch):
+    monkeypatch.setenv("MY_KEYS", "e1, k1,e2,")
+    cfg = compose(["model=[echo]", "server.api_keys=[k1]", "server.api_keys_env=MY_KEYS"])
+    assert cfg.server.api_keys == ["k1"]  # the same config in every shell
+    served = with_env_api_keys(cfg)
+    assert served.server.api_keys == ["k1", "e1", "e2"] and cfg.server.api_keys == ["k1"]
+    assert "e1" not in repr(served.server) and "k1" not in repr(served.server)
+    assert with_env_api_keys(cfg, env={}).server.api_keys == ["k1"]
+    assert ServerConfig(api_keys_env="MY_KEYS").api_keys == []
+
+
+def test_the_base_url_names_a_reachable_host_and_the_prefix():
+    session = RaySession(server=ServerConfig(host="0.0.0.0", port=8123), started=True, handles_signals=False)
+    assert session.url() == "http://127.0.0.1:8123"
+    assert session.url("/job3/") == "http://127.0.0.1:8123/job3"
 
 
 def test_environ_restores_what_it_changed(monkeypatch):

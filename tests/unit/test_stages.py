@@ -9,7 +9,8 @@ import pytest
 
 from core.errors import NotReady
 from core.protocol import RequestContext
-from pipelines.stages import ASSIGN_CHECK_S, RemoteEngine, RemoteNode, routable_replicas
+from core import internals
+from pipelines.stages import ASSIGN_CHECK_S, RemoteEngine, RemoteNode
 
 
 class FakeResponse:
@@ -19,7 +20,7 @@ class FakeResponse:
         self.assignment = asyncio.get_running_loop().create_future()
         self.cancelled = False
 
-    async def _fetch_future_result_async(self):
+    async def assigned(self):
         return await asyncio.shield(self.assignment)
 
     def assign(self, result) -> None:
@@ -29,36 +30,34 @@ class FakeResponse:
         self.cancelled = True
 
     def __await__(self):
-        return self._fetch_future_result_async().__await__()
+        return self.assigned().__await__()
 
 
-def fake_handle(response: FakeResponse, replicas: dict, populated: bool = True):
+@pytest.fixture(autouse=True)
+def fake_serve_router(monkeypatch):
+    """What ``core.internals`` reads from Serve's router, as the fake handle says (the real
+    objects are read by tests/integration/test_echo_serve.py)."""
+    monkeypatch.setattr(internals, "assignment", lambda response: response.assigned())
+    monkeypatch.setattr(internals, "routable_replicas", lambda handle: handle.replicas)
+
+
+def fake_handle(response: FakeResponse, replicas: int):
     async def down():
         raise ConnectionError("no replica")
 
-    request_router = SimpleNamespace(curr_replicas=replicas)
-    return SimpleNamespace(
-        _router=SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=request_router)),
-        running_replicas_populated=lambda: populated,
-        remote=lambda *args: response,
-        generate=SimpleNamespace(remote=lambda *args: response),
-        status=SimpleNamespace(remote=down))
+    return SimpleNamespace(replicas=replicas, remote=lambda *args: response,
+                           generate=SimpleNamespace(remote=lambda *args: response),
+                           status=SimpleNamespace(remote=down))
 
 
 def ctx() -> RequestContext:
     return RequestContext(request_id="r", model_id="m", deadline=None)
 
 
-def test_routable_replicas_reads_the_router_and_says_when_it_does_not_know():
-    assert routable_replicas(fake_handle(None, {"a": 1, "b": 2})) == 2
-    assert routable_replicas(fake_handle(None, {}, populated=False)) is None
-    assert routable_replicas(SimpleNamespace(running_replicas_populated=lambda: True)) is None
-
-
 def test_a_call_left_without_a_replica_is_503_and_marks_the_model_recovering():
     async def scenario():
         response = FakeResponse()
-        engine = RemoteEngine(fake_handle(response, {}), "m")
+        engine = RemoteEngine(fake_handle(response, 0), "m")
         with pytest.raises(NotReady, match="its replica is restarting"):
             await asyncio.wait_for(engine.generate(None, None, ctx()), 2)
         assert response.cancelled and engine.down_since is not None
@@ -72,7 +71,7 @@ def test_a_call_left_without_a_replica_is_503_and_marks_the_model_recovering():
 def test_a_call_queued_behind_live_replicas_keeps_waiting_for_its_turn():
     async def scenario():
         response = FakeResponse()
-        engine = RemoteEngine(fake_handle(response, {"a": 1}), "m")
+        engine = RemoteEngine(fake_handle(response, 1), "m")
         call = asyncio.create_task(engine.generate(None, None, ctx()))
         await asyncio.sleep(3 * ASSIGN_CHECK_S)
         assert not call.done()
@@ -85,7 +84,7 @@ def test_a_call_queued_behind_live_replicas_keeps_waiting_for_its_turn():
 def test_a_deployment_that_scales_to_zero_waits_for_a_replica_to_start():
     async def scenario():
         response = FakeResponse()
-        engine = RemoteEngine(fake_handle(response, {}), "m", scales_to_zero=True)
+        engine = RemoteEngine(fake_handle(response, 0), "m", scales_to_zero=True)
         call = asyncio.create_task(engine.generate(None, None, ctx()))
         await asyncio.sleep(3 * ASSIGN_CHECK_S)
         assert not call.done()
@@ -99,7 +98,7 @@ def test_a_node_call_left_without_a_replica_is_503_too():
     async def scenario():
         response = FakeResponse()
         with pytest.raises(NotReady, match="its replica is restarting"):
-            await asyncio.wait_for(RemoteNode(fake_handle(response, {}), "m")(None, ctx()), 2)
+            await asyncio.wait_for(RemoteNode(fake_handle(response, 0), "m")(None, ctx()), 2)
         assert response.cancelled
 
     asyncio.run(scenario())

@@ -1,7 +1,6 @@
 """``build_app(cfg)``: a validated config becomes one Ray Serve application.
 
-The launcher, the tests and the benchmarks all call this; ``serve run pipelines.builder:app``
-builds the embedded default config.
+The launcher, the tests and the benchmarks all call it, through ``apps.serving.served``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,8 @@ import re
 from ray.serve import Application
 
 from core.config import AppConfig
-from pipelines.deployments import EngineServer, Ingress, NodeServer, Route
+from api.ingress import Ingress
+from pipelines.deployments import EngineServer, NodeServer, Route
 
 
 def deployment_name(model_id: str, step: str) -> str:

@@ -2,7 +2,7 @@
 
 Both become the same :class:`~core.protocol.InferRequest`; an uploaded file becomes the media
 input ``{"data": <bytes>, "format": ...}`` that a base64 JSON body would have given, so every
-node downstream sees one shape. The body size limit is the envelope's (``nodes.http``).
+node downstream sees one shape. The body size limit is the envelope's (``api.middleware``).
 """
 
 from __future__ import annotations
@@ -61,13 +61,15 @@ def validated(data: Any) -> InferRequest:
         raise from_validation_errors([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
 
 
-async def read_infer_request(request: Request) -> InferRequest:
-    """The request's body as an InferRequest; 400/422 naming what is wrong otherwise."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        return await _from_form(request)
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_json_object(request: Request, accepts: str = "application/json") -> dict[str, Any]:
+    """The request's JSON object body; 400 naming what is wrong with it otherwise."""
+    ctype = content_type(request)
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-        raise BadRequest(f"unsupported Content-Type {ctype!r}: send application/json or multipart/form-data")
+        raise BadRequest(f"unsupported Content-Type {ctype!r}: send {accepts}")
     raw = await request.body()
     if not raw:
         raise BadRequest("a JSON body is required")
@@ -79,7 +81,14 @@ async def read_infer_request(request: Request) -> InferRequest:
         raise BadRequest("malformed JSON: nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object (sent with Content-Type: application/json)")
-    return validated(data)
+    return data
+
+
+async def read_infer_request(request: Request) -> InferRequest:
+    """The request's body as an InferRequest; 400/422 naming what is wrong otherwise."""
+    if content_type(request) == "multipart/form-data":
+        return await _from_form(request)
+    return validated(await read_json_object(request, "application/json or multipart/form-data"))
 
 
 async def _from_form(request: Request) -> InferRequest:

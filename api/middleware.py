@@ -7,24 +7,14 @@ every request: this runs on the hot path of every call.
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import uuid
 
+from api.errors import asgi_error
 from core.errors import Forbidden, MMServeError, PayloadTooLarge, Unauthorized
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def _error_response(status: int, body: dict, request_id: str | None, extra: list | None = None):
-    raw = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    if request_id:
-        headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-    headers += extra or []
-    return ({"type": "http.response.start", "status": status, "headers": headers},
-            {"type": "http.response.body", "body": raw})
 
 
 class RequestEnvelope:
@@ -123,5 +113,5 @@ class RequestEnvelope:
 
     async def _send_error(self, send, request_id: str, err: MMServeError, extra: list) -> None:
         rid = request_id if self.echo_request_id else None
-        for msg in _error_response(err.status, err.to_dict(), rid, extra):
+        for msg in asgi_error(err, rid, extra):
             await send(msg)

@@ -1,0 +1,1 @@
+"""The HTTP API: the FastAPI app of the ingress, its routes, middleware and error rendering."""

@@ -1,0 +1,88 @@
+"""The HTTP API: one FastAPI app in front of every model's pipeline.
+
+:func:`create_app` builds it around a :class:`~pipelines.router.ModelRouter`; the Ray Serve
+ingress deployment (``api.ingress.Ingress``) serves it, and unit tests call it
+directly with in-process pipelines. Routes live in ``api.routes``; errors are rendered by
+``api.errors`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.errors import error_response
+from api.middleware import RequestEnvelope
+from api.routes import infer, models, openai
+from api.uploads import InferUpload
+from core.config import ServerConfig
+from core.errors import BadRequest, MethodNotAllowed, MMServeError, RouteNotFound, from_validation_errors
+from core.protocol import InferRequest
+from pipelines.router import ModelRouter
+
+
+def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool = True) -> FastAPI:
+    """The ingress ASGI app (FastAPI, OpenAPI at ``/docs``) wrapped in :class:`RequestEnvelope`.
+
+    ``echo_request_id``: add ``x-request-id`` to responses (Ray Serve's proxy does it itself).
+    """
+    app = FastAPI(title="mmserve", version="0.1.0",
+                  description="Many models, one HTTP API: router → preprocess → engine → postprocess.")
+    app.state.router = router
+    app.state.server = server
+    app.state.started = int(time.time())
+    for module in (infer, openai, models):
+        app.include_router(module.router)
+
+    @app.exception_handler(MMServeError)
+    async def _mmserve_error(request: Request, exc: MMServeError):
+        return error_response(exc, server)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(from_validation_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}",
+                                   headers=headers)
+        elif exc.status_code == 404:
+            err = RouteNotFound(f"no route {request.url.path}", headers=headers)
+        else:
+            err = BadRequest(str(exc.detail), headers=headers)
+        return error_response(err)
+
+    def openapi() -> dict:
+        # /v1/infer reads its body itself (JSON or a form upload), and the OpenAI-compatible
+        # routes take vLLM's request models: publish their schemas.
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            served = sorted(p.model.model_id for p in router)
+            for model in (InferRequest, InferUpload):
+                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(s.pop("$defs", {}))
+                s["properties"]["model_id"]["enum"] = served
+                schemas[model.__name__] = s
+            openai.publish_schemas(schema, router)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    if server.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(RequestEnvelope, max_body_bytes=server.max_body_bytes,
+                       echo_request_id=echo_request_id, api_keys=server.api_keys)
+    return app

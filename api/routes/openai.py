@@ -1,0 +1,142 @@
+"""The OpenAI-compatible routes (and vLLM's and Anthropic's beside them): chat, completions,
+embeddings, the Responses API, Anthropic's Messages API, tokenize and detokenize; and
+``/v1/audio/transcriptions`` for speech recognition pipelines.
+
+The text routes take the request surface of the model's engine: for vLLM models, vLLM's own
+request models and serving layer answer them (``engines.vllm_openai``), in whichever process
+the engine runs. This module only finds the model, applies the server's limits and deadline,
+and sends the engine's answer: one JSON body, or its Server-Sent Events as they come.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from api.context import check_shape, deadline_context, internal_errors, request_context, run_guarded, sse_response
+from api.errors import ERROR_RESPONSES, ERROR_SCHEMA, SSE_EVENT_SCHEMA
+from api.uploads import read_json_object, uploaded_media
+from core.deadline import within_deadline
+from core.errors import EngineError, InvalidField, InvalidParameter
+from core.protocol import InferRequest
+
+router = APIRouter()
+
+#: path -> (route name the engines know, summary, example body beyond ``model``)
+ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "/v1/chat/completions": ("chat", "OpenAI chat completions (vLLM's request surface)",
+                             {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}),
+    "/v1/completions": ("completion", "OpenAI text completions (vLLM's request surface)",
+                        {"prompt": "Hello", "max_tokens": 8}),
+    "/v1/embeddings": ("embedding", "OpenAI embeddings", {"input": "a cat sits on the mat"}),
+    "/v1/responses": ("responses", "OpenAI Responses API", {"input": "Hello", "max_output_tokens": 8}),
+    "/v1/messages": ("messages", "Anthropic Messages API",
+                     {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}),
+    "/tokenize": ("tokenize", "Tokenize a prompt or chat messages (vLLM's /tokenize)", {"prompt": "Hello"}),
+    "/detokenize": ("detokenize", "Token ids back to text (vLLM's /detokenize)", {"tokens": [1, 2, 3]}),
+}
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
+
+
+async def answer(request: Request, route: str):
+    """Run one OpenAI-compatible request through its model's engine.
+
+    The first answer is awaited before anything is sent, so a request the engine refuses gets
+    an HTTP error (4xx naming the field) even when streamed; then a dict is the JSON body and
+    strings are the stream's events."""
+    state = request.app.state
+    body = await read_json_object(request)
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or not model_id:
+        raise InvalidParameter("model: a model id is required (GET /v1/models lists them)", field="model")
+    pipeline = state.router.get(model_id)
+    for key, value in body.items():
+        check_shape(value, state.server, key, model_id)
+    ctx = deadline_context(request, state.server, model_id)
+    with internal_errors(ctx):
+        chunks = pipeline.openai(route, body, ctx)
+        try:
+            first = await within_deadline(anext(chunks), ctx)
+        except StopAsyncIteration:
+            raise EngineError("the engine gave no answer", model_id=model_id) from None
+        except BaseException:
+            await chunks.aclose()
+            raise
+    if isinstance(first, dict):
+        await chunks.aclose()
+        return JSONResponse(first)
+    return sse_response(_prepend(first, chunks), ctx)
+
+
+def _route(path: str, name: str, summary: str):
+    async def handler(request: Request):
+        return await answer(request, name)
+
+    handler.__name__ = name
+    router.add_api_route(path, handler, methods=["POST"], summary=summary,
+                         responses={200: {"content": {"application/json": {"schema": {"type": "object"}},
+                                                      "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
+                                    **ERROR_RESPONSES, 501: ERROR_SCHEMA},
+                         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                             "schema": {"$ref": f"#/components/schemas/{name}_request"}}}}})
+
+
+for _path, (_name, _summary, _example) in ROUTES.items():
+    _route(_path, _name, _summary)
+
+
+def publish_schemas(schema: dict[str, Any], models) -> None:
+    """Request schemas of the OpenAI-compatible routes for the OpenAPI document: a JSON object
+    whose ``model`` is one of the models serving that route, with an example. The full
+    surface is vLLM's request model of the route (``engines.vllm_openai.ROUTES``)."""
+    schemas = schema["components"]["schemas"]
+    for name, _summary, example in ROUTES.values():
+        served = sorted(p.model.model_id for p in models if name in p.openai_routes)
+        model = {"type": "string", "description": "A model_id listed by GET /v1/models."}
+        if served:
+            model["enum"] = served
+        schemas[f"{name}_request"] = {
+            "type": "object", "required": ["model"], "additionalProperties": True,
+            "properties": {"model": model, "stream": {"type": "boolean"}},
+            "example": {"model": served[0] if served else "my-model", **example},
+            "description": "The request model of the engine serving `model` (for vLLM models, "
+                           "vLLM's own); unknown fields are refused."}
+
+
+@router.post("/v1/audio/transcriptions", responses=ERROR_RESPONSES, summary="OpenAI-compatible speech to text")
+async def transcriptions(
+    request: Request,
+    file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
+    model: str = Form(..., min_length=1, description="A speech recognition model_id."),
+    language: str | None = Form(None, description="Accepted; the model decides the language."),
+    prompt: str | None = Form(None, description="Accepted and ignored (CTC models take no prompt)."),
+    response_format: Literal["json", "text", "verbose_json"] = Form("json"),
+    temperature: float | None = Form(None, description="Accepted and ignored (greedy decoding)."),
+):
+    state = request.app.state
+    pipeline = state.router.get(model)
+    if pipeline.model.modality != "audio":
+        raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; transcriptions "
+                           f"need a speech recognition model", model_id=model, field="model")
+    req = InferRequest(model_id=model, input=await uploaded_media(file))
+    result = await run_guarded(pipeline, req, request_context(req, request, state.server))
+    output = result["output"]
+    if not isinstance(output, dict) or "text" not in output:
+        raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
+                           f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
+    if response_format == "text":
+        return PlainTextResponse(output["text"])
+    if response_format == "verbose_json":
+        return {"task": "transcribe", "language": language or "english",
+                "duration": result.get("duration_s"), "text": output["text"], "segments": []}
+    return {"text": output["text"]}
