@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 ENGINES: dict[str, str] = {
     "echo": "engines.echo:EchoEngine",
     "vllm": "engines.vllm:VLLMEngine",
+    "vllm_embedding": "engines.vllm:VLLMEmbedder",
     "silero_vad": "engines.vad:SileroVAD",
     "ctc_asr": "engines.asr:CTCSpeechRecognizer",
     "image_classifier": "engines.classifier:ImageClassifier",

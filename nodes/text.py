@@ -7,18 +7,21 @@ from typing import Any
 
 from core.errors import InvalidField
 from core.protocol import RequestContext
+from engines.vllm import VLLMKwargs
 from nodes.base import Node
 
 
 class TextPrompt(Node):
-    """Tokenizes ``input``/``prompt`` (a string) or ``messages`` (chat, through the tokenizer's
+    """For vLLM text models (it reads their ``engine_kwargs``: tokenizer, revision, context).
+    Tokenizes ``input``/``prompt`` (a string) or ``messages`` (chat, through the tokenizer's
     chat template), and refuses prompts that do not fit the model's context (422 with both numbers).
     """
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
         self.tokenizer = None
-        self.max_model_len: int | None = model.engine_kwargs.get("max_model_len")
+        self.engine_options = model.options(VLLMKwargs)
+        self.max_model_len: int | None = self.engine_options.max_model_len
 
     async def start(self) -> None:
         self.tokenizer, context = await asyncio.to_thread(self._load)
@@ -29,12 +32,11 @@ class TextPrompt(Node):
 
         from engines.checkpoints import resolve_source
 
-        kw = self.model.engine_kwargs
+        kw = self.engine_options
         source = resolve_source(self.model.source)
-        trust = bool(kw.get("trust_remote_code", False))
-        tokenizer = AutoTokenizer.from_pretrained(kw.get("tokenizer") or source, revision=kw.get("revision"),
-                                                  trust_remote_code=trust)
-        config = AutoConfig.from_pretrained(source, revision=kw.get("revision"), trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(kw.tokenizer or source, revision=kw.revision,
+                                                  trust_remote_code=kw.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, revision=kw.revision, trust_remote_code=kw.trust_remote_code)
         return tokenizer, getattr(config, "max_position_embeddings", None)
 
     def _tokens(self, payload: Any, model_id: str) -> list[int]:
@@ -43,7 +45,8 @@ class TextPrompt(Node):
                 raise InvalidField("input: the prompt is empty", model_id=model_id, field="input")
             return self.tokenizer.encode(payload, add_special_tokens=True)
         if isinstance(payload, dict) and set(payload) == {"messages"}:
-            messages = payload["messages"]
+            messages = [{**m, "content": text_of(m["content"], f"messages.{i}.content", model_id)}
+                        for i, m in enumerate(payload["messages"])]
             if self.tokenizer.chat_template is None:
                 raise InvalidField(f"messages: model {model_id!r} has no chat template; send a prompt",
                                    model_id=model_id, field="messages")
@@ -57,4 +60,25 @@ class TextPrompt(Node):
         if self.max_model_len and len(ids) >= self.max_model_len:
             raise InvalidField(f"input: the prompt is {len(ids)} tokens; the model's context is "
                                f"{self.max_model_len} tokens", model_id=ctx.model_id, field="input")
+        max_tokens = getattr(ctx.params, "max_tokens", None)
+        if self.max_model_len and max_tokens and len(ids) + max_tokens > self.max_model_len:
+            raise InvalidField(f"params.max_tokens: {max_tokens} tokens asked for, but the prompt is "
+                               f"{len(ids)} tokens and the model's context is {self.max_model_len}: "
+                               f"at most {self.max_model_len - len(ids)} can be generated",
+                               model_id=ctx.model_id, field="params.max_tokens")
         return {"prompt_token_ids": ids}
+
+
+def text_of(content: str | list[dict[str, Any]], path: str, model_id: str) -> str:
+    """A message's text: the string, or its text parts joined by newlines (as vLLM joins them
+    for a string chat template). Other parts (images, audio, video) are refused naming the part."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise InvalidField(f"{path}.{i}: a {kind!r} part; this model takes text parts only "
+                               f"({{\"type\": \"text\", \"text\": ...}})", model_id=model_id, field=f"{path}.{i}")
+        texts.append(part["text"])
+    return "\n".join(texts)

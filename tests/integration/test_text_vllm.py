@@ -1,11 +1,18 @@
-"""The text pipeline on real vLLM (CPU) with the generated tiny Llama, over real HTTP.
+"""Text on real vLLM (CPU), over real HTTP: the OpenAI-compatible routes through the `openai`
+client and vLLM's own benchmark client, and the text pipeline on /v1/infer (streaming,
+deadlines, disconnects, a dead engine core). The generated tiny Llama has its engine in its own
+deployment, so all of it crosses a handle hop; the embedding model has the real
+all-MiniLM-L6-v2 weights. Every feature is checked for what it means, not for a 200.
 
-One vLLM start-up for the whole module (tens of seconds on 2 cores).
+One Serve instance and two vLLM start-ups for the module (a minute or two on 2 cores).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import struct
 import time
 
 import httpx
@@ -13,15 +20,27 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-# The engine in its own deployment: streaming, cancellation and restarts cross a handle hop.
-OVERRIDES = ["model=[tiny_llama]", "model.tiny_llama.deployment.placement=engine"]
-MODEL = "tiny-llama"
+OVERRIDES = ["model=[tiny_llama,all_minilm_l6_v2]", "pipeline=[text,embedding]"]
+LLM = MODEL = "tiny-llama"
+EMBED = "all-minilm-l6-v2"
+HI = [{"role": "user", "content": "Hi there"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{serve_app}/v1", api_key="-", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def http(serve_app):
-    with httpx.Client(base_url=serve_app, timeout=120) as client:
-        yield client
+    with httpx.Client(base_url=serve_app, timeout=120) as c:
+        yield c
 
 
 def infer(http, **body) -> dict:
@@ -46,6 +65,279 @@ def engine_stats() -> dict:
 
     return serve.get_deployment_handle(f"{MODEL}.engine", app_name="mmserve").stats.remote().result()
 
+
+def refused(http, path: str, body: dict) -> dict:
+    r = http.post(path, json=body)
+    assert 400 <= r.status_code < 500, r.text
+    return r.json()["error"]
+
+
+# --- completions ------------------------------------------------------------------------
+
+def test_n_choices_are_indexed_and_repeat_with_a_seed(client):
+    kw = dict(model=LLM, prompt="Once upon", max_tokens=12, n=2, temperature=1.0, seed=3)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.usage.completion_tokens == 24
+
+
+def test_streamed_n_choices_carry_their_index(client):
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(model=LLM, prompt="Once upon", max_tokens=12, n=2,
+                                           temperature=1.0, seed=3, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    whole = client.completions.create(model=LLM, prompt="Once upon", max_tokens=12, n=2, temperature=1.0, seed=3)
+    assert texts == {c.index: c.text for c in whole.choices}
+
+
+def test_completion_logprobs_are_vllms_one_per_token(client):
+    r = client.completions.create(model=LLM, prompt="The quick", max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens == 6
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+def test_echo_returns_the_prompt_first(client):
+    r = client.completions.create(model=LLM, prompt="The quick brown", max_tokens=4, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("The quick brown") and len(r.choices[0].text) > len("The quick brown")
+
+
+def test_a_list_of_prompts_and_token_id_prompts(client, http):
+    r = client.completions.create(model=LLM, prompt=["The quick", "Hello"], max_tokens=3, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    alone = client.completions.create(model=LLM, prompt="Hello", max_tokens=3, temperature=0)
+    assert r.choices[1].text == alone.choices[0].text
+    ids = http.post("/tokenize", json={"model": LLM, "prompt": "Hello"}).json()["tokens"]
+    by_ids = client.completions.create(model=LLM, prompt=ids, max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == alone.choices[0].text
+
+
+def test_vllm_sampling_extensions(client, http):
+    # ignore_eos and min_tokens: exactly max_tokens come out
+    r = client.completions.create(model=LLM, prompt="Hi", max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True, "min_tokens": 20, "repetition_penalty": 1.2,
+                                              "min_p": 0.01, "skip_special_tokens": True})
+    assert r.usage.completion_tokens == 20
+    # logit_bias: a +100 bias on one token makes it the only one sampled
+    token = http.post("/tokenize", json={"model": LLM, "prompt": " model", "add_special_tokens": False}
+                      ).json()["tokens"][0]
+    r = client.completions.create(model=LLM, prompt="Hi", max_tokens=4, temperature=0, logit_bias={str(token): 100})
+    assert r.choices[0].text == http.post("/detokenize", json={"model": LLM, "tokens": [token] * 4}).json()["prompt"]
+    # stop strings, kept in the output with include_stop_str_in_output
+    full = client.completions.create(model=LLM, prompt="The quick", max_tokens=24, temperature=0).choices[0].text
+    stop = full[4:7]
+    cut = client.completions.create(model=LLM, prompt="The quick", max_tokens=24, temperature=0, stop=[stop],
+                                    extra_body={"include_stop_str_in_output": True})
+    assert cut.choices[0].text == full[:full.find(stop) + len(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs_choice_and_regex(client, stream):
+    def text(**kw):
+        r = client.completions.create(model=LLM, prompt="Answer:", max_tokens=20, temperature=1.0, stream=stream, **kw)
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    assert text(extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}}) in ("yes", "no", "maybe")
+    out = text(extra_body={"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}})
+    assert len(out) == 6 and set(out[:3]) <= set("abc") and out[3] == "-" and out[4:].isdigit()
+
+
+def test_max_tokens_beyond_the_context_names_both_numbers(http):
+    err = refused(http, "/v1/completions", {"model": LLM, "prompt": "Hi", "max_tokens": 1_000_000_000})
+    assert "1000000000" in err["message"] and "2048" in err["message"] and err["param"] == "max_tokens"
+    err = refused(http, "/v1/infer", {"model_id": LLM, "prompt": "Hi", "params": {"max_tokens": 1_000_000_000}})
+    assert "1000000000" in err["message"] and "2048" in err["message"] and err["field"] == "params.max_tokens"
+
+
+# --- chat -------------------------------------------------------------------------------
+
+def test_content_parts_and_chat_logprobs(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    r = client.chat.completions.create(model=LLM, messages=parts, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content)
+    joined = client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "Hi\nthere"}],
+                                            max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == joined.choices[0].message.content
+
+
+def test_streamed_chat_n2_with_usage(client):
+    seen, usage = set(), None
+    for chunk in client.chat.completions.create(model=LLM, messages=HI, max_tokens=5, n=2, temperature=1.0,
+                                                seed=1, stream=True, stream_options={"include_usage": True}):
+        seen |= {c.index for c in chunk.choices}
+        usage = chunk.usage or usage
+    assert seen == {0, 1} and usage.completion_tokens == 10
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_output_validates(client, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": WEATHER["function"]["parameters"]}}
+    r = client.chat.completions.create(model=LLM, messages=HI, max_tokens=400, temperature=0,
+                                       response_format=fmt, stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in r if c.choices) if stream else r.choices[0].message.content
+    assert json.loads(text)["city"] in ("Paris", "Rome")
+
+
+def test_json_object_output_is_json_as_far_as_it_goes(client):
+    # any JSON object is allowed: random weights may not close it within max_tokens
+    r = client.chat.completions.create(model=LLM, messages=HI, max_tokens=64, temperature=0,
+                                       response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.startswith("{")
+        with pytest.raises(json.JSONDecodeError, match="Unterminated|Expecting"):
+            json.loads(text)
+
+
+def test_a_named_tool_choice_gives_a_call_whose_arguments_parse(client):
+    r = client.chat.completions.create(model=LLM, messages=HI, max_tokens=400, temperature=0, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+
+
+def test_required_tool_choice_forces_a_call(client):
+    # vLLM's hermes grammar lets "required" make one call or more; the random weights go on
+    # making them, so the answer is cut by max_tokens, but it can only be tool calls
+    r = client.chat.completions.create(model=LLM, messages=HI, max_tokens=60, temperature=0, tools=[WEATHER],
+                                       tool_choice="required")
+    choice = r.choices[0]
+    if choice.finish_reason == "length":
+        assert choice.message.content.startswith('<tool_call>{"name": "get_weather", "arguments": {')
+    else:
+        assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
+
+
+def test_tool_choice_none_and_auto_answer_text(client):
+    for choice in ("none", "auto"):  # auto: the model's config names the hermes tool-call parser
+        r = client.chat.completions.create(model=LLM, messages=HI, max_tokens=8, temperature=0, tools=[WEATHER],
+                                           tool_choice=choice, parallel_tool_calls=False)
+        # the random weights never write a <tool_call> block: the parser hands the text back
+        assert not r.choices[0].message.tool_calls and r.choices[0].message.content
+        assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"n": 0}, "n"),
+    ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, "bogus"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}],
+     }, "messages.0.content.0"),
+    ({"surprise": 1}, "surprise"),
+])
+def test_malformed_requests_are_refused_naming_the_field_and_the_model_keeps_serving(http, client, body, field):
+    err = refused(http, "/v1/chat/completions", {"model": LLM, "messages": HI, "max_tokens": 4, **body})
+    assert field in err["message"] or err.get("param") == field, err
+    assert client.chat.completions.create(model=LLM, messages=HI, max_tokens=2).choices[0].message.content is not None
+
+
+def test_fields_vllm_ignores_are_accepted(client):
+    r = client.chat.completions.create(model=LLM, messages=HI, max_tokens=2, store=False, user="u1",
+                                       parallel_tool_calls=True, metadata={"k": "v"})
+    assert r.usage.completion_tokens == 2
+
+
+# --- the newer API shapes over the same engine --------------------------------------------
+
+def test_responses_api(client):
+    r = client.responses.create(model=LLM, input="Hello", max_output_tokens=6, temperature=0)
+    assert r.status in ("completed", "incomplete") and r.usage.output_tokens == 6
+    events = [e.type for e in client.responses.create(model=LLM, input="Hello", max_output_tokens=6, stream=True)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    assert "response.output_text.delta" in events
+
+
+def test_anthropic_messages_api(http):
+    body = {"model": LLM, "max_tokens": 6, "messages": HI, "temperature": 0}
+    r = http.post("/v1/messages", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["type"] == "message" and out["usage"]["output_tokens"] == 6 and out["content"][0]["type"] == "text"
+    with http.stream("POST", "/v1/messages", json={**body, "stream": True}) as s:
+        kinds = [line[len("event: "):] for line in s.iter_lines() if line.startswith("event: ")]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+
+
+# --- embeddings, tokenize, models ---------------------------------------------------------
+
+def _cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_embeddings_mean_something_and_batch_like_singles(client):
+    texts = ["a cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"]
+    r = client.embeddings.create(model=EMBED, input=texts)
+    v = [d.embedding for d in r.data]
+    assert len(v) == 3 and len(v[0]) == 384 and r.usage.prompt_tokens > 0
+    assert _cos(v[0], v[1]) > _cos(v[0], v[2]) + 0.3
+    for text, batched in zip(texts, v):
+        single = client.embeddings.create(model=EMBED, input=text).data[0].embedding
+        assert max(abs(x - y) for x, y in zip(single, batched)) < 1e-4
+
+
+def test_embeddings_as_base64_and_on_infer(http, client):
+    floats = client.embeddings.create(model=EMBED, input="hello").data[0].embedding
+    raw = http.post("/v1/embeddings", json={"model": EMBED, "input": "hello", "encoding_format": "base64"}).json()
+    decoded = struct.unpack(f"<{len(floats)}f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert max(abs(x - y) for x, y in zip(decoded, floats)) < 1e-6
+    out = http.post("/v1/infer", json={"model_id": EMBED, "input": ["hello", "world"]}).json()
+    assert len(out["output"]) == 2 and max(abs(x - y) for x, y in zip(out["output"][0], floats)) < 1e-4
+    err = refused(http, "/v1/embeddings", {"model": EMBED, "input": "x", "dimensions": 10})
+    assert "matryoshka" in err["message"]
+    assert "does not serve chat" in refused(http, "/v1/chat/completions", {"model": EMBED, "messages": HI})["message"]
+
+
+def test_tokenize_and_detokenize_round_trip(http):
+    r = http.post("/tokenize", json={"model": LLM, "prompt": "Hello there"}).json()
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
+    assert http.post("/detokenize", json={"model": LLM, "tokens": r["tokens"]}).json()["prompt"].endswith("Hello there")
+    chat = http.post("/tokenize", json={"model": LLM, "messages": HI}).json()
+    assert chat["count"] > r["count"]  # the chat template's role markers
+
+
+def test_models_carry_what_vllms_server_gives(http):
+    data = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    llm = data[LLM]
+    assert llm["max_model_len"] == 2048 and llm["root"].endswith("tiny-llama") and llm["permission"]
+    assert "chat" in llm["openai_routes"] and data[EMBED]["openai_routes"] == ["detokenize", "embedding", "tokenize"]
+    assert data[EMBED]["max_model_len"] == 256
+
+
+# --- vLLM's own benchmark client ----------------------------------------------------------
+
+@pytest.mark.parametrize("backend,endpoint", [("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")])
+def test_vllms_benchmark_client_has_no_failed_request(serve_app, backend, endpoint):
+    import argparse
+
+    from vllm.benchmarks.serve import add_cli_args, main
+
+    from engines.checkpoints import resolve_source
+
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", backend, "--base-url", serve_app, "--endpoint", endpoint, "--model", LLM,
+        "--tokenizer", resolve_source("generated:tiny-llama"), "--dataset-name", "random",
+        "--random-input-len", "16", "--random-output-len", "16", "--num-prompts", "8",
+        "--max-concurrency", "4", "--ignore-eos", "--disable-tqdm"])
+    result = main(args)
+    assert result["failed"] == 0 and result["completed"] == 8
+    assert result["total_output_tokens"] == 8 * 16
+
+
+# --- /v1/infer's text pipeline; the engine core killed last ---------------------------------
 
 def test_generates_text_with_usage(http):
     out = infer(http, prompt="Hello there", params={"max_tokens": 8, "temperature": 0})
@@ -206,12 +498,14 @@ def test_model_is_listed_ready(http):
 
 
 def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
-    """Kept last: it kills vLLM's engine core process and waits for the replica to come back."""
+    """Kept last: it kills the tiny Llama's vLLM engine core process (not the embedding
+    model's) and waits for the replica to come back."""
     import psutil
 
     def engine_cores():  # vLLM retitles the process; its name holds the title's first 15 characters
-        return [p for p in psutil.process_iter(["name", "cmdline"])
-                if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+        cores = [p for p in psutil.process_iter(["name", "cmdline"])
+                 if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+        return [p for p in cores if any(f"{MODEL}.engine" in " ".join(a.cmdline()) for a in p.parents())]
 
     deadline = time.monotonic() + 10
     while not (cores := engine_cores()) and time.monotonic() < deadline:

@@ -1,0 +1,252 @@
+"""vLLM's own OpenAI serving layer over a :class:`~engines.vllm.VLLMEngine`'s AsyncLLM.
+
+The request and response models, the chat template rendering, tool parsing, structured outputs,
+logprobs, ``n``, ``echo``, embeddings and tokenization are vLLM's (``vllm.entrypoints``), set
+up by vLLM's own ``init_app_state`` from the arguments ``vllm serve`` would parse: the request
+surface follows the pinned vLLM. What mmserve adds: a field that vLLM's request model does not
+declare is refused (vLLM's server ignores it silently), every refusal becomes the error
+vocabulary of :mod:`core.errors`, and the first event of a stream is awaited so that a request
+that fails at once gets an HTTP error rather than a 200 with an error event.
+
+A route yields one ``dict`` (the whole JSON body) when not streamed, else the SSE events as
+strings, exactly as vLLM's server writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from core.errors import (EngineError, InvalidField, InvalidParameter, MMServeError, ModelNotFound,
+                         NotImplementedByEngine, NotReady, Unsupported)
+from core.protocol import RequestContext
+
+logger = logging.getLogger("mmserve.vllm")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One OpenAI-compatible route: vLLM's request model, and the handler on vLLM's app state."""
+
+    request: str   # "module:Name" of vLLM's request model (or type alias of a union)
+    handler: str   # attribute of vLLM's app state
+    method: str | None  # method of the handler; None: the handler is called itself
+    task: str      # what the model must support: "generate" or "embed"
+    openai: str | None = None  # "module:Name" of the openai package's TypedDict of the request
+
+
+ROUTES: dict[str, Route] = {
+    "chat": Route("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
+                  "openai_serving_chat", "create_chat_completion", "generate",
+                  "openai.types.chat.completion_create_params:CompletionCreateParamsBase"),
+    "completion": Route("vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+                        "openai_serving_completion", "create_completion", "generate",
+                        "openai.types.completion_create_params:CompletionCreateParamsBase"),
+    "responses": Route("vllm.entrypoints.openai.responses.protocol:ResponsesRequest",
+                       "openai_serving_responses", "create_responses", "generate",
+                       "openai.types.responses.response_create_params:ResponseCreateParamsBase"),
+    "messages": Route("vllm.entrypoints.anthropic.protocol:AnthropicMessagesRequest",
+                      "anthropic_serving_messages", "create_messages", "generate"),
+    "embedding": Route("vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest",
+                       "serving_embedding", None, "embed",
+                       "openai.types.embedding_create_params:EmbeddingCreateParams"),
+    "tokenize": Route("vllm.entrypoints.serve.tokenize.protocol:TokenizeRequest",
+                      "serving_tokenization", "create_tokenize", "any"),
+    "detokenize": Route("vllm.entrypoints.serve.tokenize.protocol:DetokenizeRequest",
+                        "serving_tokenization", "create_detokenize", "any"),
+}
+
+
+def routes_for(runner: str | None) -> frozenset[str]:
+    """The routes a vLLM model serves: generation routes, or embeddings for a pooling model."""
+    task = "embed" if runner == "pooling" else "generate"
+    return frozenset(name for name, r in ROUTES.items() if r.task in (task, "any"))
+
+
+def _load(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _declared(model_cls) -> set[str]:
+    names = set()
+    for name, field in model_cls.model_fields.items():
+        names.add(name)
+        if field.alias:
+            names.add(field.alias)
+    return names
+
+
+_ignored_logged: set[tuple[str, str]] = set()
+
+
+def _openai_fields(spec: Route) -> set[str]:
+    """The fields of OpenAI's own request (the openai package's TypedDict), if known."""
+    if spec.openai is None:
+        return set()
+    import typing
+
+    return set(typing.get_type_hints(_load(spec.openai)))
+
+
+def parse_request(route: str, body: dict[str, Any], model_id: str):
+    """``body`` as vLLM's request model of ``route``. Raises InvalidParameter (400) naming the
+    first invalid field, or a field that neither vLLM's model nor OpenAI's API declares. A
+    field of OpenAI's API that vLLM does not declare is ignored, as vLLM's server ignores it,
+    and logged once per field."""
+    from pydantic import TypeAdapter, ValidationError
+
+    spec = ROUTES[route]
+    model = _load(spec.request)
+    try:
+        request = TypeAdapter(model).validate_python(body)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = [str(p) for p in e["loc"]]
+        # a union's member name leads the location: drop it, keep the field's path
+        if loc and "Request" in loc[0]:
+            loc = loc[1:]
+        msg = e["msg"].removeprefix("Value error, ")
+        named = re.search(r"\(parameter=([\w.]+)", msg)
+        field = ".".join(loc) or (named.group(1) if named else "body")
+        raise InvalidParameter(f"{field}: {msg}", model_id=model_id, field=field) from None
+    extra = set(body) - _declared(type(request))
+    unknown = sorted(extra - _openai_fields(spec))
+    if unknown:
+        raise InvalidParameter(f"{unknown[0]}: unknown field (neither vLLM's {type(request).__name__} "
+                               f"nor OpenAI's API has it)", model_id=model_id, field=unknown[0])
+    for name in sorted(extra):
+        if (route, name) not in _ignored_logged:
+            _ignored_logged.add((route, name))
+            logger.warning("%s requests: field %r is OpenAI's but vLLM ignores it; so does mmserve",
+                           route, name)
+    return request
+
+
+def error_of(err: BaseException | Any, model_id: str) -> MMServeError:
+    """vLLM's answer to a request it refused (an exception, or an ``ErrorResponse``) as the
+    error vocabulary, with vLLM's status, message and parameter."""
+    if isinstance(err, MMServeError):
+        return err
+    if isinstance(err, BaseException):
+        from vllm.entrypoints.serve.utils.error_response import create_error_response
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(err, EngineDeadError):
+            return NotReady("the vLLM engine died; the replica is restarting", model_id=model_id,
+                            retry="engine_dead")
+        err = create_error_response(err)
+    info = err.error
+    cls = {400: InvalidParameter, 404: ModelNotFound, 422: InvalidField,
+           501: NotImplementedByEngine}.get(info.code, EngineError)
+    return cls(info.message, model_id=model_id, field=info.param)
+
+
+def _event_error(event: str, model_id: str) -> MMServeError | None:
+    """The error of an SSE event that carries one (``data: {"error": ...}``), else None."""
+    if not event.startswith('data: {"error"'):
+        return None
+    try:
+        info = json.loads(event[len("data: "):])["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    from vllm.entrypoints.openai.engine.protocol import ErrorInfo, ErrorResponse
+
+    return error_of(ErrorResponse(error=ErrorInfo(message=str(info.get("message")),
+                                                  type=str(info.get("type", "BadRequestError")),
+                                                  param=info.get("param"),
+                                                  code=int(info.get("code", 400)))), model_id)
+
+
+class OpenAIFrontend:
+    """vLLM's serving objects for one model, built as ``vllm serve`` builds them."""
+
+    def __init__(self, model_id: str, served_routes: frozenset[str]) -> None:
+        self.model_id = model_id
+        self.routes = served_routes
+        self.state = None
+
+    async def start(self, llm, model_path: str, cli_args: list[str]) -> None:
+        """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.openai.api_server import init_app_state
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        parser = make_arg_parser(FlexibleArgumentParser(prog="mmserve"))
+        args = parser.parse_args(["--model", model_path, "--served-model-name", self.model_id, *cli_args])
+        self.state = State()
+        await init_app_state(llm, self.state, args, supported_tasks=await llm.get_supported_tasks())
+
+    async def model_card(self) -> dict[str, Any]:
+        """vLLM's ``/v1/models`` entry of this model (``max_model_len``, ``root``, ``permission``)."""
+        cards = await self.state.openai_serving_models.show_available_models()
+        return cards.data[0].model_dump() if cards.data else {}
+
+    async def call(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        """Answer one OpenAI-compatible request: one dict (not streamed) or SSE strings."""
+        if route not in self.routes:
+            raise Unsupported(f"model {self.model_id!r} does not serve this route "
+                              f"(it serves: {', '.join(sorted(self.routes))})", model_id=self.model_id)
+        request = parse_request(route, body, self.model_id)
+        if route == "chat" and not self.state.vllm_config.model_config.is_multimodal_model:
+            self._text_only(body)
+        spec = ROUTES[route]
+        handler = getattr(self.state, spec.handler, None)
+        if handler is None:
+            raise Unsupported(f"model {self.model_id!r} does not serve {route}", model_id=self.model_id)
+        call = handler if spec.method is None else getattr(handler, spec.method)
+        try:
+            result = await call(request, None)
+        except MMServeError:
+            raise
+        except Exception as err:
+            error = error_of(err, self.model_id)
+            if route == "chat" and error.field == "logprobs" and "top_logprobs" in body:
+                error.field = "top_logprobs"  # vLLM names its internal parameter for chat's field
+            raise error from None
+        async for item in self._answer(result):
+            yield item
+
+    def _text_only(self, body: dict[str, Any]) -> None:
+        """Refuse, naming the part, a non-text content part sent to a text-only model (vLLM's
+        own words, "not a multimodal model", name neither the part nor its place)."""
+        for i, message in enumerate(body.get("messages") or ()):
+            content = message.get("content") if isinstance(message, dict) else None
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("text", None):
+                    field = f"messages.{i}.content.{j}"
+                    raise InvalidParameter(f"{field}: an {kind!r} part, but model {self.model_id!r} "
+                                           f"takes text only", model_id=self.model_id, field=field)
+
+    async def _answer(self, result) -> AsyncIterator[Any]:
+        from pydantic import BaseModel
+        from starlette.responses import Response
+        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
+
+        if isinstance(result, ErrorResponse):
+            raise error_of(result, self.model_id)
+        if isinstance(result, Response):  # the pooling routes answer with a response
+            body = json.loads(result.body)
+            if result.status_code >= 400:
+                raise error_of(ErrorResponse.model_validate(body), self.model_id)
+            yield body
+            return
+        if isinstance(result, BaseModel):
+            yield result.model_dump()
+            return
+        first = True
+        async for event in result:
+            if not isinstance(event, str):  # the Responses API streams event objects
+                event = (f"event: {getattr(event, 'type', 'unknown')}\n"
+                         f"data: {event.model_dump_json(by_alias=True)}\n\n")
+            if first and (err := _event_error(event, self.model_id)) is not None:
+                raise err  # nothing was sent yet: the client gets it as an HTTP error
+            first = False
+            yield event

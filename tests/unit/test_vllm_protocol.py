@@ -1,0 +1,79 @@
+"""How mmserve reads vLLM's request surface, without an engine: vLLM's request models (imported,
+not copied), strictness on fields neither vLLM nor OpenAI knows, and /v1/infer's sampling
+params kept in step with vLLM's names."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import InvalidParameter
+from engines.vllm import EmbedParams, TextParams, VLLMKwargs
+from engines.vllm_openai import ROUTES, parse_request, routes_for
+
+
+def test_every_infer_param_is_vllms_field_of_the_same_name():
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+    assert set(TextParams.model_fields) <= set(CompletionRequest.model_fields)
+    assert set(EmbedParams.model_fields) <= set(EmbeddingCompletionRequest.model_fields)
+
+
+def test_every_route_names_a_vllm_request_model_and_handler():
+    import importlib
+
+    for name, route in ROUTES.items():
+        module, attr = route.request.split(":")
+        assert getattr(importlib.import_module(module), attr), name
+    assert routes_for(None) == {"chat", "completion", "responses", "messages", "tokenize", "detokenize"}
+    assert routes_for("pooling") == {"embedding", "tokenize", "detokenize"}
+
+
+def test_requests_parse_into_vllms_models():
+    chat = parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}]}], "n": 2, "logprobs": True, "top_logprobs": 2,
+        "repetition_penalty": 1.0, "min_tokens": 1, "response_format": {"type": "json_object"}}, "m")
+    assert type(chat).__name__ == "ChatCompletionRequest" and chat.n == 2
+    comp = parse_request("completion", {"model": "m", "prompt": [[1, 2, 3]], "echo": True, "logprobs": None,
+                                        "repetition_penalty": 1.0}, "m")
+    assert comp.prompt == [[1, 2, 3]]
+    emb = parse_request("embedding", {"model": "m", "input": ["a", "b"], "encoding_format": "base64"}, "m")
+    assert type(emb).__name__ == "EmbeddingCompletionRequest"
+
+
+def test_a_field_neither_vllm_nor_openai_knows_is_refused_naming_it():
+    with pytest.raises(InvalidParameter) as e:
+        parse_request("chat", {"model": "m", "messages": [], "temprature": 0.5}, "m")
+    assert e.value.field == "temprature" and e.value.status == 400
+
+
+def test_openais_fields_that_vllm_ignores_are_accepted(caplog):
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": {"k": "v"},
+            "prediction": {"type": "content", "content": "x"}}
+    assert parse_request("chat", body, "m").messages
+    assert "metadata" in caplog.text and "prediction" in caplog.text
+
+
+def test_invalid_values_name_their_field():
+    with pytest.raises(InvalidParameter) as e:
+        parse_request("completion", {"model": "m", "prompt": "x", "max_tokens": "many"}, "m")
+    assert e.value.field == "max_tokens"
+    with pytest.raises(InvalidParameter) as e:  # a model-level check of vLLM's: its parameter
+        parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "m")
+    assert e.value.field == "tool_choice" and "does not match" in e.value.message
+
+
+def test_server_options_become_vllm_serve_flags_not_engine_args():
+    kw = VLLMKwargs(tool_call_parser="hermes", chat_template="t.jinja", max_logprobs=5, runner="pooling")
+    assert kw.server_args() == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+                                "--chat-template", "t.jinja"]
+    args = kw.engine_args(cpu=True)
+    assert args["max_logprobs"] == 5 and args["runner"] == "pooling" and "tool_call_parser" not in args
+    assert args["gpu_memory_utilization"] == 0.1
+
+
+def test_min_tokens_cannot_exceed_max_tokens():
+    with pytest.raises(ValueError, match="min_tokens"):
+        TextParams(max_tokens=4, min_tokens=5)
