@@ -22,8 +22,10 @@ def graph_table(cfg: AppConfig):
 
     table = Table(title=f"mmserve: app {cfg.server.app_name!r} on "
                         f"http://{cfg.server.host}:{cfg.server.port}{cfg.server.route_prefix}")
+    # fold, not cut: a console narrower than the table (a pipe, a log file: 80 columns) wraps
+    # long cells onto more lines rather than ending them in "…"
     for col in ("model", "pipeline", "node", "runs in", "replicas", "resources per replica"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     ing = cfg.deployment.ingress
     table.add_row("*", "", "ingress + router", "ingress", _replicas(ing), _resources(ing))
     for model in cfg.model.values():

@@ -117,12 +117,19 @@ def validate_config(raw: dict) -> AppConfig:
             problems.append((f"{where}.pipeline", f"unknown pipeline {model.pipeline!r}; "
                              f"known: {', '.join(sorted(cfg.pipeline)) or 'none'}"))
             continue
+        if pipe.modality is not None and model.modality != pipe.modality:
+            problems.append((f"{where}.modality", f"{model.modality!r}, but pipeline {model.pipeline!r} "
+                             f"serves {pipe.modality!r} models"))
         model.engine = model.engine or pipe.engine
         cls = _lookup(engine_class, model.engine, f"{where}.engine", problems)
         if cls is None:
             continue
-        problems += _check_with(cls.Kwargs, model.engine_kwargs, f"{where}.engine_kwargs")
+        kwargs_problems = _check_with(cls.Kwargs, model.engine_kwargs, f"{where}.engine_kwargs")
+        problems += kwargs_problems
         problems += _check_with(cls.Params, model.params, f"{where}.params")
+        if not kwargs_problems:
+            model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
+            problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
 
     if problems:
         raise ConfigError(problems)

@@ -38,6 +38,17 @@ class BatchedEngine(Engine):
 
     Kwargs = BatchKwargs
 
+    @classmethod
+    def check_config(cls, model) -> list[tuple[str, str]]:
+        """A replica must take ``max_batch_size`` requests at once, or no batch ever fills."""
+        batch = model.options(cls.Kwargs).max_batch_size
+        ongoing = model.deployment.engine.max_ongoing_requests
+        if ongoing < batch:
+            return [("deployment.engine.max_ongoing_requests",
+                     f"{ongoing} is below engine_kwargs.max_batch_size ({batch}): a replica would "
+                     f"never hold a full batch; set it to {batch} or more")]
+        return []
+
     def __init__(self, model) -> None:
         super().__init__(model)
         self.batches = 0

@@ -32,9 +32,16 @@ class SileroVAD(BatchedEngine):
     Params = VADParams
 
     def load(self) -> None:
-        from silero_vad import load_silero_vad
+        """The TorchScript model at ``source``: a ``.jit`` file, or a directory holding
+        ``silero_vad.jit`` (the package's own: ``package:silero_vad/data``)."""
+        from pathlib import Path
 
-        self.vad = load_silero_vad(onnx=False)
+        from silero_vad.utils_vad import init_jit_model
+
+        from engines.checkpoints import resolve_source
+
+        path = Path(resolve_source(self.model.source or "package:silero_vad/data"))
+        self.vad = init_jit_model(str(path / "silero_vad.jit" if path.is_dir() else path))
 
     def run_batch(self, items: list[tuple[MediaPayload, VADParams]]) -> list[Any]:
         from silero_vad import get_speech_timestamps

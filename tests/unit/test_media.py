@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from apps.config import compose
-from nodes.ingress import create_app
+from api.app import create_app
 from tests import media
 from tests.support import inline_router, serve_batch_outside_serve
 
@@ -98,7 +98,7 @@ def test_asr_refuses_silence_and_audio_over_its_limit(client):
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_image_classification_top_k(client, fmt):
-    body = ok(infer(client, "tiny-resnet18", media.encode_image(media.image(), fmt), fmt, top_k=4))
+    body = ok(infer(client, "tiny-resnet", media.encode_image(media.image(), fmt), fmt, top_k=4))
     scores = [x["score"] for x in body["output"]]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
     assert {x["label"] for x in body["output"]} <= {"airplane", "automobile", "bird", "cat", "deer", "dog",
@@ -106,7 +106,7 @@ def test_image_classification_top_k(client, fmt):
 
 
 def test_image_default_top_k_from_the_model_config(client):
-    assert len(ok(infer(client, "tiny-resnet18", media.encode_image(media.image())))["output"]) == 3
+    assert len(ok(infer(client, "tiny-resnet", media.encode_image(media.image())))["output"]) == 3
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "webm"])
@@ -132,7 +132,7 @@ def test_video_sampling_params_are_checked(client):
 
 def test_multipart_upload_on_infer(client):
     png = media.encode_image(media.image(), "png")
-    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18", "params": '{"top_k": 2}'},
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet", "params": '{"top_k": 2}'},
                     files={"file": ("cat.png", png, "image/png")})
     assert len(ok(r)["output"]) == 2
     wav = media.encode_audio(media.clip_with_speech())
@@ -142,13 +142,13 @@ def test_multipart_upload_on_infer(client):
 
 def test_multipart_errors_name_the_field(client):
     png = media.encode_image(media.image(), "png")
-    assert error_of(client.post("/v1/infer", data={"model_id": "tiny-resnet18"}), 400)  # no file: not multipart
-    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18", "params": "[1]"},
+    assert error_of(client.post("/v1/infer", data={"model_id": "tiny-resnet"}), 400)  # no file: not multipart
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet", "params": "[1]"},
                     files={"file": ("x.png", png)})
     assert error_of(r, 422)["field"] == "params"
-    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18", "colour": "red"}, files={"file": ("x.png", png)})
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet", "colour": "red"}, files={"file": ("x.png", png)})
     assert error_of(r, 422)["field"] == "colour"
-    r = client.post("/v1/infer", data={"model_id": "tiny-resnet18"}, files={"file": ("x.gif", png)})
+    r = client.post("/v1/infer", data={"model_id": "tiny-resnet"}, files={"file": ("x.gif", png)})
     assert error_of(r, 415)["field"] == "input.format"
 
 
@@ -168,7 +168,7 @@ def test_openai_transcriptions(client, response_format):
 
 def test_transcriptions_need_a_speech_recognizer(client):
     wav = media.encode_audio(media.clip_with_speech())
-    r = client.post("/v1/audio/transcriptions", data={"model": "tiny-resnet18"}, files={"file": ("a.wav", wav)})
+    r = client.post("/v1/audio/transcriptions", data={"model": "tiny-resnet"}, files={"file": ("a.wav", wav)})
     assert "vision model" in error_of(r, 422)["message"]
     r = client.post("/v1/audio/transcriptions", data={"model": "silero-vad"}, files={"file": ("a.wav", wav)})
     assert "does not transcribe" in error_of(r, 422)["message"]
@@ -187,20 +187,20 @@ MP4 = media.encode_video()
     ("tiny-asr", PNG, None, 422, "no audio stream"),                            # an image to an audio model
     ("tiny-asr", WAV, "aiff", 415, "format 'aiff' is not supported"),
     ("tiny-asr", b"", "wav", 422, "empty"),
-    ("tiny-resnet18", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "png", 422, "could not decode the input as an image"),
-    ("tiny-resnet18", PNG[: len(PNG) // 2], "png", 422, "could not decode"),     # truncated
-    ("tiny-resnet18", media.encode_audio(media.tone()), None, 422, "could not decode the input as an image"),
-    ("tiny-resnet18", media.encode_image(media.image(), "bmp"), None, 415, "bmp images are not supported"),
-    ("tiny-resnet18", media.encode_image(media.image(1, 1), "png"), "png", 422, "1x1"),
-    ("tiny-resnet18", media.encode_image(media.image(256, 256) * 0, "png"), "png", 422, "max_pixels"),
-    ("tiny-resnet18", b"\xff" * 100_001, "png", 413, "max_bytes"),
+    ("tiny-resnet", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "png", 422, "could not decode the input as an image"),
+    ("tiny-resnet", PNG[: len(PNG) // 2], "png", 422, "could not decode"),     # truncated
+    ("tiny-resnet", media.encode_audio(media.tone()), None, 422, "could not decode the input as an image"),
+    ("tiny-resnet", media.encode_image(media.image(), "bmp"), None, 415, "bmp images are not supported"),
+    ("tiny-resnet", media.encode_image(media.image(1, 1), "png"), "png", 422, "1x1"),
+    ("tiny-resnet", media.encode_image(media.image(256, 256) * 0, "png"), "png", 422, "max_pixels"),
+    ("tiny-resnet", b"\xff" * 100_001, "png", 413, "max_bytes"),
     ("tiny-video", MP4[: len(MP4) // 3], "mp4", 422, "could not decode"),
     ("tiny-video", PNG, None, 415, "video encoded as png is not supported"),     # an image to a video model
 ])
 def test_bad_media_is_a_4xx_naming_the_problem(client, model_id, data, fmt, status, says):
     err = error_of(infer(client, model_id, data, fmt), status)
     assert says in err["message"] and err["model_id"] == model_id
-    good = {"tiny-asr": WAV, "tiny-resnet18": PNG, "tiny-video": MP4}[model_id]
+    good = {"tiny-asr": WAV, "tiny-resnet": PNG, "tiny-video": MP4}[model_id]
     ok(infer(client, model_id, good))  # the pipeline keeps serving
 
 
