@@ -1,0 +1,145 @@
+"""mmserve's default config against vLLM's own OpenAI server, measured with vLLM's own client.
+
+Each round serves the same model with the same engine arguments twice, one after the other:
+vLLM's server (``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs),
+then mmserve (``apps.serving.served`` of ``model=[<model>]`` and any overrides, the default
+placement unless an override says otherwise). At each concurrency, vLLM's benchmark client
+(``vllm bench serve``: ``vllm.benchmarks.serve``, random dataset, ``--ignore-eos``) streams
+``/v1/completions`` from each. Rounds go vllm, mmserve, vllm, mmserve...; each mmserve run is
+compared with the vLLM run before it, and a level is summed up by the median of its rounds.
+
+``python -m benchmarks.vllm_serve [--model tiny_llama] [--concurrency 1,8,32] [--rounds 3]
+[--output-len 256] [overrides...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def engine_flags(model) -> list[str]:
+    """``vllm serve`` flags for the model's engine arguments (as mmserve's engine passes them)."""
+    from engines.vllm import VLLMKwargs
+
+    kw = model.options(VLLMKwargs)
+    flags = []
+    for key, value in kw.engine_args(cpu=True).items():
+        if key == "structured_outputs_config":
+            continue  # unused by plain completions
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        else:
+            flags += [flag, str(value)]
+    return flags + kw.server_args()
+
+
+def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_len: int,
+          output_len: int, per_slot: int) -> dict:
+    """One ``vllm bench serve`` run; the figures this benchmark reports."""
+    from vllm.benchmarks.serve import add_cli_args, main
+
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+        "--model", model_id, "--tokenizer", tokenizer, "--dataset-name", "random",
+        "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+        "--num-prompts", str(per_slot * concurrency), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--disable-tqdm", "--seed", "0", "--num-warmups", "2",
+        "--percentile-metrics", "ttft", "--metric-percentiles", "50,99"])
+    r = main(args)
+    return {"tok_s": r["output_throughput"], "failed": r["failed"],
+            "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"]}
+
+
+def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
+    """vLLM's own server on a free port, benchmarked at each level, then stopped."""
+    from apps.serving import free_port
+    from engines.checkpoints import resolve_source
+
+    path = resolve_source(model.source)
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+           "--served-model-name", model.model_id, "--host", "127.0.0.1", "--port", str(port),
+           *engine_flags(model)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # vLLM's own readiness endpoint
+            if server.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited ({server.returncode}): {' '.join(cmd)}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM's server not ready in 600 s")
+            time.sleep(1)
+        return {c: bench(f"http://127.0.0.1:{port}", model.model_id, path, c, opts.input_len,
+                         opts.output_len, opts.per_slot) for c in levels}
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def run_mmserve(cfg, model, levels, opts) -> dict[int, dict]:
+    from apps.serving import served
+    from engines.checkpoints import resolve_source
+
+    with served(cfg, log_to_driver=False) as server:
+        return {c: bench(server.url, model.model_id, resolve_source(model.source), c, opts.input_len,
+                         opts.output_len, opts.per_slot) for c in levels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny_llama", help="conf/model key (default tiny_llama)")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
+    opts = parser.parse_args()
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+    from apps.config import compose
+    from apps.serving import free_port
+
+    cfg = compose([f"model=[{opts.model}]", f"server.port={free_port()}", *opts.overrides])
+    model = cfg.model[opts.model]
+    levels = [int(c) for c in opts.concurrency.split(",")]
+    rounds = []
+    for i in range(opts.rounds):
+        own = run_vllm(cfg, model, levels, opts)
+        ours = run_mmserve(cfg, model, levels, opts)
+        rounds.append({"vllm": own, "mmserve": ours})
+        print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
+
+    print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} rounds, "
+          f"{opts.input_len} in / {opts.output_len} out tokens, vllm bench serve (--ignore-eos)")
+    print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio (median)':>14} | "
+          f"{'TTFT p50 +ms':>12} | {'TTFT p99 x':>10} | failed")
+    for c in levels:
+        own = [r["vllm"][c] for r in rounds]
+        ours = [r["mmserve"][c] for r in rounds]
+        ratio = statistics.median(o["tok_s"] / v["tok_s"] for o, v in zip(ours, own))
+        ttft = statistics.median(o["ttft_p50_ms"] - v["ttft_p50_ms"] for o, v in zip(ours, own))
+        p99 = statistics.median(o["ttft_p99_ms"] / v["ttft_p99_ms"] for o, v in zip(ours, own))
+        print(f"{c:>3} | {statistics.median(v['tok_s'] for v in own):>11,.0f} | "
+              f"{statistics.median(o['tok_s'] for o in ours):>13,.0f} | {ratio:>14.2f} | "
+              f"{ttft:>+12.1f} | {p99:>10.2f} | {sum(o['failed'] for o in ours)}")
+
+
+if __name__ == "__main__":
+    main()
