@@ -14,6 +14,7 @@ strings, exactly as vLLM's server writes them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -73,25 +74,31 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _declared(model_cls) -> set[str]:
+@functools.cache
+def _declared(model_cls) -> frozenset[str]:
+    """The fields (and their aliases) of one of vLLM's request models."""
     names = set()
     for name, field in model_cls.model_fields.items():
         names.add(name)
         if field.alias:
             names.add(field.alias)
-    return names
+    return frozenset(names)
+
+
+@functools.cache
+def _reader(route: str):
+    """``(validator of vLLM's request model, OpenAI's own field names)`` of ``route``, built
+    once per process: both are costly to build and every request needs them."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    spec = ROUTES[route]
+    openai_fields = frozenset(typing.get_type_hints(_load(spec.openai))) if spec.openai else frozenset()
+    return TypeAdapter(_load(spec.request)), openai_fields
 
 
 _ignored_logged: set[tuple[str, str]] = set()
-
-
-def _openai_fields(spec: Route) -> set[str]:
-    """The fields of OpenAI's own request (the openai package's TypedDict), if known."""
-    if spec.openai is None:
-        return set()
-    import typing
-
-    return set(typing.get_type_hints(_load(spec.openai)))
 
 
 def parse_request(route: str, body: dict[str, Any], model_id: str):
@@ -99,12 +106,11 @@ def parse_request(route: str, body: dict[str, Any], model_id: str):
     first invalid field, or a field that neither vLLM's model nor OpenAI's API declares. A
     field of OpenAI's API that vLLM does not declare is ignored, as vLLM's server ignores it,
     and logged once per field."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
-    spec = ROUTES[route]
-    model = _load(spec.request)
+    adapter, openai_fields = _reader(route)
     try:
-        request = TypeAdapter(model).validate_python(body)
+        request = adapter.validate_python(body)
     except ValidationError as err:
         e = err.errors()[0]
         loc = [str(p) for p in e["loc"]]
@@ -116,7 +122,7 @@ def parse_request(route: str, body: dict[str, Any], model_id: str):
         field = ".".join(loc) or (named.group(1) if named else "body")
         raise InvalidParameter(f"{field}: {msg}", model_id=model_id, field=field) from None
     extra = set(body) - _declared(type(request))
-    unknown = sorted(extra - _openai_fields(spec))
+    unknown = sorted(extra - openai_fields)
     if unknown:
         raise InvalidParameter(f"{unknown[0]}: unknown field (neither vLLM's {type(request).__name__} "
                                f"nor OpenAI's API has it)", model_id=model_id, field=unknown[0])
