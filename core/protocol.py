@@ -109,3 +109,12 @@ class MediaPayload:
     data: Any
     info: dict[str, Any]
     finish: Any = None  # a transform the engine applies on arrival, so a compact dtype crosses hops
+
+
+@dataclass
+class Refusal:
+    """An error of the vocabulary (``core.errors``) sent back across a handle hop as a value
+    instead of raised: Ray Serve logs every exception a replica raises as a failed request,
+    traceback and all, and a client's bad input is not one. The calling side raises it."""
+
+    error: Any

@@ -14,11 +14,18 @@ from ray import serve
 
 from core.config import ModelConfig, NodeSpec
 from core.deadline import iterate_within_deadline, within_deadline
-from core.errors import NotReady
-from core.protocol import EngineResult, RequestContext
+from core.errors import MMServeError, NotReady
+from core.protocol import EngineResult, Refusal, RequestContext
 from core.registry import engine_class, node_class
 from engines.base import collect
 
+async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``chunks``, with an error of the vocabulary that ends them as a last :class:`Refusal`."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except MMServeError as err:
+        yield Refusal(err)
 
 
 @serve.deployment
@@ -30,15 +37,20 @@ class EngineServer:
         self.engine = engine_class(model.engine)(model)
         await self.engine.start()
 
-    async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
-        return await within_deadline(collect(self.engine.infer(payload, params, ctx)), ctx)
+    # Errors of the vocabulary go back as Refusal values (see core.protocol.Refusal).
 
-    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
-        async for chunk in iterate_within_deadline(self.engine.infer(payload, params, ctx), ctx):
+    async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult | Refusal:
+        try:
+            return await within_deadline(collect(self.engine.infer(payload, params, ctx)), ctx)
+        except MMServeError as err:
+            return Refusal(err)
+
+    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[Any]:
+        async for chunk in _refused_as_values(iterate_within_deadline(self.engine.infer(payload, params, ctx), ctx)):
             yield chunk
 
     async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
-        async for chunk in iterate_within_deadline(self.engine.openai(route, body, ctx), ctx):
+        async for chunk in _refused_as_values(iterate_within_deadline(self.engine.openai(route, body, ctx), ctx)):
             yield chunk
 
     async def model_card(self) -> dict[str, Any]:
@@ -71,7 +83,10 @@ class NodeServer:
         await self.node.start()
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
-        return await within_deadline(self.node(payload, ctx), ctx)
+        try:
+            return await within_deadline(self.node(payload, ctx), ctx)
+        except MMServeError as err:
+            return Refusal(err)  # see core.protocol.Refusal
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from core import internals
 from core.errors import MMServeError, NotReady, Overloaded
-from core.protocol import EngineResult, RequestContext
+from core.protocol import EngineResult, Refusal, RequestContext
 from engines.base import Engine, collect
 from nodes.base import Node
 
@@ -52,6 +52,13 @@ async def assigned(response, handle, model_id: str, scales_to_zero: bool = False
         assignment.cancel()
         response.cancel()
         raise
+
+
+def unwrap(value: Any) -> Any:
+    """A value from across a handle hop; a :class:`~core.protocol.Refusal` is raised."""
+    if isinstance(value, Refusal):
+        raise value.error
+    return value
 
 
 def remote_error(err: BaseException, model_id: str) -> BaseException:
@@ -97,7 +104,7 @@ class RemoteNode:
         response = self.handle.remote(payload, ctx)
         try:
             await assigned(response, self.handle, self.model_id, self.scales_to_zero)
-            return await response
+            return unwrap(await response)
         except Exception as err:
             raise remote_error(err, self.model_id) from None
 
@@ -228,7 +235,7 @@ class RemoteEngine:
         response = self.handle.generate.remote(payload, params, ctx)
         try:
             await assigned(response, self.handle, self.model_id, self.scales_to_zero)
-            return await response
+            return unwrap(await response)
         except Exception as err:
             raise self._failed(err) from None
 
@@ -251,7 +258,7 @@ class RemoteEngine:
         try:
             await assigned(chunks, self.handle, self.model_id, self.scales_to_zero)
             async for chunk in chunks:
-                yield chunk
+                yield unwrap(chunk)
         except Exception as err:
             raise self._failed(err) from None
         finally:

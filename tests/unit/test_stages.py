@@ -102,3 +102,28 @@ def test_a_node_call_left_without_a_replica_is_503_too():
         assert response.cancelled
 
     asyncio.run(scenario())
+
+
+def test_a_refusal_from_across_the_hop_is_raised_here():
+    """The far side sends errors of the vocabulary back as values (so Serve does not log a
+    client's bad input as a failed request); they are raised on this side, and a NotReady one
+    still marks the model recovering."""
+    from core.errors import InvalidField
+    from core.protocol import Refusal
+
+    async def scenario():
+        response = FakeResponse()
+        engine = RemoteEngine(fake_handle(response, 1), "m")
+        response.assign(Refusal(InvalidField("params.x: bad", field="params.x")))
+        with pytest.raises(InvalidField, match="params.x"):
+            await engine.generate(None, None, ctx())
+        assert engine.down_since is None
+        response = FakeResponse()
+        engine = RemoteEngine(fake_handle(response, 1), "m")
+        response.assign(Refusal(NotReady("engine core is down")))
+        with pytest.raises(NotReady):
+            await engine.generate(None, None, ctx())
+        assert engine.down_since is not None
+        engine._probe.cancel()
+
+    asyncio.run(scenario())
