@@ -168,6 +168,31 @@ def test_content_parts_and_chat_logprobs(client):
     assert r.choices[0].message.content == joined.choices[0].message.content
 
 
+def test_streamed_logprobs_content_parts_and_echo(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    whole = client.chat.completions.create(model=LLM, messages=parts, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    streamed = [t for c in client.chat.completions.create(
+        model=LLM, messages=parts, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in whole.choices[0].logprobs.content]
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in streamed)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=LLM, prompt="The quick brown", max_tokens=4, temperature=0, echo=True, stream=True))
+    assert text.startswith("The quick brown") and len(text) > len("The quick brown")
+
+
+def test_a_streamed_named_tool_call_carries_parseable_arguments(client):
+    name, arguments = None, ""
+    for chunk in client.chat.completions.create(
+            model=LLM, messages=HI, max_tokens=400, temperature=0, tools=[WEATHER], stream=True,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}):
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name = call.function.name or name
+            arguments += call.function.arguments or ""
+    assert name == "get_weather" and json.loads(arguments)["city"] in ("Paris", "Rome")
+
+
 def test_streamed_chat_n2_with_usage(client):
     seen, usage = set(), None
     for chunk in client.chat.completions.create(model=LLM, messages=HI, max_tokens=5, n=2, temperature=1.0,
