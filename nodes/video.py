@@ -10,6 +10,7 @@ from pydantic import Field
 
 from core.errors import InvalidField
 from core.protocol import MediaPayload, RequestContext
+from engines.classifier import VideoParams
 from nodes.media import check_codec, decode_failed, media_bytes
 from nodes.vision import ImageKwargs, PixelNode, check_size
 
@@ -38,9 +39,10 @@ class VideoFrames(PixelNode):
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "video", ctx.model_id)
-        fps, num_frames = getattr(ctx.params, "fps", None), getattr(ctx.params, "num_frames", None)
-        return await asyncio.to_thread(self.decode, data, fps, num_frames or self.kwargs.num_frames,
-                                       ctx.model_id)
+        # the video engine's params say how to sample; another engine's leave it to the kwargs
+        params = ctx.params if isinstance(ctx.params, VideoParams) else VideoParams()
+        num_frames = params.num_frames or self.kwargs.num_frames
+        return await asyncio.to_thread(self.decode, data, params.fps, num_frames, ctx.model_id)
 
     def decode(self, data: bytes, fps: float | None, num_frames: int, model_id: str) -> MediaPayload:
         from torchcodec.decoders import VideoDecoder
