@@ -2,10 +2,11 @@
 
 ``/v1/infer`` requests arrive tokenized by the text preprocess node; the OpenAI-compatible
 routes are answered by vLLM's own serving layer over the same AsyncLLM
-(:mod:`engines.vllm_openai`). ``runner: pooling`` serves an embedding model instead. Tokens stream as vLLM produces them (``RequestOutputKind.DELTA``); a request whose consumer
-goes away (client disconnect, deadline) is aborted in vLLM by AsyncLLM itself when its generator
-is closed. ``vllm`` is imported in :meth:`VLLMEngine.start` only, so configs and the ingress
-never pay for it.
+(:mod:`engines.vllm_openai`). :class:`VLLMEmbedder` serves an embedding model on vLLM's
+pooling runner. Tokens stream as vLLM produces them (``RequestOutputKind.DELTA``); a request
+whose consumer goes away (client disconnect, deadline) is aborted in vLLM by AsyncLLM itself
+when its generator is closed. ``vllm`` is imported only once an engine starts, so configs and
+the ingress never pay for it.
 """
 
 from __future__ import annotations
