@@ -9,14 +9,16 @@ directly with in-process pipelines. Routes live in ``api.routes``; errors are re
 from __future__ import annotations
 
 import time
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import error_response
+from api.metrics import RequestMetrics
 from api.middleware import RequestEnvelope
-from api.routes import infer, models, openai
+from api.routes import infer, metrics, models, openai
 from api.uploads import InferUpload
 from core.config import ServerConfig
 from core.errors import BadRequest, MethodNotAllowed, MMServeError, RouteNotFound, from_validation_errors
@@ -24,26 +26,31 @@ from core.protocol import InferRequest
 from pipelines.router import ModelRouter
 
 
-def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool = True) -> FastAPI:
-    """The ingress ASGI app (FastAPI, OpenAPI at ``/docs``) wrapped in :class:`RequestEnvelope`.
+def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool = True,
+               scrape: Callable[[list], Awaitable[bytes]] | None = None) -> FastAPI:
+    """The ingress ASGI app (FastAPI, OpenAPI at ``/docs``) wrapped in :class:`RequestEnvelope`
+    and, with ``server.metrics``, :class:`~api.metrics.RequestMetrics`.
 
     ``echo_request_id``: add ``x-request-id`` to responses (Ray Serve's proxy does it itself).
+    ``scrape``: what ``GET /metrics`` answers, given the ingress's own families (the Ray
+    ingress: every replica's, ``core.metrics.scrape_cluster``); default: this process's.
     """
     app = FastAPI(title="mmserve", version="0.1.0",
                   description="Many models, one HTTP API: router → preprocess → engine → postprocess.")
     app.state.router = router
     app.state.server = server
     app.state.started = int(time.time())
-    for module in (infer, openai, models):
+    app.state.scrape = scrape or metrics.local_scrape
+    for module in (infer, openai, models, metrics):
         app.include_router(module.router)
 
     @app.exception_handler(MMServeError)
     async def _mmserve_error(request: Request, exc: MMServeError):
-        return error_response(exc, server)
+        return error_response(exc, server, request.state)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(from_validation_errors(exc.errors()))
+        return error_response(from_validation_errors(exc.errors()), server, request.state)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -55,7 +62,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
             err = RouteNotFound(f"no route {request.url.path}", headers=headers)
         else:
             err = BadRequest(str(exc.detail), headers=headers)
-        return error_response(err)
+        return error_response(err, server, request.state)
 
     def openapi() -> dict:
         # /v1/infer reads its body itself (JSON or a form upload), and the OpenAI-compatible
@@ -84,5 +91,8 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(RequestEnvelope, max_body_bytes=server.max_body_bytes,
-                       echo_request_id=echo_request_id, api_keys=server.api_keys)
+                       echo_request_id=echo_request_id, api_keys=server.api_keys,
+                       open_paths=("/metrics",) if server.metrics_public else ())
+    if server.metrics:  # added last: outermost, so that what the envelope refuses counts too
+        app.add_middleware(RequestMetrics, routes=app.routes)
     return app

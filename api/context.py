@@ -14,11 +14,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api.errors import error_event, internal_error
+from api.metrics import model_found
 from core.config import ServerConfig
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import InvalidField, MMServeError
 from core.protocol import InferRequest, RequestContext
 from pipelines.runner import Pipeline
+
+
+def pipeline_of(request: Request, model_id: str) -> Pipeline:
+    """The pipeline of ``model_id`` (ModelNotFound, 404, naming the served ids, if none);
+    the request metrics count the request for that model from here on."""
+    pipeline = request.app.state.router.get(model_id)
+    model_found(request.state, pipeline.model.model_id)
+    return pipeline
 
 
 @contextmanager
@@ -32,12 +41,13 @@ def internal_errors(ctx: RequestContext):
         raise internal_error(ctx) from None
 
 
-async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext) -> AsyncIterator[bytes]:
+async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext, state: Any = None) -> AsyncIterator[bytes]:
     """Server-Sent Events. A dict chunk (a pipeline's) is sent as one ``data:`` event and the
     stream ends with ``data: [DONE]``; string chunks are events the engine framed itself in its
     own protocol (vLLM's OpenAI or Anthropic events, its ``[DONE]`` included) and pass as they
     are. If the stream fails after it started (the deadline included), an error event ends it.
-    Closing it (client gone) closes ``chunks``, which cancels the work behind them."""
+    Closing it (client gone) closes ``chunks``, which cancels the work behind them.
+    ``state`` (the request's) hears of such an error for the request metrics."""
     framed = False
     try:
         async for chunk in iterate_within_deadline(chunks, ctx):
@@ -51,9 +61,9 @@ async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext) -> AsyncIt
                     data = json.dumps(jsonable(chunk))
                 yield b"data: " + data.encode() + b"\n\n"
     except MMServeError as err:
-        yield error_event(err)
+        yield error_event(err, state)
     except Exception:
-        yield error_event(internal_error(ctx))
+        yield error_event(internal_error(ctx), state)
     finally:
         await chunks.aclose()  # closes the pipeline's stream now, not at garbage collection
     if not framed:
@@ -80,8 +90,8 @@ def json_response(body: Any) -> JSONResponse:
         return JSONResponse(jsonable(body))
 
 
-def sse_response(chunks: AsyncIterator[Any], ctx: RequestContext) -> StreamingResponse:
-    return StreamingResponse(sse_events(chunks, ctx), media_type="text/event-stream",
+def sse_response(chunks: AsyncIterator[Any], ctx: RequestContext, state: Any = None) -> StreamingResponse:
+    return StreamingResponse(sse_events(chunks, ctx, state), media_type="text/event-stream",
                              headers={"cache-control": "no-cache"})
 
 

@@ -24,15 +24,17 @@ class RequestEnvelope:
     Behind Ray Serve the proxy already assigns ``x-request-id`` and echoes it in every
     response, so ``echo_request_id`` is off there to avoid a second header.
 
-    With ``api_keys``, every path but ``/health`` needs ``Authorization: Bearer <key>``:
-    401 without one, 403 with a wrong one. Keys are compared in constant time, never logged.
+    With ``api_keys``, every path but ``/health`` (and ``open_paths``) needs
+    ``Authorization: Bearer <key>``: 401 without one, 403 with a wrong one. Keys are compared in
+    constant time, never logged.
     """
 
     OPEN_PATHS = frozenset({"/health"})
 
     def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True,
-                 api_keys: list[str] | tuple[str, ...] = ()) -> None:
+                 api_keys: list[str] | tuple[str, ...] = (), open_paths: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.open_paths = self.OPEN_PATHS | set(open_paths)
         self.max_body_bytes = max_body_bytes
         self.echo_request_id = echo_request_id
         self.api_keys = tuple(k.encode() for k in api_keys)
@@ -64,13 +66,14 @@ class RequestEnvelope:
         scope.setdefault("state", {})["request_id"] = request_id
 
         # CORS preflights carry no credentials; the CORS middleware (or a 405) answers them.
-        if self.api_keys and scope["path"] not in self.OPEN_PATHS and scope["method"] != "OPTIONS":
+        if self.api_keys and scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
             denied = self._auth_error(authorization)
             if denied is not None:
-                return await self._send_error(send, request_id, denied, [(b"www-authenticate", b"Bearer")])
+                return await self._send_error(send, scope, request_id, denied,
+                                              [(b"www-authenticate", b"Bearer")])
 
         if length is not None and length > self.max_body_bytes:
-            return await self._too_large(send, request_id, length)
+            return await self._too_large(send, scope, request_id, length)
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             # No Content-Length (chunked): read up to the limit, then replay what was read.
             chunks, size, more = [], 0, True
@@ -82,7 +85,7 @@ class RequestEnvelope:
                 size += len(chunks[-1])
                 more = msg.get("more_body", False)
                 if size > self.max_body_bytes:
-                    return await self._too_large(send, request_id, size)
+                    return await self._too_large(send, scope, request_id, size)
             body = b"".join(chunks)
             replayed = False
 
@@ -106,12 +109,12 @@ class RequestEnvelope:
 
         await self.app(scope, receive, send_with_id)
 
-    async def _too_large(self, send, request_id: str, size: int) -> None:
+    async def _too_large(self, send, scope, request_id: str, size: int) -> None:
         err = PayloadTooLarge(f"request body is {size} bytes or more; the limit is "
                               f"{self.max_body_bytes} bytes (server.max_body_bytes)")
-        await self._send_error(send, request_id, err, [(b"connection", b"close")])
+        await self._send_error(send, scope, request_id, err, [(b"connection", b"close")])
 
-    async def _send_error(self, send, request_id: str, err: MMServeError, extra: list) -> None:
+    async def _send_error(self, send, scope, request_id: str, err: MMServeError, extra: list) -> None:
         rid = request_id if self.echo_request_id else None
-        for msg in asgi_error(err, rid, extra):
+        for msg in asgi_error(err, rid, extra, scope["state"]):
             await send(msg)

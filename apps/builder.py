@@ -29,11 +29,11 @@ def build_app(cfg: AppConfig) -> Application:
         if dep.placement in ("engine", "split"):
             route.engine_handle = EngineServer.options(
                 name=deployment_name(model.model_id, "engine"), **dep.engine.serve_options()
-            ).bind(model)
+            ).bind(model, cfg.server.metrics)
         if dep.placement == "split":
             for step, spec in (("preprocess", pipe.preprocess), ("postprocess", pipe.postprocess)):
                 setattr(route, f"{step}_handle", NodeServer.options(
                     name=deployment_name(model.model_id, step), **dep.node.serve_options()
-                ).bind(spec, model))
+                ).bind(spec, model, cfg.server.metrics))
         routes.append(route)
     return Ingress.options(name="ingress", **cfg.deployment.ingress.serve_options()).bind(cfg.server, routes)

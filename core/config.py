@@ -199,6 +199,12 @@ class ServerConfig(Strict):
         "Environment variable holding more comma-separated keys; the launcher adds them after "
         "validation (apps.config.with_env_api_keys), so a config validates the same in every shell."))
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    metrics: bool = Field(True, description=(
+        "Record Prometheus metrics in every replica and answer GET /metrics with all of them "
+        "(core.metrics); false: record nothing, /metrics is 404."))
+    metrics_public: bool = Field(False, description=(
+        "With api_keys set, let GET /metrics through without a key (for a scraper inside a "
+        "trusted network); by default it needs one like every route but /health."))
     retry_after_s: RetryAfter = Field(default_factory=RetryAfter, description=(
         "The Retry-After of each kind of 503, the one place that sets it."))
     http_proxy: Literal["haproxy", "ray"] = Field("haproxy", description=(

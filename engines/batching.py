@@ -10,12 +10,14 @@ the engine deployment's ``max_ongoing_requests`` must be at least ``max_batch_si
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import abstractmethod
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from core import metrics
 from core.errors import MMServeError
 from core.protocol import EngineResult, MediaPayload, RequestContext
 from engines.base import Engine
@@ -80,16 +82,24 @@ class BatchedEngine(Engine):
         An item's output may be an ``MMServeError`` to fail that request alone."""
 
     async def infer(self, inputs: MediaPayload, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        arrived = time.perf_counter()
         await self._model_free.wait()
-        output = await self._batch((inputs, params))
+        output = await self._batch((inputs, params, arrived))
         if isinstance(output, MMServeError):
             raise output
         yield EngineResult(output=output, finish_reason="stop", info=inputs.info)
 
-    async def _run_async(self, items: list[tuple[MediaPayload, BaseModel]]) -> list[Any]:
+    async def _run_async(self, items: list[tuple[MediaPayload, BaseModel, float]]) -> list[Any]:
         self._model_free.clear()
+        if metrics.ENABLED:
+            now = time.perf_counter()
+            model_id = self.model.model_id
+            metrics.BATCH_SIZE.labels(model_id).observe(len(items))
+            wait = metrics.BATCH_WAIT.labels(model_id)
+            for *_, arrived in items:
+                wait.observe(now - arrived)
         try:
-            return await asyncio.to_thread(self._run, items)
+            return await asyncio.to_thread(self._run, [(payload, params) for payload, params, _ in items])
         finally:
             self._model_free.set()
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core import internals
+from core import internals, metrics
 from core.errors import EngineError, InvalidField, NotReady
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine
@@ -150,6 +151,35 @@ class TextParams(BaseModel):
                               output_kind=RequestOutputKind.DELTA)
 
 
+class TimedLLM:
+    """vLLM's AsyncLLM as mmserve's engine and vLLM's serving layer call it, each generation's
+    time per output token recorded (``mmserve_time_per_output_token_seconds``; outputs of the
+    DELTA kind, which streams and ``/v1/infer`` ask for, carry each new token once)."""
+
+    def __init__(self, llm, model_id: str) -> None:
+        self._llm = llm
+        self._model_id = model_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    async def generate(self, *args, **kwargs) -> AsyncIterator[Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
+        timed = metrics.ENABLED and getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        timer = metrics.TokenTimer()
+        # closed here when our consumer goes away, so that AsyncLLM aborts the request at once
+        async with aclosing(self._llm.generate(*args, **kwargs)) as outputs:
+            try:
+                async for out in outputs:
+                    if timed:
+                        timer.add(sum(len(c.token_ids) for c in out.outputs))
+                    yield out
+            finally:
+                timer.observe(self._model_id)
+
+
 def _engine_died(ctx: RequestContext) -> NotReady:
     return NotReady("the vLLM engine died; the replica is restarting", model_id=ctx.model_id,
                     retry="engine_dead")
@@ -186,8 +216,9 @@ class VLLMEngine(Engine):
                                **self.kwargs.engine_args(cpu))
         self.llm = AsyncLLM.from_engine_args(args)
         internals.check_vllm_engine(self.llm)
+        self.client = TimedLLM(self.llm, self.model.model_id)
         self.frontend = OpenAIFrontend(self.model.model_id, self.openai_routes(self.model))
-        await self.frontend.start(self.llm, path, self.kwargs.server_args())
+        await self.frontend.start(self.client, path, self.kwargs.server_args())
         self._watchdog = asyncio.create_task(self._watch_engine())
 
     @classmethod
@@ -245,7 +276,7 @@ class VLLMEngine(Engine):
         prompt = {"prompt_token_ids": inputs["prompt_token_ids"]}
         request_id = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
         completion = 0
-        async for out in self.llm.generate(prompt, params.sampling_params(), request_id):
+        async for out in self.client.generate(prompt, params.sampling_params(), request_id):
             c = out.outputs[0]
             completion += len(c.token_ids)
             yield EngineResult(output=c.text, finish_reason=c.finish_reason if out.finished else None,

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 from pydantic import BaseModel
 from ray import serve
 
+from core import metrics
 from core.config import ModelConfig, NodeSpec
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
@@ -32,8 +33,10 @@ async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
 class EngineServer:
     """Hosts one model's engine; healthy while the engine's own check passes."""
 
-    async def __init__(self, model: ModelConfig) -> None:
+    async def __init__(self, model: ModelConfig, metrics_on: bool = True) -> None:
         self.model = model
+        metrics.configure(metrics_on)
+        self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.engine = engine_class(model.engine)(model)
         await self.engine.start()
 
@@ -71,6 +74,8 @@ class EngineServer:
         await self.engine.check_health()
 
     async def __del__(self) -> None:
+        if self.exposed is not None:
+            self.exposed.close()
         await self.engine.stop()
 
 
@@ -78,7 +83,9 @@ class EngineServer:
 class NodeServer:
     """Hosts one pre- or postprocess node (``placement: split``)."""
 
-    async def __init__(self, spec: NodeSpec, model: ModelConfig) -> None:
+    async def __init__(self, spec: NodeSpec, model: ModelConfig, metrics_on: bool = True) -> None:
+        metrics.configure(metrics_on)
+        self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.node = node_class(spec.name)(spec.kwargs, model)
         await self.node.start()
 
@@ -87,6 +94,10 @@ class NodeServer:
             return await within_deadline(self.node(payload, ctx), ctx)
         except MMServeError as err:
             return Refusal(err)  # see core.protocol.Refusal
+
+    def __del__(self) -> None:
+        if self.exposed is not None:
+            self.exposed.close()
 
 
 @dataclass

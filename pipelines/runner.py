@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, AsyncIterator
 
 from pydantic import ValidationError
 
+from core import metrics
 from core.config import ModelConfig
 from core.errors import InvalidField, Unsupported
 from core.protocol import InferRequest, RequestContext
@@ -16,7 +18,8 @@ class Pipeline:
     """Runs a request through one model's steps (see :mod:`pipelines.stages`).
 
     Request params are checked here, in the ingress, against the engine's ``Params`` schema
-    merged over the model's default ``params``, so bad input is refused before any hop.
+    merged over the model's default ``params``, so bad input is refused before any hop. The time
+    each step takes, as seen from here, is ``mmserve_node_duration_seconds``.
     """
 
     def __init__(self, model: ModelConfig, preprocess, engine, postprocess) -> None:
@@ -27,6 +30,16 @@ class Pipeline:
         cls = engine_class(model.engine)
         self.params_schema = cls.Params
         self.openai_routes = cls.openai_routes(model)
+        self._timers: dict[str, Any] = {}
+
+    def timer(self, node: str):
+        """The node's latency histogram (a no-op while metrics are off)."""
+        if not metrics.ENABLED:
+            return _NO_TIMER
+        hist = self._timers.get(node)
+        if hist is None:
+            hist = self._timers[node] = metrics.NODE_DURATION.labels(self.model.model_id, node)
+        return hist
 
     async def start(self) -> None:
         for step in (self.preprocess, self.engine, self.postprocess):
@@ -48,21 +61,33 @@ class Pipeline:
         params = self.check_params(request.params)
         ctx.params = params  # preprocess may need them (e.g. a video's frame rate)
         ctx.stage = "preprocess"
-        payload = await self.preprocess(request.model_input(), ctx)
+        with metrics.timed(self.timer("preprocess")):
+            payload = await self.preprocess(request.model_input(), ctx)
         return payload, params
 
     async def complete(self, payload: Any, params, ctx: RequestContext) -> dict[str, Any]:
         """The whole answer to a prepared request."""
         ctx.stage = "engine"
-        result = await self.engine.generate(payload, params, ctx)
+        with metrics.timed(self.timer("engine")):
+            result = await self.engine.generate(payload, params, ctx)
         ctx.stage = "postprocess"
-        return await self.postprocess(result, ctx)
+        with metrics.timed(self.timer("postprocess")):
+            return await self.postprocess(result, ctx)
 
     async def stream(self, payload: Any, params, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """The answer to a prepared request, one postprocessed chunk at a time."""
         ctx.stage = "engine"
-        async for chunk in self.engine.stream(payload, params, ctx):
-            yield await self.postprocess(chunk, ctx)
+        post = 0.0  # the stream's engine time is its whole time less its postprocessing
+        start = time.perf_counter()
+        try:
+            async for chunk in self.engine.stream(payload, params, ctx):
+                t = time.perf_counter()
+                out = await self.postprocess(chunk, ctx)
+                post += time.perf_counter() - t
+                yield out
+        finally:
+            self.timer("engine").observe(time.perf_counter() - start - post)
+            self.timer("postprocess").observe(post)
 
     def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
         """An OpenAI-compatible request (``route``: ``chat``, ``completion``, ``embedding``...),
@@ -74,7 +99,17 @@ class Pipeline:
                               f"serve {route} requests; its OpenAI-compatible routes: {served}",
                               model_id=self.model.model_id, field="model")
         ctx.stage = "engine"
-        return self.engine.openai(route, body, ctx)
+        return self._timed(self.engine.openai(route, body, ctx), self.timer("engine"))
+
+    @staticmethod
+    async def _timed(chunks: AsyncIterator[Any], hist) -> AsyncIterator[Any]:
+        start = time.perf_counter()
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+            hist.observe(time.perf_counter() - start)
 
     async def model_card(self) -> dict[str, Any]:
         """What the running engine tells about the model (vLLM: max_model_len, root, permission)."""
@@ -90,3 +125,11 @@ class Pipeline:
                 "engine": m.engine, "source": m.source, "engine_kwargs": m.engine_kwargs,
                 "params": m.params, "deployment": m.deployment.model_dump(exclude_none=True),
                 "openai_routes": sorted(self.openai_routes)}
+
+
+class _NoTimer:
+    def observe(self, seconds: float) -> None:
+        pass
+
+
+_NO_TIMER = _NoTimer()

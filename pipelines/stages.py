@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 from pydantic import BaseModel
 
-from core import internals
+from core import internals, metrics
 from core.errors import MMServeError, NotReady, Overloaded
 from core.protocol import EngineResult, Refusal, RequestContext
 from engines.base import Engine, collect
@@ -44,9 +44,10 @@ async def assigned(response, handle, model_id: str, scales_to_zero: bool = False
     is the point. A call queued behind busy replicas keeps waiting for its turn."""
     assignment = asyncio.ensure_future(internals.assignment(response))
     try:
-        while not (await asyncio.wait({assignment}, timeout=ASSIGN_CHECK_S))[0]:
-            if not scales_to_zero and internals.routable_replicas(handle) == 0:
-                raise replica_unavailable(model_id)
+        with metrics.queued(model_id):
+            while not (await asyncio.wait({assignment}, timeout=ASSIGN_CHECK_S))[0]:
+                if not scales_to_zero and internals.routable_replicas(handle) == 0:
+                    raise replica_unavailable(model_id)
         assignment.result()
     except BaseException:
         assignment.cancel()
@@ -127,7 +128,8 @@ class Admission:
                 raise overloaded(self.model_id)
             self.waiting += 1
             try:
-                await self.slots.acquire()
+                with metrics.queued(self.model_id):
+                    await self.slots.acquire()
             finally:
                 self.waiting -= 1
         else:

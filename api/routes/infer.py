@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from api.context import json_response, request_context, run_guarded, sse_response
+from api.context import json_response, pipeline_of, request_context, run_guarded, sse_response
 from api.errors import ERROR_RESPONSES, SSE_EVENT_SCHEMA
 from api.uploads import infer_request_body, read_infer_request
 from core.protocol import InferResponse
@@ -19,7 +19,7 @@ router = APIRouter()
 async def infer(request: Request):
     state = request.app.state
     body = await read_infer_request(request)
-    pipeline = state.router.get(body.model_id)
+    pipeline = pipeline_of(request, body.model_id)
     ctx = request_context(body, request, state.server)
     result = await run_guarded(pipeline, body, ctx)
-    return sse_response(result, ctx) if body.stream else json_response(result)
+    return sse_response(result, ctx, request.state) if body.stream else json_response(result)

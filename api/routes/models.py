@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from api.context import pipeline_of
 from api.errors import ERROR_SCHEMA, error_response
 from core.errors import NotReady
 from pipelines.runner import Pipeline
@@ -47,7 +48,7 @@ async def list_models(request: Request):
             summary="One served model, with its status")
 async def get_model(model_id: str, request: Request):
     state = request.app.state
-    pipeline = state.router.get(model_id)
+    pipeline = pipeline_of(request, model_id)
     return await _entry(request, pipeline, await pipeline.status(state.server.status_timeout_s))
 
 
@@ -63,5 +64,6 @@ async def ready(request: Request):
     waiting = {m: s for m, s in statuses.items() if s != "ready"}
     if waiting:
         return error_response(NotReady("not ready: " + ", ".join(f"{m} ({s})" for m, s in waiting.items()),
-                                       retry="not_ready", details={"models": waiting}), state.server)
+                                       retry="not_ready", details={"models": waiting}), state.server,
+                              request.state)
     return {"status": "ready", "models": statuses}

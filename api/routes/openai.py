@@ -15,7 +15,8 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from api.context import check_shape, deadline_context, internal_errors, request_context, run_guarded, sse_response
+from api.context import (check_shape, deadline_context, internal_errors, pipeline_of, request_context,
+                         run_guarded, sse_response)
 from api.errors import ERROR_RESPONSES, ERROR_SCHEMA, SSE_EVENT_SCHEMA
 from api.uploads import read_json_object, uploaded_media
 from core.deadline import within_deadline
@@ -59,7 +60,7 @@ async def answer(request: Request, route: str):
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise InvalidParameter("model: a model id is required (GET /v1/models lists them)", field="model")
-    pipeline = state.router.get(model_id)
+    pipeline = pipeline_of(request, model_id)
     for key, value in body.items():
         check_shape(value, state.server, key, model_id)
     ctx = deadline_context(request, state.server, model_id)
@@ -75,7 +76,7 @@ async def answer(request: Request, route: str):
     if isinstance(first, dict):
         await chunks.aclose()
         return JSONResponse(first)
-    return sse_response(_prepend(first, chunks), ctx)
+    return sse_response(_prepend(first, chunks), ctx, request.state)
 
 
 def _route(path: str, name: str, summary: str):
@@ -124,7 +125,7 @@ async def transcriptions(
     temperature: float | None = Form(None, description="Accepted and ignored (greedy decoding)."),
 ):
     state = request.app.state
-    pipeline = state.router.get(model)
+    pipeline = pipeline_of(request, model)
     if pipeline.model.modality != "audio":
         raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; transcriptions "
                            f"need a speech recognition model", model_id=model, field="model")

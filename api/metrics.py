@@ -1,0 +1,136 @@
+"""The ingress's request metrics (``core.metrics``): an ASGI middleware that counts every
+response by model, route, status and error type, and times it.
+
+Outermost of the app's middleware, so that what :class:`~api.middleware.RequestEnvelope`
+refuses (401, 413) is counted too. Routes tell it the request's model once they have found it
+(:func:`model_found`) and errors tell it their type (:func:`error_seen`); it sees the status,
+the first event of a stream (time to first token) and a client that goes away.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from core import metrics as m
+
+
+class _Request:
+    """What the middleware learns of one request while it is answered."""
+
+    __slots__ = ("route", "model_id", "error", "code", "first", "sse", "done", "gone", "in_flight")
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.model_id = ""
+        self.error = ""
+        self.code = 0
+        self.first = 0.0
+        self.sse = False
+        self.done = False
+        self.gone = False
+        self.in_flight = None
+
+
+def model_found(state: Any, model_id: str) -> None:
+    """The request is for this served model (``state``: the request's ``request.state``)."""
+    rec: _Request | None = getattr(state, "metrics", None)
+    if rec is not None and rec.in_flight is None:
+        rec.model_id = model_id
+        rec.in_flight = m.IN_FLIGHT.labels(model_id, rec.route)
+        rec.in_flight.inc()
+
+
+def error_seen(state: Any, error_type: str) -> None:
+    """The request ends with an error of this type (a JSON error, or a stream's last event);
+    ``state``: ``request.state``, or the ASGI scope's ``state`` dict."""
+    rec = state.get("metrics") if isinstance(state, dict) else getattr(state, "metrics", None)
+    if rec is not None:
+        rec.error = error_type
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request (``mmserve_requests_total`` and the rest)."""
+
+    def __init__(self, app, routes) -> None:
+        self.app = app
+        self.static: dict[str, str] = {}
+        self.templated: list = []
+        for route in routes:
+            path = getattr(route, "path", None)
+            if path is None:
+                continue
+            if "{" in path:
+                self.templated.append(route)
+            else:
+                self.static[path] = path
+
+    def route_of(self, scope) -> str:
+        """The path template of the route this request is for, or ``other``."""
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        found = self.static.get(path)
+        if found is not None:
+            return found
+        for route in self.templated:
+            if route.path_regex.match(path):
+                return route.path
+        return "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        rec = _Request(self.route_of(scope))
+        scope.setdefault("state", {})["metrics"] = rec
+
+        async def receive_watched():
+            message = await receive()
+            if message["type"] == "http.disconnect" and not rec.done:
+                rec.gone = True
+            return message
+
+        async def send_watched(message):
+            kind = message["type"]
+            if kind == "http.response.start":
+                rec.code = message["status"]
+                for k, v in message.get("headers", ()):
+                    if k == b"content-type":
+                        rec.sse = v.startswith(b"text/event-stream")
+                        break
+            elif kind == "http.response.body":
+                if rec.sse and not rec.first and message.get("body"):
+                    rec.first = time.perf_counter()
+                if not message.get("more_body", False):
+                    rec.done = True
+            try:
+                await send(message)
+            except OSError:
+                rec.gone = True
+                raise
+
+        try:
+            await self.app(scope, receive_watched, send_watched)
+        except BaseException:
+            if not rec.code:
+                rec.code = 500
+            raise
+        finally:
+            self._record(rec, start)
+
+    @staticmethod
+    def _record(rec: _Request, start: float) -> None:
+        end = time.perf_counter()
+        model_id, route = rec.model_id, rec.route
+        error = rec.error
+        if rec.gone and not rec.done:
+            error = error or "client_disconnected"
+            m.DISCONNECTS.labels(model_id, route).inc()
+        m.REQUESTS.labels(model_id, route, str(rec.code or 500), error).inc()
+        m.DURATION.labels(model_id, route).observe(end - start)
+        if rec.first:
+            m.TTFT.labels(model_id, route).observe(rec.first - start)
+        if rec.in_flight is not None:
+            rec.in_flight.dec()
