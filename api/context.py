@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api.errors import error_event, internal_error
-from api.metrics import model_found
+from api.metrics import model_found, stream_ended
 from core.config import ServerConfig
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import InvalidField, MMServeError
@@ -41,6 +41,9 @@ def internal_errors(ctx: RequestContext):
         raise internal_error(ctx) from None
 
 
+DONE = "data: [DONE]"
+
+
 async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext, state: Any = None) -> AsyncIterator[bytes]:
     """Server-Sent Events. A dict chunk (a pipeline's) is sent as one ``data:`` event and the
     stream ends with ``data: [DONE]``; string chunks are events the engine framed itself in its
@@ -53,6 +56,8 @@ async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext, state: Any
         async for chunk in iterate_within_deadline(chunks, ctx):
             if isinstance(chunk, str):
                 framed = True
+                if state is not None and chunk.startswith(DONE):
+                    stream_ended(state)
                 yield chunk.encode()
             else:
                 try:
@@ -67,6 +72,8 @@ async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext, state: Any
     finally:
         await chunks.aclose()  # closes the pipeline's stream now, not at garbage collection
     if not framed:
+        if state is not None:
+            stream_ended(state)
         yield b"data: [DONE]\n\n"
 
 

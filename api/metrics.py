@@ -49,6 +49,14 @@ def error_seen(state: Any, error_type: str) -> None:
         rec.error = error_type
 
 
+def stream_ended(state: Any) -> None:
+    """The stream has sent its last event (``data: [DONE]``): a client that closes the
+    connection now (as OpenAI's client does) did not go away early."""
+    rec = getattr(state, "metrics", None)
+    if rec is not None:
+        rec.done = True
+
+
 class RequestMetrics:
     """Counts and times every HTTP request (``mmserve_requests_total`` and the rest)."""
 

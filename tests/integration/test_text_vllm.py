@@ -438,8 +438,10 @@ def test_prompt_over_the_context_is_422_with_both_numbers(http):
     assert r.status_code == 422 and "tokens; the model's context is 2048 tokens" in err["message"]
 
 
-def test_client_disconnect_aborts_the_generation(serve_app):
+def test_client_disconnect_aborts_the_generation(serve_app, http):
     assert engine_stats()["running_requests"] == 0
+    gone = {"model_id": MODEL, "route": "/v1/infer"}
+    before = value(scrape(http), "mmserve_client_disconnects_total", **gone)
     body = {"model_id": MODEL, "prompt": "Go on", "stream": True,
             "params": {"max_tokens": 1900, "temperature": 0}}  # about 6 s of generation here
     with httpx.Client(base_url=serve_app, timeout=60) as client:
@@ -455,6 +457,9 @@ def test_client_disconnect_aborts_the_generation(serve_app):
     while engine_stats()["running_requests"] and time.monotonic() < deadline:
         time.sleep(0.2)  # polling the engine's own counter
     assert engine_stats()["running_requests"] == 0
+    after = scrape(http)  # counted once, as a disconnect and as a response that ended so
+    assert value(after, "mmserve_client_disconnects_total", **gone) - before == 1
+    assert value(after, "mmserve_requests_total", error="client_disconnected", **gone) >= 1
 
 
 def test_abandoned_request_without_streaming_ends_at_its_deadline(serve_app):
@@ -522,6 +527,79 @@ def test_model_is_listed_ready(http):
     assert one["engine_kwargs"]["max_model_len"] == 2048
 
 
+# --- metrics ------------------------------------------------------------------------------
+
+def scrape(http) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = http.get("/metrics")
+    assert r.status_code == 200, r.text
+    return list(text_string_to_metric_families(r.text))
+
+
+def value(families, sample: str, **labels) -> float:
+    from core.metrics import sample_value
+
+    return sample_value(families, sample, **labels)
+
+
+def test_metrics_count_a_known_mix_and_carry_vllms_own(http, client):
+    """Through HAProxy, the ingress and the engine replica (another process): exact counts by
+    model, route, status and error, histograms that count every request once, and vLLM's own
+    metrics under their `vllm:` names with the model's `model_id`."""
+    before = scrape(http)
+    short = {"max_tokens": 8, "temperature": 0}
+    for _ in range(3):
+        infer(http, prompt="Hello", params=short)
+    for _ in range(2):
+        assert stream_events(http, prompt="Hello", params=short)[-1] == "[DONE]"
+    client.completions.create(model=LLM, prompt="Hello", max_tokens=8, temperature=0)
+    list(client.completions.create(model=LLM, prompt="Hello", max_tokens=8, temperature=0, stream=True))
+    for _ in range(2):
+        assert http.post("/v1/infer", json={"model_id": MODEL, "prompt": "x", "params": {"top_k": -5}}).status_code == 422
+    for _ in range(2):
+        assert http.post("/v1/infer", json={"model_id": "no-such-model", "prompt": "x"}).status_code == 404
+    late = {"model_id": MODEL, "prompt": "Go on", "params": {"max_tokens": 1900, "timeout_s": 0.3}}
+    assert http.post("/v1/infer", json=late).status_code == 504
+
+    def delta(after, sample, **labels):
+        return value(after, sample, **labels) - value(before, sample, **labels)
+
+    def vllm_done(after):  # vLLM's stat logger records after it hands the outputs over
+        return delta(after, "vllm:request_success_total", model_id=LLM) >= 7
+
+    deadline = time.monotonic() + 10
+    while not vllm_done(after := scrape(http)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling vLLM's own counter
+    infer_ = {"model_id": LLM, "route": "/v1/infer"}
+    completions = {"model_id": LLM, "route": "/v1/completions"}
+    assert delta(after, "mmserve_requests_total", code="200", error="", **infer_) == 5
+    assert delta(after, "mmserve_requests_total", code="200", error="", **completions) == 2
+    assert delta(after, "mmserve_requests_total", code="422", error="invalid_request", **infer_) == 2
+    assert delta(after, "mmserve_requests_total", model_id="", route="/v1/infer", code="404",
+                 error="model_not_found") == 2
+    assert delta(after, "mmserve_requests_total", code="504", error="deadline_exceeded", **infer_) == 1
+    assert delta(after, "mmserve_request_duration_seconds_count", **infer_) == 8
+    assert delta(after, "mmserve_request_duration_seconds_count", **completions) == 2
+    assert delta(after, "mmserve_time_to_first_token_seconds_count", model_id=LLM) == 3  # the streams
+    assert delta(after, "mmserve_node_duration_seconds_count", model_id=LLM, node="engine") == 8
+    # time per output token: every generation of 2 tokens or more but the non-streamed
+    # completion (vLLM hands that one over whole); the late one may have had time for 2
+    assert 6 <= delta(after, "mmserve_time_per_output_token_seconds_count", model_id=LLM) <= 7
+    assert value(after, "mmserve_requests_in_flight", model_id=LLM) == 0
+    assert value(after, "mmserve_model_status", model_id=LLM, status="ready") == 1
+    assert value(after, "mmserve_replica_starts_total", model_id=LLM, deployment=f"{MODEL}.engine") == 1
+
+    # vLLM's own, from the engine replica, under vLLM's names and labels plus model_id
+    running = [s for f in after if f.name == "vllm:num_requests_running" for s in f.samples]
+    assert running and all(s.labels["model_id"] == s.labels["model_name"] for s in running)
+    assert {s.labels["model_id"] for s in running} == {LLM, EMBED}
+    assert delta(after, "vllm:time_to_first_token_seconds_count", model_id=LLM) >= 7
+    assert delta(after, "vllm:prompt_tokens_total", model_id=LLM) > 0
+    assert {s.labels["deployment"] for f in after if f.name == "vllm:num_requests_running"
+            for s in f.samples} == {f"{LLM}.engine", f"{EMBED}.engine"}
+
+
 def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
     """Kept last: it kills the tiny Llama's vLLM engine core process (not the embedding
     model's) and waits for the replica to come back."""
@@ -553,3 +631,9 @@ def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
     while http.get("/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
         time.sleep(1)  # Serve's health check restarts the replica, vLLM starts again
     assert http.post("/v1/infer", json=body).status_code == 200
+    # the replacement replica counts as a start, and its own vLLM metrics are scraped
+    after = scrape(http)
+    assert value(after, "mmserve_replica_starts_total", model_id=MODEL, deployment=f"{MODEL}.engine") == 2
+    replicas = {s.labels["replica"] for f in after if f.name == "vllm:num_requests_running"
+                for s in f.samples if s.labels["model_id"] == MODEL}
+    assert len(replicas) == 1
