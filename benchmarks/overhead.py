@@ -141,7 +141,7 @@ def main() -> None:
         table.add_row(r["app"], f"{r['rps']:.1f}", f"{r['rps'] / base['rps']:.2f}",
                       f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(errors),
                       " ".join(map(str, r["all_rps"])), str(r["scrape_ms"] or ""))
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

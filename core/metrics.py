@@ -69,7 +69,7 @@ BATCH_WAIT = Histogram("mmserve_batch_wait_seconds", "Time a request waited for 
                        ["model_id"], buckets=LATENCY_BUCKETS)
 
 #: the values of ``mmserve_model_status``'s ``status`` label (``pipelines.runner.Pipeline.status``)
-STATUSES = ("ready", "starting", "unavailable", "unhealthy")
+STATUSES = ("ready", "starting", "recovering", "unavailable", "unhealthy")
 
 
 def configure(enabled: bool) -> None:
@@ -240,7 +240,8 @@ def status_family(statuses: dict[str, str]) -> Metric:
         current = status.split(":", 1)[0]
         rows += [({"model_id": model_id, "status": s}, float(s == current)) for s in STATUSES]
     return gauge_family("mmserve_model_status", "Each model's status (1: the current one): ready, "
-                        "starting, unavailable (no replica, being replaced), unhealthy", rows)
+                        "starting, recovering (its replica died, a replacement is coming), "
+                        "unavailable (no replica), unhealthy", rows)
 
 
 def render(families: Iterable[Metric]) -> bytes:

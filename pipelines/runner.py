@@ -116,7 +116,7 @@ class Pipeline:
         return await self.engine.model_card()
 
     async def status(self, timeout_s: float) -> str:
-        """``ready``, ``starting``, ``unavailable`` or ``unhealthy: <why>``."""
+        """``ready``, ``starting``, ``recovering``, ``unavailable`` or ``unhealthy: <why>``."""
         return await self.engine.status(timeout_s)
 
     def describe(self) -> dict[str, Any]:

@@ -51,11 +51,22 @@ def test_bad_media_is_4xx_and_the_engine_keeps_serving(serve_app):
         assert c.post("/v1/infer", json={"model_id": "tiny-resnet", "input": {"data": media.b64(png)}}).status_code == 200
 
 
+def scrape(serve_app) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{serve_app}/metrics", timeout=30)
+    assert r.status_code == 200, r.text
+    return list(text_string_to_metric_families(r.text))
+
+
 def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
     from ray import serve
 
+    from core.metrics import sample_value
+
     engine = serve.get_deployment_handle("tiny-resnet.engine", "mmserve")
     before = engine.stats.remote().result()
+    scraped = scrape(serve_app)
     bodies = [{"model_id": "tiny-resnet", "input": {"data": media.b64(media.encode_image(media.image(seed=i)))}}
               for i in range(32)]
 
@@ -67,3 +78,14 @@ def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
     after = engine.stats.remote().result()
     items, batches = after["items"] - before["items"], after["batches"] - before["batches"]
     assert items == 32 and batches < 32, (items, batches)
+
+    # the engine replica's batch metrics, through the ingress's /metrics, agree with its stats
+    now = scrape(serve_app)
+
+    def delta(sample):
+        return (sample_value(now, sample, model_id="tiny-resnet", deployment="tiny-resnet.engine")
+                - sample_value(scraped, sample, model_id="tiny-resnet", deployment="tiny-resnet.engine"))
+
+    assert delta("mmserve_batch_size_count") == batches
+    assert delta("mmserve_batch_size_sum") == items
+    assert delta("mmserve_batch_wait_seconds_count") == items
