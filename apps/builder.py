@@ -19,6 +19,19 @@ def deployment_name(model_id: str, step: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}.{step}"
 
 
+def from_args(args: dict) -> Application:
+    """Serve's application builder for an exported config (``import_path:
+    apps.builder:from_args``, ``args: {config: ...}``, see ``apps.export``): the config is
+    validated again here, with the launcher's messages, and built as the launcher builds it,
+    with the API keys of ``server.api_keys_env`` in this process's environment added."""
+    from apps.config import with_env_api_keys
+    from core.validate import validate_config
+
+    if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
+        raise ValueError("args: expected {config: <the composed config>} (python -m apps.export writes it)")
+    return build_app(with_env_api_keys(validate_config(args["config"])))
+
+
 def build_app(cfg: AppConfig) -> Application:
     """Bind the ingress and, per model, the deployments its placement asks for."""
     routes = []

@@ -38,10 +38,16 @@ def to_app_config(cfg) -> AppConfig:
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> AppConfig:
     """Compose ``conf/`` with Hydra overrides and validate it (for tests, benchmarks, tools)."""
+    return validate_config(compose_plain(overrides, config_name))
+
+
+def compose_plain(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+    """Compose ``conf/`` with Hydra overrides into the plain dict that validation takes (what
+    an exported Serve config carries)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_app_config(hydra_compose(config_name=config_name, overrides=overrides or []))
+        return to_plain(hydra_compose(config_name=config_name, overrides=overrides or []))
 
 
 def with_env_api_keys(cfg: AppConfig, env: Mapping[str, str] = os.environ) -> AppConfig:

@@ -25,12 +25,31 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from core.config import AppConfig, ServerConfig
 from core.validate import check_resources
 
 logger = logging.getLogger("mmserve.launch")
+
+
+#: the project's root: what a job joining a cluster ships to it (``code_runtime_env``)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: what never ships (gitignore patterns, as Ray's runtime_env ``excludes`` reads them)
+EXCLUDES = [".git", ".venv", "venv", "**/__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
+            ".mypy_cache", ".hypothesis", "*.egg-info", "outputs", "multirun", ".cache",
+            "node_modules", "*.zip"]
+
+
+def code_runtime_env(server: ServerConfig) -> dict:
+    """The part of a joining job's runtime environment that carries the project to every node
+    (Ray's ``working_dir``: uploaded once, unpacked on each node, the replicas' working
+    directory and first on their path), or nothing with ``server.ship_code: false``."""
+    if not server.ship_code:
+        return {}
+    return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES}
 
 
 def local_gpu_count() -> int:
@@ -221,9 +240,10 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
 
     - Ray already connected in this process (a Ray task, a caller's own ``ray.init``): used
       as it is, and left connected.
-    - ``RAY_ADDRESS`` set: joined; the Serve instance this job starts gets :func:`serve_env`
-      through the job's runtime environment (one already running keeps its own). Left
-      connected to nothing afterwards; its Serve keeps running.
+    - ``RAY_ADDRESS`` set: joined; the job's runtime environment ships the project
+      (:func:`code_runtime_env`) and gives the Serve instance this job starts
+      :func:`serve_env` (one already running keeps its own). Left connected to nothing
+      afterwards; its Serve keeps running.
     - Otherwise a local Ray (``num_cpus``, default every core) whose processes start with
       :func:`serve_env`; stopped afterwards, with its Serve.
 
@@ -247,9 +267,11 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
         if ray.is_initialized():
             pass
         elif os.environ.get("RAY_ADDRESS"):
-            env = serve_env(server, local=False)
+            runtime_env = code_runtime_env(server)
+            if env := serve_env(server, local=False):
+                runtime_env["env_vars"] = env
             ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging_level,
-                     log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
+                     log_to_driver=log_to_driver, runtime_env=runtime_env or None)
             connected = True
         else:
             if fits is not None:
@@ -289,11 +311,12 @@ def _start_http(server: ServerConfig) -> None:
     from ray import serve
     from ray.exceptions import ActorAlreadyExistsError
 
-    http = {"host": server.host, "port": server.port}
+    options = {"http_options": {"host": server.host, "port": server.port},
+               "proxy_location": server.proxy_location}
     try:
-        serve.start(http_options=http)
+        serve.start(**options)
     except ActorAlreadyExistsError:
-        serve.start(http_options=http)
+        serve.start(**options)
 
 
 @contextlib.contextmanager

@@ -213,6 +213,13 @@ class ServerConfig(Strict):
         "ray[serve]) forwarding to the ingress replica, which serves HTTP itself; a local Ray gets "
         "free ports for its stats, metrics and fallback proxy. ray: Ray Serve's Python proxy actor. "
         "Applies to the Serve that mmserve starts (apps.serving.serve_env)."))
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field("EveryNode", description=(
+        "Where Serve takes HTTP on a cluster: on every node that has a replica (Serve's default), "
+        "or on the head node only (nodes sharing one address, as in a cluster on one machine)."))
+    ship_code: bool = Field(True, description=(
+        "When the launcher joins a Ray cluster (RAY_ADDRESS), ship the project to its nodes in "
+        "the job's runtime environment (working_dir, without virtual environments, caches, "
+        "outputs and multirun directories); false where the cluster's image already holds it."))
     serve_env: dict[str, str] = Field(default_factory=dict, description=(
         "Environment of the Ray and Serve processes that mmserve starts (RAY_SERVE_* settings), "
         "on top of what http_proxy sets; conf/server/default.yaml holds mmserve's defaults, "

@@ -155,10 +155,13 @@ class Directory:
         return procs, starts
 
 
-def directory():
-    """The cluster's :class:`Directory` actor, started by whichever process asks first."""
+def directory(create: bool = True):
+    """The cluster's :class:`Directory` actor, started by whichever process asks first
+    (``create=False``: only an existing one; raises ValueError if there is none)."""
     import ray
 
+    if not create:
+        return ray.get_actor(DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE)
     return ray.remote(num_cpus=0, max_restarts=-1)(Directory).options(
         name=DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE, lifetime="detached",
         get_if_exists=True).remote()
@@ -172,7 +175,7 @@ class Exposed:
 
     def close(self) -> None:
         try:
-            directory().unregister.remote(self.app, self.key)
+            directory(create=False).unregister.remote(self.app, self.key)
         except Exception as err:  # Ray going down: the scrape drops this process anyway
             logger.debug("metrics: unregister %s: %s", self.key, err)
         self.server.shutdown()

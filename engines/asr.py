@@ -54,6 +54,8 @@ def ctc_greedy(ids: list[int], labels: list[str], blank: int = 0, separator: str
 class CTCSpeechRecognizer(BatchedEngine):
     """``{"text": ...}``: greedy CTC decoding of a padded batch run through the model at once."""
 
+    requires = ("torch", "torchaudio")
+
     def load(self) -> None:
         if not self.model.source:
             raise ValueError(f"model {self.model.model_id!r}: an ASR model needs a source")

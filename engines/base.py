@@ -27,6 +27,8 @@ class Engine(ABC):
 
     Kwargs: ClassVar[type[BaseModel]] = NoOptions
     Params: ClassVar[type[BaseModel]] = NoOptions
+    #: modules the engine imports when it runs; a replica checks them on its node at start
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model

@@ -56,6 +56,8 @@ class VideoParams(ImageParams):
 class ImageClassifier(BatchedEngine):
     """Top-k ``[{"label", "score"}]`` per image. A batch is one forward pass over every item."""
 
+    requires = ("torch", "torchvision")
+
     Params = ImageParams
 
     def load(self) -> None:

@@ -29,6 +29,8 @@ class SileroVAD(BatchedEngine):
     other on the one model (batching still saves the per-request hops and thread switches).
     """
 
+    requires = ("torch", "silero_vad")
+
     Params = VADParams
 
     def load(self) -> None:

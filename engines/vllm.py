@@ -188,6 +188,8 @@ def _engine_died(ctx: RequestContext) -> NotReady:
 class VLLMEngine(Engine):
     """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
 
+    requires = ("vllm",)
+
     Kwargs = VLLMKwargs
     Params = TextParams
 

@@ -28,6 +28,8 @@ class AudioDecode(Node):
     expands to hours of audio costs no more than the limit before it is refused.
     """
 
+    requires = ("torch", "torchaudio", "torchcodec.decoders")  # torchcodec loads FFmpeg's libraries
+
     Kwargs = AudioKwargs
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:

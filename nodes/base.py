@@ -20,6 +20,8 @@ class Node(ABC):
     """Base of preprocess and postprocess nodes; ``Kwargs`` is the schema of their kwargs."""
 
     Kwargs: ClassVar[type[BaseModel]] = NoOptions
+    #: modules the node imports when it runs; the process hosting it checks them at start
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, kwargs: dict[str, Any], model: ModelConfig) -> None:
         self.kwargs = self.Kwargs.model_validate(kwargs)

@@ -17,6 +17,8 @@ class TextPrompt(Node):
     chat template), and refuses prompts that do not fit the model's context (422 with both numbers).
     """
 
+    requires = ("transformers",)
+
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
         self.tokenizer = None

@@ -35,6 +35,8 @@ def sample_times(begin: float, duration: float, fps: float | None, num_frames: i
 class VideoFrames(PixelNode):
     """Samples and transforms a clip's frames; records their timestamps and the duration."""
 
+    requires = ("torch", "torchvision", "torchcodec.decoders")  # torchcodec loads FFmpeg's libraries
+
     Kwargs = VideoKwargs
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:

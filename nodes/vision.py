@@ -58,6 +58,8 @@ def check_size(width: int, height: int, kw: ImageKwargs, what: str, model_id: st
 class PixelNode(Node):
     """Base of image and video preprocessing: builds ``kwargs.transforms`` at start-up."""
 
+    requires = ("torch", "torchvision", "PIL")
+
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
         self.transform = self.finish = None

@@ -29,12 +29,40 @@ async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield Refusal(err)
 
 
+def check_node(model_id: str, steps: list[type]) -> None:
+    """Fail at start, with one message naming this node and each module missing, if a step
+    hosted here (an engine or node class) needs what this node cannot import: on a cluster a
+    node without the locked stack, or without FFmpeg's libraries for media, fails here rather
+    than at its first request."""
+    import importlib
+
+    missing: dict[str, str] = {}
+    for step in steps:
+        for module in step.requires:
+            if module not in missing:
+                try:
+                    importlib.import_module(module)
+                except Exception as err:  # ImportError, or a library that fails to load (OSError)
+                    missing[module] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if missing:
+        import socket
+
+        import ray
+
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else "local"
+        raise RuntimeError(f"node {node} ({socket.gethostname()}) cannot run model {model_id!r}: "
+                           + "; ".join(f"{m} ({e})" for m, e in missing.items())
+                           + ". Install the locked stack there (requirements/lock-cpu.txt), "
+                             "and FFmpeg's libraries for media models")
+
+
 @serve.deployment
 class EngineServer:
     """Hosts one model's engine; healthy while the engine's own check passes."""
 
     async def __init__(self, model: ModelConfig, metrics_on: bool = True) -> None:
         self.model = model
+        check_node(model.model_id, [engine_class(model.engine)])
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.engine = engine_class(model.engine)(model)
@@ -84,6 +112,7 @@ class NodeServer:
     """Hosts one pre- or postprocess node (``placement: split``)."""
 
     async def __init__(self, spec: NodeSpec, model: ModelConfig, metrics_on: bool = True) -> None:
+        check_node(model.model_id, [node_class(spec.name)])
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.node = node_class(spec.name)(spec.kwargs, model)
@@ -120,6 +149,9 @@ def pipeline_for(route: Route):
     from pipelines.stages import LocalEngine, LocalNode, RemoteEngine, RemoteNode
 
     m = route.model
+    check_node(m.model_id, [node_class(spec.name) for spec, handle in
+                            ((route.preprocess, route.preprocess_handle), (route.postprocess, route.postprocess_handle))
+                            if not handle] + ([] if route.engine_handle else [engine_class(m.engine)]))
 
     def node(spec: NodeSpec, handle):
         if handle:

@@ -127,3 +127,18 @@ def test_a_refusal_from_across_the_hop_is_raised_here():
         engine._probe.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_step_whose_modules_this_node_lacks_fails_at_start_naming_the_node_and_modules():
+    from pipelines.deployments import check_node
+
+    class NeedsMissing:
+        requires = ("json", "no_such_module_for_mmserve", "another_missing_one")
+
+    with pytest.raises(RuntimeError) as err:
+        check_node("m1", [NeedsMissing])
+    message = str(err.value)
+    assert message.startswith("node ") and "cannot run model 'm1'" in message
+    assert "no_such_module_for_mmserve (ModuleNotFoundError" in message and "another_missing_one" in message
+    assert "json (" not in message  # what it has is not listed
+    check_node("m2", [type("Fine", (), {"requires": ("json",)})])
