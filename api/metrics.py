@@ -62,6 +62,7 @@ class RequestMetrics:
 
     def __init__(self, app, routes) -> None:
         self.app = app
+        self._series: dict[tuple, tuple] = {}  # labelled children, looked up once per label set
         self.static: dict[str, str] = {}
         self.templated: list = []
         for route in routes:
@@ -128,16 +129,20 @@ class RequestMetrics:
         finally:
             self._record(rec, start)
 
-    @staticmethod
-    def _record(rec: _Request, start: float) -> None:
+    def _record(self, rec: _Request, start: float) -> None:
         end = time.perf_counter()
         model_id, route = rec.model_id, rec.route
         error = rec.error
         if rec.gone and not rec.done:
             error = error or "client_disconnected"
             m.DISCONNECTS.labels(model_id, route).inc()
-        m.REQUESTS.labels(model_id, route, str(rec.code or 500), error).inc()
-        m.DURATION.labels(model_id, route).observe(end - start)
+        key = (model_id, route, rec.code or 500, error)
+        series = self._series.get(key)
+        if series is None:  # label values are bounded (served ids, route templates): so is this
+            series = self._series[key] = (m.REQUESTS.labels(model_id, route, str(key[2]), error),
+                                          m.DURATION.labels(model_id, route))
+        series[0].inc()
+        series[1].observe(end - start)
         if rec.first:
             m.TTFT.labels(model_id, route).observe(rec.first - start)
         if rec.in_flight is not None:
