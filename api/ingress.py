@@ -35,5 +35,5 @@ class Ingress:
         return create_app(self.router, self.server, echo_request_id=False, scrape=self._scrape)
 
     def __del__(self) -> None:
-        if self.exposed is not None:
+        if getattr(self, "exposed", None) is not None:  # None too if __init__ failed early
             self.exposed.close()

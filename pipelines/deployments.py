@@ -102,9 +102,10 @@ class EngineServer:
         await self.engine.check_health()
 
     async def __del__(self) -> None:
-        if self.exposed is not None:
+        if getattr(self, "exposed", None) is not None:  # None too if __init__ failed early
             self.exposed.close()
-        await self.engine.stop()
+        if getattr(self, "engine", None) is not None:
+            await self.engine.stop()
 
 
 @serve.deployment
@@ -125,7 +126,7 @@ class NodeServer:
             return Refusal(err)  # see core.protocol.Refusal
 
     def __del__(self) -> None:
-        if self.exposed is not None:
+        if getattr(self, "exposed", None) is not None:  # None too if __init__ failed early
             self.exposed.close()
 
 
