@@ -37,7 +37,7 @@ def model_found(state: Any, model_id: str) -> None:
     rec: _Request | None = getattr(state, "metrics", None)
     if rec is not None and rec.in_flight is None:
         rec.model_id = model_id
-        rec.in_flight = m.IN_FLIGHT.labels(model_id, rec.route)
+        rec.in_flight = m.series(m.IN_FLIGHT, model_id, rec.route)
         rec.in_flight.inc()
 
 
@@ -62,7 +62,6 @@ class RequestMetrics:
 
     def __init__(self, app, routes) -> None:
         self.app = app
-        self._series: dict[tuple, tuple] = {}  # labelled children, looked up once per label set
         self.static: dict[str, str] = {}
         self.templated: list = []
         for route in routes:
@@ -129,21 +128,17 @@ class RequestMetrics:
         finally:
             self._record(rec, start)
 
-    def _record(self, rec: _Request, start: float) -> None:
+    @staticmethod
+    def _record(rec: _Request, start: float) -> None:
         end = time.perf_counter()
         model_id, route = rec.model_id, rec.route
         error = rec.error
         if rec.gone and not rec.done:
             error = error or "client_disconnected"
-            m.DISCONNECTS.labels(model_id, route).inc()
-        key = (model_id, route, rec.code or 500, error)
-        series = self._series.get(key)
-        if series is None:  # label values are bounded (served ids, route templates): so is this
-            series = self._series[key] = (m.REQUESTS.labels(model_id, route, str(key[2]), error),
-                                          m.DURATION.labels(model_id, route))
-        series[0].inc()
-        series[1].observe(end - start)
+            m.series(m.DISCONNECTS, model_id, route).inc()
+        m.series(m.REQUESTS, model_id, route, str(rec.code or 500), error).inc()
+        m.series(m.DURATION, model_id, route).observe(end - start)
         if rec.first:
-            m.TTFT.labels(model_id, route).observe(rec.first - start)
+            m.series(m.TTFT, model_id, route).observe(rec.first - start)
         if rec.in_flight is not None:
             rec.in_flight.dec()

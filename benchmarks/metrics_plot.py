@@ -18,15 +18,6 @@ import time
 LLM, ECHO = "tiny-llama", "echo"
 
 
-def engine_cores(model_id: str):
-    """vLLM engine core processes whose parents include ``model_id``'s engine replica."""
-    import psutil
-
-    cores = [p for p in psutil.process_iter(["name", "cmdline"])
-             if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
-    return [p for p in cores if any(f"{model_id}.engine" in " ".join(a.cmdline()) for a in p.parents())]
-
-
 async def closed_loop(url: str, body: dict, concurrency: int, stop: asyncio.Event) -> None:
     import httpx
 
@@ -45,7 +36,8 @@ async def closed_loop(url: str, body: dict, concurrency: int, stop: asyncio.Even
 
 async def run(base: str, args) -> list[tuple[float, list]]:
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support import engine_core_processes, metric_families
 
     stop = asyncio.Event()
     loads = [asyncio.create_task(closed_loop(f"{base}/v1/infer", body, 2, stop)) for body in (
@@ -58,14 +50,13 @@ async def run(base: str, args) -> list[tuple[float, list]]:
     async with httpx.AsyncClient(timeout=30) as client:
         while True:
             t = time.monotonic() - start
-            text = (await client.get(f"{base}/metrics")).text
-            families = list(text_string_to_metric_families(text))
+            families = metric_families(await client.get(f"{base}/metrics"))
             scrapes.append((t, families))
             status = {s.labels["status"] for f in families if f.name == "mmserve_model_status"
                       for s in f.samples if s.labels["model_id"] == LLM and s.value == 1}
             seen_down = seen_down or (killed is not None and status != {"ready"})
             if killed is None and t >= args.kill_at:
-                cores = engine_cores(LLM)  # a /proc read can miss a process: looked for each second
+                cores = engine_core_processes(LLM)  # a /proc read can miss a process: looked for each second
                 if not cores and t > args.kill_at + 10:
                     raise RuntimeError(f"no vLLM engine core process of {LLM} found")
                 for p in cores:

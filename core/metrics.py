@@ -72,6 +72,20 @@ BATCH_WAIT = Histogram("mmserve_batch_wait_seconds", "Time a request waited for 
 STATUSES = ("ready", "starting", "recovering", "unavailable", "unhealthy")
 
 
+_series: dict[tuple, Any] = {}
+
+
+def series(metric, *values: str):
+    """``metric.labels(*values)``, looked up once per label set: label values are bounded
+    (served ids, route templates, the error vocabulary), so this cache is too, and the hot
+    path skips prometheus_client's locked lookup."""
+    key = (metric, values)
+    child = _series.get(key)
+    if child is None:
+        child = _series[key] = metric.labels(*values)
+    return child
+
+
 def configure(enabled: bool) -> None:
     """Turn recording in this process on or off."""
     global ENABLED
@@ -94,7 +108,7 @@ def queued(model_id: str) -> Iterator[None]:
     if not ENABLED:
         yield
         return
-    gauge = QUEUED.labels(model_id)
+    gauge = series(QUEUED, model_id)
     gauge.inc()
     try:
         yield
@@ -122,7 +136,7 @@ class TokenTimer:
 
     def observe(self, model_id: str) -> None:
         if ENABLED and self.tokens > 1 and self.last > self.first:
-            TPOT.labels(model_id).observe((self.last - self.first) / (self.tokens - 1))
+            series(TPOT, model_id).observe((self.last - self.first) / (self.tokens - 1))
 
 
 # --- one scrape over every process ----------------------------------------------------------
@@ -227,13 +241,14 @@ def local_families() -> list[Metric]:
     return list(REGISTRY.collect())
 
 
-def gauge_family(name: str, documentation: str, rows: Iterable[tuple[dict[str, str], float]],
-                 typ: str = "gauge") -> Metric:
-    family = Metric(name, documentation, typ)
+def family(name: str, documentation: str, rows: Iterable[tuple[dict[str, str], float]],
+           typ: str = "gauge") -> Metric:
+    """A gauge (or counter) family of ``(labels, value)`` rows made at scrape time."""
+    made = Metric(name, documentation, typ)
     sample = f"{name}_total" if typ == "counter" else name
     for labels, value in rows:
-        family.add_sample(sample, labels, value)
-    return family
+        made.add_sample(sample, labels, value)
+    return made
 
 
 def status_family(statuses: dict[str, str]) -> Metric:
@@ -242,7 +257,7 @@ def status_family(statuses: dict[str, str]) -> Metric:
     for model_id, status in statuses.items():
         current = status.split(":", 1)[0]
         rows += [({"model_id": model_id, "status": s}, float(s == current)) for s in STATUSES]
-    return gauge_family("mmserve_model_status", "Each model's status (1: the current one): ready, "
+    return family("mmserve_model_status", "Each model's status (1: the current one): ready, "
                         "starting, recovering (its replica died, a replacement is coming), "
                         "unavailable (no replica), unhealthy", rows)
 
@@ -280,7 +295,7 @@ async def scrape_cluster(app: str, timeout_s: float, extra: list[Metric]) -> byt
             logger.warning("metrics: %s (%s) did not answer: %s", url, labels, answer)
             continue
         sources.append((labels, parse(answer.text)))
-    sources.append(({}, [gauge_family(
+    sources.append(({}, [family(
         "mmserve_replica_starts", "Replicas started per deployment (a restart counts once more)",
         [({"model_id": m, "deployment": dep}, float(n)) for m, dep, n in starts], typ="counter")]))
     return render(merge(sources))

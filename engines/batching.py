@@ -94,8 +94,8 @@ class BatchedEngine(Engine):
         if metrics.ENABLED:
             now = time.perf_counter()
             model_id = self.model.model_id
-            metrics.BATCH_SIZE.labels(model_id).observe(len(items))
-            wait = metrics.BATCH_WAIT.labels(model_id)
+            metrics.series(metrics.BATCH_SIZE, model_id).observe(len(items))
+            wait = metrics.series(metrics.BATCH_WAIT, model_id)
             for *_, arrived in items:
                 wait.observe(now - arrived)
         try:

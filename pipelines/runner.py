@@ -30,16 +30,12 @@ class Pipeline:
         cls = engine_class(model.engine)
         self.params_schema = cls.Params
         self.openai_routes = cls.openai_routes(model)
-        self._timers: dict[str, Any] = {}
 
     def timer(self, node: str):
         """The node's latency histogram (a no-op while metrics are off)."""
         if not metrics.ENABLED:
             return _NO_TIMER
-        hist = self._timers.get(node)
-        if hist is None:
-            hist = self._timers[node] = metrics.NODE_DURATION.labels(self.model.model_id, node)
-        return hist
+        return metrics.series(metrics.NODE_DURATION, self.model.model_id, node)
 
     async def start(self) -> None:
         for step in (self.preprocess, self.engine, self.postprocess):

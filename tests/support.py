@@ -119,6 +119,25 @@ def inline_router(cfg) -> ModelRouter:
     return ModelRouter([pipeline_for(r) for r in routes])
 
 
+def metric_families(response) -> list:
+    """The metric families of a ``GET /metrics`` answer, parsed by prometheus_client's own
+    text parser (the answer must be a 200)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert response.status_code == 200, response.text
+    return list(text_string_to_metric_families(response.text))
+
+
+def engine_core_processes(model_id: str) -> list:
+    """The vLLM engine core processes of ``model_id``'s engine replica. vLLM retitles the
+    process; its name holds the title's first 15 characters."""
+    import psutil
+
+    cores = [p for p in psutil.process_iter(["name", "cmdline"])
+             if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+    return [p for p in cores if any(f"{model_id}.engine" in " ".join(a.cmdline()) for a in p.parents())]
+
+
 @contextmanager
 def serve_batch_outside_serve(max_ongoing_requests: int = 1000):
     """Let ``@serve.batch`` run without Ray: it asks the replica context for the deployment's
@@ -132,5 +151,5 @@ def serve_batch_outside_serve(max_ongoing_requests: int = 1000):
         yield
 
 
-__all__ = ["FailingEngine", "ScriptedOpenAIEngine", "VLLMProtocolEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
+__all__ = ["engine_core_processes", "metric_families", "FailingEngine", "ScriptedOpenAIEngine", "VLLMProtocolEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
            "inline_router", "local_pipeline", "serve_batch_outside_serve", "local_router", "model"]

@@ -52,11 +52,9 @@ def test_bad_media_is_4xx_and_the_engine_keeps_serving(serve_app):
 
 
 def scrape(serve_app) -> list:
-    from prometheus_client.parser import text_string_to_metric_families
+    from tests.support import metric_families
 
-    r = httpx.get(f"{serve_app}/metrics", timeout=30)
-    assert r.status_code == 200, r.text
-    return list(text_string_to_metric_families(r.text))
+    return metric_families(httpx.get(f"{serve_app}/metrics", timeout=30))
 
 
 def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):

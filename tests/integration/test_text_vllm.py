@@ -530,11 +530,9 @@ def test_model_is_listed_ready(http):
 # --- metrics ------------------------------------------------------------------------------
 
 def scrape(http) -> list:
-    from prometheus_client.parser import text_string_to_metric_families
+    from tests.support import metric_families
 
-    r = http.get("/metrics")
-    assert r.status_code == 200, r.text
-    return list(text_string_to_metric_families(r.text))
+    return metric_families(http.get("/metrics"))
 
 
 def value(families, sample: str, **labels) -> float:
@@ -603,15 +601,10 @@ def test_metrics_count_a_known_mix_and_carry_vllms_own(http, client):
 def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
     """Kept last: it kills the tiny Llama's vLLM engine core process (not the embedding
     model's) and waits for the replica to come back."""
-    import psutil
-
-    def engine_cores():  # vLLM retitles the process; its name holds the title's first 15 characters
-        cores = [p for p in psutil.process_iter(["name", "cmdline"])
-                 if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
-        return [p for p in cores if any(f"{MODEL}.engine" in " ".join(a.cmdline()) for a in p.parents())]
+    from tests.support import engine_core_processes
 
     deadline = time.monotonic() + 10
-    while not (cores := engine_cores()) and time.monotonic() < deadline:
+    while not (cores := engine_core_processes(MODEL)) and time.monotonic() < deadline:
         time.sleep(0.5)  # a /proc read can miss a process for a moment; look again
     assert cores, "no vLLM engine core process found"
     for p in cores:

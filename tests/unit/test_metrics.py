@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from core import metrics
 from core.config import ServerConfig
-from tests.support import local_pipeline, local_router, model
+from tests.support import local_pipeline, local_router, metric_families, model
 
 
 @pytest.fixture
@@ -38,9 +38,9 @@ def send(app, *requests) -> list[httpx.Response]:
 
 def scrape(app, **headers) -> list:
     (r,) = send(app, ("GET", "/metrics", {"headers": headers}))
-    assert r.status_code == 200, r.text
+    families = metric_families(r)
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return list(text_string_to_metric_families(r.text))
+    return families
 
 
 def value(families, sample, **labels) -> float:
