@@ -40,6 +40,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     app.state.router = router
     app.state.server = server
     app.state.started = int(time.time())
+    app.state.schema_generation = -1
     app.state.scrape = scrape or metrics.local_scrape
     for module in (infer, openai, models, metrics):
         app.include_router(module.router)
@@ -67,7 +68,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     def openapi() -> dict:
         # /v1/infer reads its body itself (JSON or a form upload), and the OpenAI-compatible
         # routes take vLLM's request models: publish their schemas.
-        if app.openapi_schema is None:
+        if app.openapi_schema is None or app.state.schema_generation != router.generation:
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
@@ -81,6 +82,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
                 schemas[model.__name__] = s
             openai.publish_schemas(schema, router)
             app.openapi_schema = schema
+            app.state.schema_generation = router.generation  # an update changes the served ids
         return app.openapi_schema
 
     app.openapi = openapi

@@ -24,9 +24,14 @@ from pipelines.runner import Pipeline
 
 def pipeline_of(request: Request, model_id: str) -> Pipeline:
     """The pipeline of ``model_id`` (ModelNotFound, 404, naming the served ids, if none);
-    the request metrics count the request for that model from here on."""
+    the request metrics count the request for that model from here on, and the request holds
+    the pipeline until its response is sent (``api.middleware.RequestEnvelope`` lets go), so
+    that an update removing the model waits for it."""
     pipeline = request.app.state.router.get(model_id)
     model_found(request.state, pipeline.model.model_id)
+    if getattr(request.state, "pipeline", None) is None:
+        pipeline.enter()
+        request.state.pipeline = pipeline
     return pipeline
 
 

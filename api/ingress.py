@@ -1,14 +1,22 @@
 """The ingress deployment: one Ray Serve replica that serves the HTTP API (:mod:`api.app`) and
-runs, in its own process, every step that no deployment of its own hosts."""
+runs, in its own process, every step that no deployment of its own hosts.
+
+Its set of models is its ``user_config`` (``{"routes": [RouteSpec, ...]}`` as JSON), which Serve
+hands to :meth:`Ingress.reconfigure` at start and again, in place, whenever it changes: the
+launcher's ``--update`` and ``serve deploy`` of a changed file add and remove models that way,
+without restarting this replica or the other models' deployments.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from ray import serve
 
 from api.app import create_app
-from core import metrics
+from core import internals, metrics
 from core.config import ServerConfig
-from pipelines.deployments import Route, pipeline_for
+from pipelines.deployments import RouteSpec, deployment_name, pipeline_for, step_app_name
 from pipelines.router import ModelRouter
 
 
@@ -17,12 +25,31 @@ from pipelines.router import ModelRouter
 class Ingress:
     """The single HTTP entry: the FastAPI app of :mod:`api.app` over the model router."""
 
-    async def __init__(self, server: ServerConfig, routes: list[Route]) -> None:
+    async def __init__(self, server: ServerConfig) -> None:
         self.server = server
+        self.app_name = serve.get_replica_context().app_name  # its models' steps' apps are named after it
         metrics.configure(server.metrics)
         self.exposed = await metrics.expose() if server.metrics else None
-        self.router = ModelRouter([pipeline_for(r) for r in routes])
-        await self.router.start()
+        self.router = ModelRouter([])
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve these models from now on (see :meth:`pipelines.router.ModelRouter.update`): a
+        removed model's requests in flight finish first (within ``server.max_request_timeout_s``,
+        which no request outlives)."""
+        specs = [RouteSpec.model_validate(r) for r in config.get("routes", [])]
+        await self.router.update(specs, self._pipeline, self.server.max_request_timeout_s)
+
+    def _pipeline(self, spec: RouteSpec):
+        def handle_of(step: str):
+            model_id = spec.model.model_id
+            return internals.deployment_handle(deployment_name(model_id, step),
+                                               step_app_name(self.app_name, model_id, step))
+
+        return pipeline_for(spec, handle_of)
+
+    def routes(self) -> list[dict[str, Any]]:
+        """The models this replica serves, as the RouteSpecs of its ``user_config``."""
+        return [p.spec.model_dump(mode="json") for p in self.router]
 
     async def check_health(self) -> None:
         # Engines placed inline live in this replica: if one is dead, Serve must restart it.

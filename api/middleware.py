@@ -51,6 +51,14 @@ class RequestEnvelope:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        try:
+            await self._envelop(scope, receive, send)
+        finally:
+            if (pipeline := state.get("pipeline")) is not None:  # held since api.context.pipeline_of
+                pipeline.leave()
+
+    async def _envelop(self, scope, receive, send):
         request_id = None
         length = None
         authorization = None

@@ -1,52 +1,147 @@
-"""``build_app(cfg)``: a validated config becomes one Ray Serve application.
+"""A validated config becomes Ray Serve applications: the ingress's, and one per step of a model
+that runs in a deployment of its own (``placement: engine``: the engine; ``split``: every node).
 
-The launcher, the tests and the benchmarks all call it, through ``apps.serving.served``.
+Models are separate applications so that one is added, changed or removed without touching the
+others (see ``apps.serving.RaySession.update`` and ``serve deploy`` of ``apps.export``'s file):
+the ingress reaches their deployments by name, and learns the set of models from its
+``user_config``, which Serve changes in place.
+
+The launcher, the tests and the benchmarks all call :func:`build_targets`, through
+``apps.serving.served``; ``serve deploy`` calls :func:`ingress_from_args` and
+:func:`step_from_args`.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
 
 from ray.serve import Application
 
-from core.config import AppConfig
 from api.ingress import Ingress
-from pipelines.deployments import EngineServer, NodeServer, Route
+from core import internals
+from core.config import AppConfig, DeploymentOptions, ModelConfig, ServerConfig
+from pipelines.deployments import EngineServer, NodeServer, RouteSpec, deployment_name, step_app_name
+
+#: options of a deployment that Serve changes on running replicas (left out of its version)
+IN_PLACE = frozenset({"num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
+                      "health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s",
+                      "access_log"})
 
 
-def deployment_name(model_id: str, step: str) -> str:
-    """A Serve deployment name for a model's step (model ids may hold characters Serve refuses)."""
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}.{step}"
+@dataclass(frozen=True)
+class Target:
+    """One Serve application to run: its name, what it is, and its HTTP prefix (None: none)."""
+
+    name: str
+    app: Application
+    route_prefix: str | None = None
 
 
-def from_args(args: dict) -> Application:
-    """Serve's application builder for an exported config (``import_path:
-    apps.builder:from_args``, ``args: {config: ...}``, see ``apps.export``): the config is
-    validated again here, with the launcher's messages, and built as the launcher builds it,
-    with the API keys of ``server.api_keys_env`` in this process's environment added."""
+def route_specs(cfg: AppConfig) -> list[RouteSpec]:
+    """Each model with its pipeline's nodes, in the config's order."""
+    return [RouteSpec(model=m, preprocess=cfg.pipeline[m.pipeline].preprocess,
+                      postprocess=cfg.pipeline[m.pipeline].postprocess) for m in cfg.model.values()]
+
+
+def ingress_config(cfg: AppConfig) -> dict[str, Any]:
+    """The ingress's ``user_config``: the models it serves (JSON)."""
+    return {"routes": [s.model_dump(mode="json") for s in route_specs(cfg)]}
+
+
+def _version(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _restart_fields(opts: DeploymentOptions) -> dict[str, Any]:
+    return opts.model_dump(mode="json", exclude=set(IN_PLACE))
+
+
+def step_version(spec: RouteSpec, step: str) -> str:
+    """A step's deployment version: what its replicas were built from, less what Serve changes
+    in place. Deployed again with the same version, the step's replicas keep running."""
+    m = spec.model.model_dump(mode="json", exclude={"deployment"})
+    dep = spec.model.deployment
+    opts = dep.engine if step == "engine" else dep.node
+    node = getattr(spec, step).model_dump(mode="json") if step != "engine" else None
+    return _version(step, m, dep.placement, _restart_fields(opts), node)
+
+
+def step_app(spec: RouteSpec, step: str, metrics_on: bool) -> Application:
+    """The application of one model's step: an engine or node server, alone."""
+    m = spec.model
+    opts = (m.deployment.engine if step == "engine" else m.deployment.node).serve_options()
+    cls = EngineServer if step == "engine" else NodeServer
+    deployment = internals.pinned_version(cls.options(name=deployment_name(m.model_id, step), **opts),
+                                          step_version(spec, step))
+    if step == "engine":
+        return deployment.bind(m, metrics_on)
+    return deployment.bind(getattr(spec, step), m, metrics_on)
+
+
+def ingress_app(server: ServerConfig, ingress: DeploymentOptions, user_config: dict | None) -> Application:
+    """The ingress application; ``user_config`` (its models) is left out for ``serve deploy``,
+    whose file sets it in the deployment's overrides."""
+    opts = ingress.serve_options()
+    if user_config is not None:
+        opts["user_config"] = user_config
+    deployment = internals.pinned_version(Ingress.options(name="ingress", **opts),
+                                          _version("ingress", server.model_dump(mode="json"),
+                                                   _restart_fields(ingress)))
+    return deployment.bind(server)
+
+
+def step_targets(cfg: AppConfig, app_name: str) -> list[Target]:
+    """Every model's steps that run in deployments of their own, one application each."""
+    return [Target(step_app_name(app_name, s.model.model_id, step), step_app(s, step, cfg.server.metrics))
+            for s in route_specs(cfg) for step in s.remote_steps]
+
+
+def build_targets(cfg: AppConfig, app_name: str, route_prefix: str) -> list[Target]:
+    """Every application of ``cfg`` served as ``app_name``: the models' steps, then the ingress
+    at ``route_prefix`` (which starts last, once what it routes to is running)."""
+    return [*step_targets(cfg, app_name),
+            Target(app_name, ingress_app(cfg.server, cfg.deployment.ingress, ingress_config(cfg)), route_prefix)]
+
+
+# --- serve deploy --------------------------------------------------------------------------
+
+def _validated(args: dict) -> AppConfig:
     from apps.config import with_env_api_keys
     from core.validate import validate_config
 
     if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
-        raise ValueError("args: expected {config: <the composed config>} (python -m apps.export writes it)")
-    return build_app(with_env_api_keys(validate_config(args["config"])))
+        raise ValueError("args: expected {config: <the composed config>, ...} (python -m apps.export writes it)")
+    return with_env_api_keys(validate_config(args["config"]))
 
 
-def build_app(cfg: AppConfig) -> Application:
-    """Bind the ingress and, per model, the deployments its placement asks for."""
-    routes = []
-    for model in cfg.model.values():
-        pipe = cfg.pipeline[model.pipeline]
-        dep = model.deployment
-        route = Route(model=model, preprocess=pipe.preprocess, postprocess=pipe.postprocess)
-        if dep.placement in ("engine", "split"):
-            route.engine_handle = EngineServer.options(
-                name=deployment_name(model.model_id, "engine"), **dep.engine.serve_options()
-            ).bind(model, cfg.server.metrics)
-        if dep.placement == "split":
-            for step, spec in (("preprocess", pipe.preprocess), ("postprocess", pipe.postprocess)):
-                setattr(route, f"{step}_handle", NodeServer.options(
-                    name=deployment_name(model.model_id, step), **dep.node.serve_options()
-                ).bind(spec, model, cfg.server.metrics))
-        routes.append(route)
-    return Ingress.options(name="ingress", **cfg.deployment.ingress.serve_options()).bind(cfg.server, routes)
+def ingress_from_args(args: dict) -> Application:
+    """Serve's builder of the exported ingress application (``args: {config: ...}``: the
+    config's ``server`` and ``deployment`` sections, see ``apps.export``), validated again here
+    with the launcher's messages and with the API keys of ``server.api_keys_env`` in this
+    process's environment added. Its models come from the file's ``user_config`` of ``ingress``,
+    so that a changed set of models leaves the ingress's code version, and its replicas, as
+    they are."""
+    from apps.config import env_api_keys
+    from core.validate import validate_server
+
+    if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
+        raise ValueError("args: expected {config: <the server and deployment sections>} (python -m apps.export writes it)")
+    server, profile = validate_server(args["config"])
+    return ingress_app(env_api_keys(server), profile.ingress, None)
+
+
+def step_from_args(args: dict) -> Application:
+    """Serve's builder of one exported model step (``args: {config: ..., model: key, step:
+    engine|preprocess|postprocess}``; ``config`` holds that one model), validated again here."""
+    cfg = _validated(args)
+    key, step = args.get("model"), args.get("step")
+    if key not in cfg.model:
+        raise ValueError(f"args.model: {key!r} is not a model of args.config (has {sorted(cfg.model)})")
+    (spec,) = [s for s in route_specs(cfg) if s.model is cfg.model[key]]
+    if step not in spec.remote_steps:
+        raise ValueError(f"args.step: {step!r} is not a step of {key!r} in its own deployment "
+                         f"(placement {spec.model.deployment.placement}: {list(spec.remote_steps)})")
+    return step_app(spec, step, cfg.server.metrics)

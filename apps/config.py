@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from core.config import AppConfig
+from core.config import AppConfig, ServerConfig
 from core.validate import ConfigError, validate_config
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -55,11 +55,15 @@ def with_env_api_keys(cfg: AppConfig, env: Mapping[str, str] = os.environ) -> Ap
     ``env``) added to ``server.api_keys``, duplicates dropped. The launcher calls it after
     validation, so that the config validates the same in every shell; tests and sweeps,
     which call no authenticated route, leave it out."""
-    extra = env.get(cfg.server.api_keys_env or "", "")
-    keys = list(dict.fromkeys([*cfg.server.api_keys, *(k.strip() for k in extra.split(",") if k.strip())]))
-    if keys == cfg.server.api_keys:
-        return cfg
-    return cfg.model_copy(update={"server": cfg.server.model_copy(update={"api_keys": keys})})
+    server = env_api_keys(cfg.server, env)
+    return cfg if server is cfg.server else cfg.model_copy(update={"server": server})
+
+
+def env_api_keys(server: ServerConfig, env: Mapping[str, str] = os.environ) -> ServerConfig:
+    """``server`` with the keys of ``server.api_keys_env`` added (see :func:`with_env_api_keys`)."""
+    extra = env.get(server.api_keys_env or "", "")
+    keys = list(dict.fromkeys([*server.api_keys, *(k.strip() for k in extra.split(",") if k.strip())]))
+    return server if keys == server.api_keys else server.model_copy(update={"api_keys": keys})
 
 
 def exit_on_config_error(err: ConfigError) -> None:

@@ -2,9 +2,10 @@
 as a Ray Serve config file, and a KubeRay ``RayService`` manifest beside it.
 
 ``serve deploy serve.yaml`` on any Ray cluster then serves what ``python -m apps.launch`` with
-the same overrides would: the file's one application imports :func:`apps.builder.from_args`,
-which validates the config it carries again, with the launcher's messages, and builds the same
-graph. The project's code must be on the cluster: in its image, or as a zip at a remote URI
+the same overrides would: the file's applications (see :func:`serve_config`) import
+``apps.builder``'s ``ingress_from_args`` and ``step_from_args``, which validate the config they
+carry again, with the launcher's messages, and build the same deployments. Exported again with
+other models and deployed again, it updates the running applications in place. The project's code must be on the cluster: in its image, or as a zip at a remote URI
 (``--working-dir``; ``--package`` writes that zip).
 
 Exits 2 on an invalid config, like the launcher; writes nothing then.
@@ -21,23 +22,46 @@ from typing import Any
 
 from apps.serving import EXCLUDES, PROJECT_ROOT
 from core.config import AppConfig
+from pipelines.deployments import step_app_name
 from core.validate import ConfigError, resource_demands
 
-#: the builder Serve imports from the exported file
-IMPORT_PATH = "apps.builder:from_args"
+#: the builders Serve imports from the exported file
+INGRESS_IMPORT_PATH = "apps.builder:ingress_from_args"
+STEP_IMPORT_PATH = "apps.builder:step_from_args"
 RAY_VERSION = "2.60.0"
 
 
 def serve_config(raw: dict[str, Any], cfg: AppConfig, working_dir: str | None = None) -> dict[str, Any]:
     """A Ray Serve config (``ray.serve.schema.ServeDeploySchema``) for the composed config
-    ``raw`` (validated as ``cfg``)."""
-    app: dict[str, Any] = {"name": cfg.server.app_name, "route_prefix": cfg.server.route_prefix,
-                           "import_path": IMPORT_PATH, "args": {"config": raw}}
-    if working_dir:
-        app["runtime_env"] = {"working_dir": working_dir}
+    ``raw`` (validated as ``cfg``): one application per model step that runs in a deployment of
+    its own, whose ``args`` hold that one model, and the ingress's, whose ``args`` hold the
+    ``server`` and ``deployment`` sections and whose models are the ``user_config`` of its
+    deployment. ``serve deploy`` of the file changed so (a model added, removed or changed,
+    replicas or limits changed) then changes only what changed: Serve restarts an application
+    whose ``args`` changed, and applies a changed ``user_config`` to running replicas."""
+    from apps.builder import ingress_config, route_specs
+
+    runtime_env = {"working_dir": working_dir} if working_dir else None
+    shared = {k: raw[k] for k in ("server", "deployment") if k in raw}
+    apps: list[dict[str, Any]] = []
+    keys = {m.model_id: k for k, m in cfg.model.items()}
+    for spec in route_specs(cfg):
+        key = keys[spec.model.model_id]
+        one = {**shared, "pipeline": {spec.model.pipeline: raw["pipeline"][spec.model.pipeline]},
+               "model": {key: raw["model"][key]}}
+        for step in spec.remote_steps:
+            apps.append({"name": step_app_name(cfg.server.app_name, spec.model.model_id, step),
+                         "route_prefix": None, "import_path": STEP_IMPORT_PATH,
+                         "args": {"config": one, "model": key, "step": step}})
+    apps.append({"name": cfg.server.app_name, "route_prefix": cfg.server.route_prefix,
+                 "import_path": INGRESS_IMPORT_PATH, "args": {"config": shared},
+                 "deployments": [{"name": "ingress", "user_config": ingress_config(cfg)}]})
+    if runtime_env:
+        for app in apps:
+            app["runtime_env"] = runtime_env
     return {"proxy_location": cfg.server.proxy_location,
             "http_options": {"host": cfg.server.host, "port": cfg.server.port},
-            "applications": [app]}
+            "applications": apps}
 
 
 def check_schema(config: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ and the sweeps all use it::
 
 It is two halves that callers deploying several applications into one Ray (benchmarks that
 compare variants) use apart: :func:`ray_serve` (Ray and Serve's HTTP proxy, for the whole
-``with``) and :meth:`RaySession.deployed` (one application).
+``with``) and :meth:`RaySession.deployed` (one config's applications).
 
 Ownership decides the tear-down: a Ray this process started is stopped with its Serve
 instance; a Ray it joined (``RAY_ADDRESS``, or one already connected, as in a Ray task) keeps
@@ -26,10 +26,13 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from core.config import AppConfig, ServerConfig
 from core.validate import check_resources
+
+if TYPE_CHECKING:
+    from apps.builder import Target
 
 logger = logging.getLogger("mmserve.launch")
 
@@ -182,54 +185,114 @@ class RaySession:
         check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
 
     @contextlib.contextmanager
-    def deployed(self, app, *, name: str, route_prefix: str = "/",
-                 ready_timeout_s: float = 900.0) -> Iterator[Served]:
-        """Deploy the bound application ``app`` as ``name`` at ``route_prefix``, wait until
-        Serve reports it running, yield it as :class:`Served`; delete it afterwards (draining
-        requests in flight within each deployment's grace period), ready or not.
+    def deployed(self, targets: list[Target], *, ready_timeout_s: float = 900.0) -> Iterator[Served]:
+        """Deploy ``targets`` (``apps.builder.Target``; the last one answers HTTP, and names the
+        whole), wait until Serve reports all running, yield the last as :class:`Served`;
+        afterwards delete it and every application named after it (its models' steps, those
+        an :meth:`update` added included), draining requests in flight within each
+        deployment's grace period, ready or not.
 
         Raises:
             RuntimeError: it failed to deploy, or was not running within ``ready_timeout_s``.
         """
+        main = targets[-1]
         try:
-            _run(app, name, route_prefix, ready_timeout_s)
-            yield Served(url=self.url(route_prefix), app_name=name, session=self)
+            _run(targets, ready_timeout_s)
+            yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self)
         finally:
             if self.handles_signals:
                 ignore_signals()
-            _delete(name)
+            _delete([main.name, *step_apps_of(main.name)])
+
+    def update(self, old: AppConfig, new: AppConfig, *, app_name: str, route_prefix: str) -> dict[str, list[str]]:
+        """Change the running application ``app_name`` from serving ``old`` to ``new`` in
+        place: the steps of added or changed models start first (the others' replicas keep
+        running: their deployment versions are unchanged, and what Serve applies in place, such
+        as ``num_replicas``, is applied); then the ingress's ``user_config`` (its models)
+        changes, on its running replicas, which finish a removed model's requests in flight
+        before they let it go; last, the removed models' steps are deleted. Returns the model
+        ids ``added``, ``changed`` and ``removed``.
+
+        Raises:
+            ConfigError: ``new`` changes the ``server`` section or the ingress's deployment
+                (that needs a restart), or needs more than the cluster has.
+            RuntimeError: a step failed to deploy or was not running in time (what it started
+                is deleted again; the ingress still serves ``old``).
+        """
+        from apps.builder import build_targets, route_specs
+        from core.validate import ConfigError
+
+        changed_keys = [k for k in ("server",) if getattr(old, k) != getattr(new, k)]
+        if old.deployment.ingress != new.deployment.ingress:
+            changed_keys.append("deployment.ingress")
+        if changed_keys:
+            raise ConfigError([(k, "an update changes models only; this differs from the running "
+                                "launcher's (restart the launcher to change it)") for k in changed_keys])
+        before = {s.model.model_id: s for s in route_specs(old)}
+        after = {s.model.model_id: s for s in route_specs(new)}
+        running = set(step_apps_of(app_name))
+        targets = build_targets(new, app_name, route_prefix)
+        steps, ingress = targets[:-1], targets[-1]
+        try:
+            _run(steps, new.server.ready_timeout_s)
+        except BaseException:
+            _delete([t.name for t in steps if t.name not in running])
+            raise
+        _run([ingress], new.server.ready_timeout_s)
+        _delete(sorted(running - {t.name for t in steps}))
+        return {"added": sorted(after.keys() - before.keys()), "removed": sorted(before.keys() - after.keys()),
+                "changed": sorted(k for k in after.keys() & before.keys() if after[k] != before[k])}
 
 
-def _run(app, name: str, route_prefix: str, timeout_s: float) -> None:
-    """``serve.run``, bounded by ``timeout_s``. It waits until the application runs, with no
-    bound of its own, so it runs in a thread while this one waits (and still takes signals)."""
+def step_apps_of(app_name: str) -> list[str]:
+    """The running Serve applications that host steps of ``app_name``'s models."""
+    from ray import serve
+
+    return sorted(n for n in serve.status().applications if n.startswith(f"{app_name}."))
+
+
+def _run(targets: list[Target], timeout_s: float) -> None:
+    """Serve's ``run_many`` for ``targets``, bounded by ``timeout_s``. It waits until the
+    applications run, with no bound of its own, so it runs in a thread while this one waits
+    (and still takes signals)."""
     from ray import serve
 
     failure: list[BaseException] = []
+    names = [t.name for t in targets]
 
     def run() -> None:
         try:
-            serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+            serve.run_many([serve.RunTarget(target=t.app, name=t.name, route_prefix=t.route_prefix)
+                            for t in targets], blocking=False)
         except BaseException as err:  # handed to the waiting thread
             failure.append(err)
 
-    thread = threading.Thread(target=run, name=f"serve.run {name}", daemon=True)
+    if not targets:
+        return
+    thread = threading.Thread(target=run, name=f"serve.run {names[-1]}", daemon=True)
     thread.start()
     thread.join(timeout_s)
     if failure:
-        raise RuntimeError(f"application {name!r} failed to deploy: {failure[0]}") from failure[0]
-    if thread.is_alive():  # it ends when the tear-down deletes the application
-        status = serve.status().applications.get(name)
-        detail = f"status {status.status}: {status.message}" if status is not None else "status unknown"
-        raise RuntimeError(f"application {name!r} not ready after {timeout_s:g}s ({detail})")
+        raise RuntimeError(f"application {names[-1]!r} failed to deploy: {failure[0]}") from failure[0]
+    if thread.is_alive():  # it ends when the tear-down deletes the applications
+        apps = serve.status().applications
+        detail = "; ".join(f"{n}: {a.status} {a.message}".strip() if (a := apps.get(n)) else f"{n}: unknown"
+                           for n in names if not (a := apps.get(n)) or a.status != "RUNNING")
+        raise RuntimeError(f"application {names[-1]!r} not ready after {timeout_s:g}s ({detail})")
 
 
-def _delete(name: str) -> None:
+def _delete(names: list[str]) -> None:
+    """Delete the applications ``names``, the first (the ingress, if it is one) before the
+    others, which are deleted at once (each waits for its replicas to drain and stop)."""
     import ray
+    from concurrent.futures import ThreadPoolExecutor
     from ray import serve
 
-    if ray.is_initialized():
-        serve.delete(name)
+    if not ray.is_initialized() or not names:
+        return
+    serve.delete(names[0])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(serve.delete, names[1:]))
 
 
 @contextlib.contextmanager
@@ -324,7 +387,7 @@ def served(cfg: AppConfig, *, session: RaySession | None = None, app_name: str |
            route_prefix: str | None = None, num_cpus: float | None = None, log_to_driver: bool = True,
            logging_level: int | str = logging.WARNING, handle_signals: bool = False) -> Iterator[Served]:
     """Serve the validated ``cfg`` for the ``with`` block: start or join Ray and Serve (see
-    :func:`ray_serve`, whose keyword arguments these are), deploy ``build_app(cfg)``, wait until
+    :func:`ray_serve`, whose keyword arguments these are), deploy ``build_targets(cfg)``, wait until
     running, yield a :class:`Served`; tear down afterwards.
 
     ``session``: deploy into this open :func:`ray_serve` instead of opening one (and leave it
@@ -337,7 +400,7 @@ def served(cfg: AppConfig, *, session: RaySession | None = None, app_name: str |
             ``server.ready_timeout_s``.
         ShutdownRequested: with ``handle_signals``, a signal arrived before the block.
     """
-    from apps.builder import build_app
+    from apps.builder import build_targets
 
     name = app_name or cfg.server.app_name
     prefix = route_prefix or cfg.server.route_prefix
@@ -348,5 +411,5 @@ def served(cfg: AppConfig, *, session: RaySession | None = None, app_name: str |
                 logging_level=logging_level, handle_signals=handle_signals))
         else:
             session.check_fits(cfg)
-        yield stack.enter_context(session.deployed(build_app(cfg), name=name, route_prefix=prefix,
+        yield stack.enter_context(session.deployed(build_targets(cfg, name, prefix),
                                                    ready_timeout_s=cfg.server.ready_timeout_s))

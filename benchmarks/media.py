@@ -79,7 +79,7 @@ def measure_served(session, modality: str, data: bytes, max_batch: int, args) ->
         body = {"model_id": cfg.model[key].model_id, "input": {"data": b64(data)}}
         res = asyncio.run(run_load(f"{app.url}/v1/infer", body, concurrency=args.concurrency,
                                    duration_s=args.duration, warmup_s=args.warmup))
-        stats = (serve.get_deployment_handle(f"{cfg.model[key].model_id}.engine", app.app_name)
+        stats = (serve.get_deployment_handle(f"{cfg.model[key].model_id}.engine", f"{app.app_name}.{cfg.model[key].model_id}.engine")
                  .stats.remote().result()
                  if args.placement == "engine" else {"mean_batch_size": float("nan")})
     return {**res.as_dict(), "mean_batch_size": stats["mean_batch_size"]}

@@ -64,7 +64,9 @@ def measure(name: str, session, args) -> dict:
 
     t0 = time.perf_counter()
     if name == "minimal":
-        app = session.deployed(minimal_app(), name="bench")
+        from apps.builder import Target
+
+        app = session.deployed([Target("bench", minimal_app(), "/")])
     else:
         app = served(mmserve_config(name.removesuffix("-nometrics"), args.http_proxy,
                                     metrics=not name.endswith("-nometrics")),

@@ -1,11 +1,18 @@
 """Every use of Ray Serve's and vLLM's non-public API, in one place.
 
-mmserve needs three things neither offers publicly (Ray 2.60, vLLM 0.25.1):
+mmserve needs five things neither offers publicly (Ray 2.60, vLLM 0.25.1):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
   replacement (``pipelines.stages.assigned``);
 - to await the moment a handle call is assigned to a replica, apart from its result;
+- a deployment version of its own choosing on ``serve.run`` (Serve gives every ``serve.run`` a
+  random one, which restarts every replica): with it, deploying a model again with what Serve
+  applies in place (replicas, autoscaling, queue limits, health checks, the ingress's model set
+  as ``user_config``) restarts nothing (:func:`pinned_version`);
+- a handle to a deployment that may not exist yet (``serve deploy`` starts a new model's
+  application while the ingress already learns of it): ``get_deployment_handle`` otherwise
+  asks the controller, blocking, and fails (:func:`deployment_handle`);
 - how many requests vLLM's output processor still holds (the engine's ``stats``, which the
   tests use to see that aborted requests leave vLLM).
 
@@ -84,6 +91,33 @@ def assignment(response):
 
 async def _no_assignment() -> None:
     return None
+
+
+def pinned_version(deployment, version: str):
+    """``deployment`` with ``version`` as its Serve code version: ``serve.run`` again with the
+    same version updates its replicas in place where Serve can (``Deployment.options(version=)``
+    is reserved to Serve's own callers, ``_internal=True``). Where this Ray refuses it, a warning
+    says so and the deployment keeps Serve's random version: updates then restart it."""
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError) as err:
+        _warn_once("ray-version", f"Ray {_version('ray')}: a deployment's version cannot be set "
+                   f"({err}); every update of a running application restarts its replicas")
+        return deployment
+
+
+def deployment_handle(deployment: str, app_name: str):
+    """A handle to ``deployment`` of ``app_name``, made without asking the controller whether
+    it exists yet (calls wait for its replicas, as for any deployment starting)."""
+    import inspect
+
+    from ray import serve
+
+    if "_check_exists" in inspect.signature(serve.get_deployment_handle).parameters:
+        return serve.get_deployment_handle(deployment, app_name=app_name, _check_exists=False)
+    _warn_once("ray-handle", f"Ray {_version('ray')}: get_deployment_handle has no _check_exists; a model "
+               "must be running before the ingress learns of it (serve deploy may fail to add one)")
+    return serve.get_deployment_handle(deployment, app_name=app_name)
 
 
 # --- vLLM -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
-from core.config import AppConfig, DeploymentOptions
+from core.config import AppConfig, DeploymentOptions, DeploymentProfile, ServerConfig
 from core.registry import engine_class, node_class
 
 
@@ -134,6 +134,29 @@ def validate_config(raw: dict) -> AppConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def validate_server(raw: dict) -> tuple[ServerConfig, DeploymentProfile]:
+    """Validate the ``server`` and ``deployment`` sections of a composed config alone (what
+    the ingress is built from; its models come apart), with :func:`validate_config`'s messages.
+
+    Raises:
+        ConfigError: listing each invalid key.
+    """
+    problems = [(k, m) for k, m in _pydantic_problems_of(raw) if k.split(".")[0] in ("server", "deployment")]
+    unknown = sorted(set(raw) - {"server", "deployment", "pipeline", "model"})
+    problems += [(k, "unknown key") for k in unknown]
+    if problems:
+        raise ConfigError(problems)
+    return ServerConfig.model_validate(raw.get("server") or {}), DeploymentProfile.model_validate(raw.get("deployment") or {})
+
+
+def _pydantic_problems_of(raw: dict) -> list[tuple[str, str]]:
+    try:
+        AppConfig.model_validate({**raw, "model": {}, "pipeline": {}})
+    except ValidationError as err:
+        return _pydantic_problems(err)
+    return []
 
 
 @dataclass

@@ -1,19 +1,19 @@
 """The Ray Serve deployments of a model's steps: engine servers and node servers, and the
-:class:`Route` the ingress (``api.ingress``) builds each model's pipeline from.
+:class:`RouteSpec` the ingress (``api.ingress``) builds each model's pipeline from.
 
 Each hosts one of the plain objects of ``nodes``/``engines``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, AsyncIterator
+import re
+from typing import Any, AsyncIterator, Callable
 
 from pydantic import BaseModel
 from ray import serve
 
 from core import metrics
-from core.config import ModelConfig, NodeSpec
+from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
 from core.protocol import EngineResult, Refusal, RequestContext
@@ -130,37 +130,57 @@ class NodeServer:
             self.exposed.close()
 
 
-@dataclass
-class Route:
-    """What the ingress needs to build one model's pipeline. Steps that run in their own
-    deployment are given as handles (bound applications at build time); the others are None
-    and are built inside the ingress replica."""
+#: how many deployments of its own each placement gives a model, by step
+REMOTE_STEPS = {"inline": (), "engine": ("engine",), "split": ("preprocess", "engine", "postprocess")}
+
+
+class RouteSpec(Strict):
+    """What the ingress builds one model's pipeline from: the model and its two nodes. It is
+    the ingress's ``user_config`` (a list of them, as JSON), so that Serve changes the set of
+    models in place. Steps that :data:`REMOTE_STEPS` gives a deployment of their own are
+    reached by name (:func:`step_names`); the others are built inside the ingress replica."""
 
     model: ModelConfig
     preprocess: NodeSpec
     postprocess: NodeSpec
-    preprocess_handle: Any = None
-    engine_handle: Any = None
-    postprocess_handle: Any = None
+
+    @property
+    def remote_steps(self) -> tuple[str, ...]:
+        return REMOTE_STEPS[self.model.deployment.placement]
 
 
-def pipeline_for(route: Route):
-    """The :class:`~pipelines.runner.Pipeline` of a route, local steps built here."""
+def deployment_name(model_id: str, step: str) -> str:
+    """A Serve deployment name for a model's step (model ids may hold characters Serve refuses)."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_id)}.{step}"
+
+
+def step_app_name(app_name: str, model_id: str, step: str) -> str:
+    """The Serve application hosting a model's step of the application ``app_name``: one
+    application per step, so that a model comes and goes without touching the others."""
+    return f"{app_name}.{deployment_name(model_id, step)}"
+
+
+def pipeline_for(spec: RouteSpec, handle_of: Callable[[str], Any] | None = None):
+    """The :class:`~pipelines.runner.Pipeline` of a route: local steps built here, remote ones
+    (``spec.remote_steps``) reached through ``handle_of(step)``."""
     from pipelines.runner import Pipeline
     from pipelines.stages import LocalEngine, LocalNode, RemoteEngine, RemoteNode
 
-    m = route.model
-    check_node(m.model_id, [node_class(spec.name) for spec, handle in
-                            ((route.preprocess, route.preprocess_handle), (route.postprocess, route.postprocess_handle))
-                            if not handle] + ([] if route.engine_handle else [engine_class(m.engine)]))
+    m = spec.model
+    remote = set(spec.remote_steps)
+    if remote and handle_of is None:
+        raise ValueError(f"model {m.model_id!r}: placement {m.deployment.placement} needs handles")
+    check_node(m.model_id, [node_class(s.name) for step, s in
+                            (("preprocess", spec.preprocess), ("postprocess", spec.postprocess))
+                            if step not in remote] + ([] if "engine" in remote else [engine_class(m.engine)]))
 
-    def node(spec: NodeSpec, handle):
-        if handle:
-            return RemoteNode(handle, m.model_id, m.deployment.node.scales_to_zero)
-        return LocalNode(node_class(spec.name)(spec.kwargs, m))
+    def node(step: str, node_spec: NodeSpec):
+        if step in remote:
+            return RemoteNode(handle_of(step), m.model_id, m.deployment.node.scales_to_zero)
+        return LocalNode(node_class(node_spec.name)(node_spec.kwargs, m))
 
-    engine = (RemoteEngine(route.engine_handle, m.model_id, m.deployment.engine.scales_to_zero)
-              if route.engine_handle
+    engine = (RemoteEngine(handle_of("engine"), m.model_id, m.deployment.engine.scales_to_zero)
+              if "engine" in remote
               else LocalEngine(engine_class(m.engine)(m)))
-    return Pipeline(m, node(route.preprocess, route.preprocess_handle), engine,
-                    node(route.postprocess, route.postprocess_handle))
+    return Pipeline(m, node("preprocess", spec.preprocess), engine, node("postprocess", spec.postprocess),
+                    spec=spec)

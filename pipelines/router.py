@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+import logging
+from typing import Any, Callable, Iterator
 
 from core.errors import ModelNotFound
 from pipelines.runner import Pipeline
+
+logger = logging.getLogger("mmserve.router")
 
 
 class ModelRouter:
@@ -14,6 +17,31 @@ class ModelRouter:
 
     def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = {p.model.model_id: p for p in pipelines}
+        self.generation = 0  # bumped by each update: what caches of the model set key on
+
+    async def update(self, specs: list[Any], build: Callable[[Any], Pipeline], drain_timeout_s: float) -> None:
+        """Serve the models of ``specs`` (RouteSpecs) from now on, in place: a model whose spec
+        is unchanged keeps its pipeline; a new or changed one is built (``build``) and started
+        before it takes requests; a removed or replaced pipeline takes no new request, and once
+        the requests holding it have finished (at most ``drain_timeout_s``) its local steps stop.
+        A failure to build or start leaves the served set as it was."""
+        kept = {s.model.model_id: p for s in specs
+                if (p := self.pipelines.get(s.model.model_id)) is not None and p.spec == s}
+        fresh = [build(s) for s in specs if s.model.model_id not in kept]
+        await asyncio.gather(*(p.start() for p in fresh))
+        new = {p.model.model_id: p for p in fresh}
+        retired = [p for p in self.pipelines.values() if p.model.model_id not in kept]
+        self.pipelines = {s.model.model_id: kept.get(s.model.model_id) or new[s.model.model_id] for s in specs}
+        self.generation += 1
+        if fresh or retired:
+            logger.info("models now %s (started %s, retired %s)", sorted(self.pipelines),
+                        sorted(p.model.model_id for p in fresh), sorted(p.model.model_id for p in retired))
+        drained = await asyncio.gather(*(p.drained(drain_timeout_s) for p in retired))
+        for p, done in zip(retired, drained):
+            if not done:
+                logger.warning("model %r: %d request(s) still running after %gs; its local steps stop now",
+                               p.model.model_id, p.in_flight, drain_timeout_s)
+        await asyncio.gather(*(p.stop() for p in retired))
 
     async def start(self) -> None:
         """Start the steps that run in this process (inline engines, local nodes)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator
 
@@ -22,11 +23,15 @@ class Pipeline:
     each step takes, as seen from here, is ``mmserve_node_duration_seconds``.
     """
 
-    def __init__(self, model: ModelConfig, preprocess, engine, postprocess) -> None:
+    def __init__(self, model: ModelConfig, preprocess, engine, postprocess, spec: Any = None) -> None:
         self.model = model
+        self.spec = spec  # the RouteSpec it was built from (the ingress compares them on updates)
         self.preprocess = preprocess
         self.engine = engine
         self.postprocess = postprocess
+        self.in_flight = 0  # HTTP requests holding this pipeline (api.context.pipeline_of)
+        self._idle = asyncio.Event()
+        self._idle.set()
         cls = engine_class(model.engine)
         self.params_schema = cls.Params
         self.openai_routes = cls.openai_routes(model)
@@ -40,6 +45,31 @@ class Pipeline:
     async def start(self) -> None:
         for step in (self.preprocess, self.engine, self.postprocess):
             await step.start()
+
+    async def stop(self) -> None:
+        """Stop the steps that run in this process (a removed model's inline engine)."""
+        for step in (self.preprocess, self.engine, self.postprocess):
+            stop = getattr(step, "stop", None)
+            if stop is not None:
+                await stop()
+
+    def enter(self) -> None:
+        """An HTTP request holds this pipeline until :meth:`leave` (its response is sent)."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no request holds this pipeline (at most ``timeout_s``); whether none does."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def check_params(self, params: dict[str, Any]):
         """Validate request params over the model's defaults; raises InvalidField naming the key."""

@@ -154,6 +154,11 @@ class LocalEngine:
         await self.engine.start()
         self.started = True
 
+    async def stop(self) -> None:
+        if self.started:
+            self.started = False
+            await self.engine.stop()
+
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         async with self.admission.slot():
             return await collect(self.engine.infer(payload, params, ctx))

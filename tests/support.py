@@ -112,11 +112,14 @@ async def local_router(*pipelines: Pipeline) -> ModelRouter:
 
 def inline_router(cfg) -> ModelRouter:
     """A router over every model of a composed config, each step built in this process."""
-    from pipelines.deployments import Route, pipeline_for
+    from apps.builder import route_specs
+    from pipelines.deployments import pipeline_for
 
-    routes = [Route(model=m, preprocess=cfg.pipeline[m.pipeline].preprocess,
-                    postprocess=cfg.pipeline[m.pipeline].postprocess) for m in cfg.model.values()]
-    return ModelRouter([pipeline_for(r) for r in routes])
+    def inline(spec):
+        dep = spec.model.deployment.model_copy(update={"placement": "inline"})
+        return spec.model_copy(update={"model": spec.model.model_copy(update={"deployment": dep})})
+
+    return ModelRouter([pipeline_for(inline(s)) for s in route_specs(cfg)])
 
 
 def metric_families(response) -> list:

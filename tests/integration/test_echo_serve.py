@@ -71,9 +71,12 @@ def test_health_ready_docs(http):
 def test_deployments_match_the_placement(serve_app):
     from ray import serve
 
-    app = serve.status().applications["mmserve"]
-    assert set(app.deployments) == {"ingress", "echo-remote.engine", "echo-split.engine",
-                                    "echo-split.preprocess", "echo-split.postprocess"}
+    apps = {name: set(app.deployments) for name, app in serve.status().applications.items()}
+    # the ingress alone in its application; each step of a model in its own deployment, in
+    # an application of its own (so that models come and go apart)
+    assert apps == {"mmserve": {"ingress"}, "mmserve.echo-remote.engine": {"echo-remote.engine"},
+                    **{f"mmserve.echo-split.{s}": {f"echo-split.{s}"}
+                       for s in ("preprocess", "engine", "postprocess")}}
 
 
 async def _burst(base_url: str, n: int, body: dict) -> list[httpx.Response]:
@@ -90,7 +93,7 @@ def test_the_ray_internals_mmserve_reads_are_there_on_real_handles(serve_app):
     from core import internals
 
     async def read():
-        handle = serve.get_deployment_handle("echo-remote.engine", app_name="mmserve")
+        handle = serve.get_deployment_handle("echo-remote.engine", app_name="mmserve.echo-remote.engine")
         response = handle.status.remote()
         await internals.assignment(response)  # completes once a replica has the call
         assert await response == "ready"

@@ -62,7 +62,7 @@ def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
 
     from core.metrics import sample_value
 
-    engine = serve.get_deployment_handle("tiny-resnet.engine", "mmserve")
+    engine = serve.get_deployment_handle("tiny-resnet.engine", "mmserve.tiny-resnet.engine")
     before = engine.stats.remote().result()
     scraped = scrape(serve_app)
     bodies = [{"model_id": "tiny-resnet", "input": {"data": media.b64(media.encode_image(media.image(seed=i)))}}

@@ -63,7 +63,7 @@ def stream_events(http, **body) -> list[dict | str]:
 def engine_stats() -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle(f"{MODEL}.engine", app_name="mmserve").stats.remote().result()
+    return serve.get_deployment_handle(f"{MODEL}.engine", app_name=f"mmserve.{MODEL}.engine").stats.remote().result()
 
 
 def refused(http, path: str, body: dict) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from apps import export
-from apps.builder import from_args
+from apps.builder import ingress_from_args, step_from_args
 from apps.serving import EXCLUDES, PROJECT_ROOT, code_runtime_env
 from core.config import ServerConfig
 from core.validate import ConfigError
@@ -23,41 +23,82 @@ def written(tmp_path):
     return export.export(OVERRIDES, tmp_path / "serve.yaml", working_dir="https://example.org/mmserve.zip")
 
 
-def test_the_file_is_a_serve_config_whose_builder_builds_the_launchers_graph(written):
+def _init_args(application) -> dict:
+    from ray.serve._private.build_app import build_app as serve_build
+
+    built = serve_build(application, name="x")
+    return {d.name: d.init_args for d in built.deployments}
+
+
+def test_the_file_is_a_serve_config_whose_builders_build_the_launchers_applications(written):
     from ray.serve.schema import ServeDeploySchema
 
-    from apps.builder import build_app
+    from apps.builder import build_targets, ingress_config
     from apps.config import compose
 
     serve_yaml, _ = written
     config = yaml.safe_load(serve_yaml.read_text())
     schema = ServeDeploySchema.model_validate(config)
-    (app,) = schema.applications
-    assert app.import_path == "apps.builder:from_args" and app.route_prefix == "/"
-    assert app.runtime_env == {"working_dir": "https://example.org/mmserve.zip"}
+    step, ingress = schema.applications
+    assert (step.name, step.route_prefix, step.import_path) == ("mmserve.echo-remote.engine", None,
+                                                               "apps.builder:step_from_args")
+    assert (ingress.name, ingress.route_prefix, ingress.import_path) == ("mmserve", "/",
+                                                                        "apps.builder:ingress_from_args")
+    assert step.runtime_env == ingress.runtime_env == {"working_dir": "https://example.org/mmserve.zip"}
     assert config["http_options"]["port"] == 8123
 
-    def deployments(application) -> dict:
-        from ray.serve._private.build_app import build_app as serve_build
+    cfg = compose(OVERRIDES)
+    launched = {t.name: t for t in build_targets(cfg, "mmserve", "/")}
+    assert launched.keys() == {"mmserve.echo-remote.engine", "mmserve"}
+    assert (repr(_init_args(step_from_args(step.args)))
+            == repr(_init_args(launched["mmserve.echo-remote.engine"].app)))
+    assert repr(_init_args(ingress_from_args(ingress.args))) == repr(_init_args(launched["mmserve"].app))
+    # the ingress's models are its deployment's user_config, as the launcher gives it
+    (override,) = config["applications"][1]["deployments"]
+    assert override == {"name": "ingress", "user_config": ingress_config(cfg)}
+    assert [r["model"]["model_id"] for r in override["user_config"]["routes"]] == ["echo", "echo-remote"]
 
-        built = serve_build(application, name="x")
-        return {d.name: d.init_args for d in built.deployments}
 
-    exported, launched = deployments(from_args(app.args)), deployments(build_app(compose(OVERRIDES)))
-    assert exported.keys() == launched.keys() == {"ingress", "echo-remote.engine"}
-    assert repr(exported["echo-remote.engine"]) == repr(launched["echo-remote.engine"])
+def test_another_set_of_models_changes_only_their_applications_and_the_ingress_user_config(tmp_path):
+    """What ``serve deploy`` of the file exported again restarts: Serve rebuilds (and restarts)
+    an application whose code version changed; here only the added model's is new."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    def apps(overrides, name):
+        out, _ = export.export(overrides, tmp_path / name)
+        return {a.name: a for a in ServeDeploySchema.model_validate(yaml.safe_load(out.read_text())).applications}
+
+    before = apps(["model=[echo,echo_remote,tiny_resnet]", "pipeline=[echo,vision]"], "a.yaml")
+    after = apps(["model=[echo_remote,echo_split]", "pipeline=[echo]"], "b.yaml")
+    assert set(before) == {"mmserve", "mmserve.echo-remote.engine", "mmserve.tiny-resnet.engine"}
+    assert set(after) == {"mmserve", "mmserve.echo-remote.engine", "mmserve.echo-split.preprocess",
+                          "mmserve.echo-split.engine", "mmserve.echo-split.postprocess"}
+    for kept in ("mmserve", "mmserve.echo-remote.engine"):
+        assert get_app_code_version(before[kept]) == get_app_code_version(after[kept]), kept
+    routes = [[r["model"]["model_id"] for r in a["mmserve"].deployments[0].user_config["routes"]]
+              for a in (before, after)]
+    assert routes == [["echo", "echo-remote", "tiny-resnet"], ["echo-remote", "echo-split"]]
 
 
-def test_the_builder_refuses_an_invalid_config_with_the_launchers_messages(written):
+def test_the_builders_refuse_an_invalid_config_with_the_launchers_messages(written):
     serve_yaml, _ = written
-    args = yaml.safe_load(serve_yaml.read_text())["applications"][0]["args"]
-    args["config"]["server"]["port"] = "abc"
-    args["config"]["model"]["echo"]["bogus"] = 1
+    step, ingress = (a["args"] for a in yaml.safe_load(serve_yaml.read_text())["applications"])
+    step["config"]["server"]["port"] = "abc"
+    step["config"]["model"]["echo_remote"]["bogus"] = 1
     with pytest.raises(ConfigError) as err:
-        from_args(args)
-    assert {key for key, _ in err.value.problems} == {"server.port", "model.echo.bogus"}
+        step_from_args(step)
+    assert {key for key, _ in err.value.problems} == {"server.port", "model.echo_remote.bogus"}
+    ingress["config"]["server"]["port"] = "abc"
+    ingress["config"]["deployment"]["ingress"]["num_replicas"] = 0
+    with pytest.raises(ConfigError) as err:
+        ingress_from_args(ingress)
+    assert {key for key, _ in err.value.problems} == {"server.port", "deployment.ingress.num_replicas"}
     with pytest.raises(ValueError, match="args: expected"):
-        from_args({"cfg": {}})
+        step_from_args({"cfg": {}})
+    with pytest.raises(ValueError, match="args.step: 'preprocess' is not a step"):
+        step_from_args({**step, "config": yaml.safe_load(serve_yaml.read_text())["applications"][0]["args"]["config"],
+                        "step": "preprocess"})
 
 
 def test_an_invalid_config_exits_2_and_writes_nothing(tmp_path, capsys):

@@ -1,0 +1,107 @@
+"""Changing the served models in place (no Ray): the router swaps its set of pipelines; a model
+left out takes no new request, finishes those in flight, then stops; an unchanged one keeps its
+pipeline; the HTTP API follows at once (404 naming the served ids, the OpenAPI schema)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from api.app import create_app
+from apps.builder import route_specs
+from apps.config import compose
+from core.config import ServerConfig
+from pipelines.deployments import pipeline_for
+from pipelines.router import ModelRouter
+
+
+def inline_specs() -> dict:
+    """echo, echo-remote and echo-split, each with every step in this process."""
+    cfg = compose(["model=[echo,echo_remote,echo_split]", "pipeline=[echo]"])
+    out = {}
+    for s in route_specs(cfg):
+        dep = s.model.deployment.model_copy(update={"placement": "inline"})
+        out[s.model.model_id] = s.model_copy(update={"model": s.model.model_copy(update={"deployment": dep})})
+    return out
+
+
+def test_an_update_adds_keeps_and_drains_before_it_removes():
+    specs = inline_specs()
+    a, b, c = specs["echo"], specs["echo-split"], specs["echo-remote"]
+
+    async def scenario():
+        router = ModelRouter([])
+        app = create_app(router, ServerConfig())
+        await router.update([a, c], pipeline_for, drain_timeout_s=5)
+        first_a, first_c = router.get("echo"), router.get("echo-remote")
+        assert first_c.engine.started
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            slow = asyncio.create_task(client.post("/v1/infer", json={
+                "model_id": "echo-remote", "input": "in flight", "params": {"delay_s": 0.5}}))
+            while first_c.in_flight == 0:  # the request holds C's pipeline
+                await asyncio.sleep(0.01)
+            update = asyncio.create_task(router.update([a, b], pipeline_for, drain_timeout_s=5))
+            while "echo-split" not in {p.model.model_id for p in router}:
+                await asyncio.sleep(0.01)
+
+            # C is gone for new requests at once, its request in flight is still running
+            gone = await client.post("/v1/infer", json={"model_id": "echo-remote", "input": "late"})
+            assert gone.status_code == 404
+            assert "served: echo, echo-split" in gone.json()["error"]["message"]
+            assert not update.done() and first_c.engine.started
+            added = await client.post("/v1/infer", json={"model_id": "echo-split", "input": "new"})
+            assert added.json()["output"] == "new"
+
+            done = await slow
+            assert done.status_code == 200 and done.json()["output"] == "in flight"
+            await update
+            assert first_c.in_flight == 0 and not first_c.engine.started  # drained, then stopped
+            assert router.get("echo") is first_a  # unchanged: the same pipeline, never restarted
+            ids = (await client.get("/openapi.json")).json()["components"]["schemas"]["InferRequest"][
+                "properties"]["model_id"]["enum"]
+            assert ids == ["echo", "echo-split"]
+
+    asyncio.run(scenario())
+
+
+def test_a_changed_model_gets_a_new_pipeline_and_the_old_one_drains():
+    specs = inline_specs()
+    a = specs["echo"]
+    slower = a.model_copy(update={"model": a.model.model_copy(update={"params": {"delay_s": 0.01}})})
+
+    async def scenario():
+        router = ModelRouter([])
+        await router.update([a], pipeline_for, drain_timeout_s=5)
+        old = router.get("echo")
+        await router.update([slower], pipeline_for, drain_timeout_s=5)
+        assert router.get("echo") is not old and router.get("echo").model.params == {"delay_s": 0.01}
+        assert not old.engine.started
+
+    asyncio.run(scenario())
+
+
+def test_a_pipeline_that_fails_to_start_leaves_the_served_set_as_it_was():
+    specs = inline_specs()
+    a, b = specs["echo"], specs["echo-split"]
+
+    def build(spec):
+        p = pipeline_for(spec)
+        if spec is b:
+            async def fail():
+                raise RuntimeError("no weights")
+            p.start = fail
+        return p
+
+    async def scenario():
+        router = ModelRouter([])
+        await router.update([a], pipeline_for, drain_timeout_s=5)
+        try:
+            await router.update([a, b], build, drain_timeout_s=5)
+        except RuntimeError as err:
+            assert "no weights" in str(err)
+        else:
+            raise AssertionError("the update should fail")
+        assert [p.model.model_id for p in router] == ["echo"]
+
+    asyncio.run(scenario())
