@@ -160,12 +160,22 @@ class Directory:
             self.starts[(app, labels.get("model_id", ""), labels["deployment"])] += 1
         listed[key] = (url, labels)
 
+    @staticmethod
+    def _of(app: str, name: str) -> bool:
+        """Whether the application ``name`` is ``app`` or hosts a step of its models
+        (``<app>.<model_id>.<step>``, see ``pipelines.deployments.step_app_name``)."""
+        return name == app or name.startswith(f"{app}.")
+
     def unregister(self, app: str, key: str) -> None:
-        self.apps.get(app, {}).pop(key, None)
+        for name, listed in self.apps.items():
+            if self._of(app, name):
+                listed.pop(key, None)
 
     def listing(self, app: str) -> tuple[list[tuple[str, str, dict[str, str]]], list[tuple[str, str, int]]]:
-        procs = [(key, url, labels) for key, (url, labels) in self.apps.get(app, {}).items()]
-        starts = [(m, d, n) for (a, m, d), n in self.starts.items() if a == app]
+        """The processes of ``app`` and of its models' step applications, and their starts."""
+        procs = [(key, url, labels) for name, listed in self.apps.items() if self._of(app, name)
+                 for key, (url, labels) in listed.items()]
+        starts = [(m, d, n) for (a, m, d), n in self.starts.items() if self._of(app, a)]
         return procs, starts
 
 

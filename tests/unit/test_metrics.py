@@ -157,3 +157,20 @@ def test_time_per_output_token_is_the_time_between_first_and_last_per_token_afte
     families = list(metrics.REGISTRY.collect())
     assert value(families, "mmserve_time_per_output_token_seconds_count", model_id="t") - before == 1
     assert 0.1 <= value(families, "mmserve_time_per_output_token_seconds_sum", model_id="t") < 0.2
+
+
+def test_the_directory_lists_an_applications_model_step_applications_with_it():
+    """Each model step is a Serve application of its own (``<app>.<model_id>.<step>``): the
+    ingress's scrape covers them, and not another application's."""
+    from core.metrics import Directory
+
+    d = Directory()
+    d.register("mmserve", "i", "http://a", {"deployment": "ingress"})
+    d.register("mmserve.m.engine", "e", "http://b", {"deployment": "m.engine", "model_id": "m"})
+    d.register("mmserve2", "x", "http://c", {"deployment": "ingress"})
+    procs, starts = d.listing("mmserve")
+    assert sorted(k for k, _, _ in procs) == ["e", "i"]
+    assert sorted(starts) == [("", "ingress", 1), ("m", "m.engine", 1)]
+    d.unregister("mmserve", "e")
+    assert [k for k, _, _ in d.listing("mmserve")[0]] == ["i"]
+    assert [k for k, _, _ in d.listing("mmserve2")[0]] == ["x"]
