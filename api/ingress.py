@@ -47,10 +47,6 @@ class Ingress:
 
         return pipeline_for(spec, handle_of)
 
-    def routes(self) -> list[dict[str, Any]]:
-        """The models this replica serves, as the RouteSpecs of its ``user_config``."""
-        return [p.spec.model_dump(mode="json") for p in self.router]
-
     async def check_health(self) -> None:
         # Engines placed inline live in this replica: if one is dead, Serve must restart it.
         await self.router.check_local_engines()

@@ -202,7 +202,7 @@ class RaySession:
         finally:
             if self.handles_signals:
                 ignore_signals()
-            _delete([main.name, *step_apps_of(main.name)])
+            _delete_with_steps(main.name)
 
     def update(self, old: AppConfig, new: AppConfig, *, app_name: str, route_prefix: str) -> dict[str, list[str]]:
         """Change the running application ``app_name`` from serving ``old`` to ``new`` in
@@ -215,7 +215,7 @@ class RaySession:
 
         Raises:
             ConfigError: ``new`` changes the ``server`` section or the ingress's deployment
-                (that needs a restart), or needs more than the cluster has.
+                (that needs a restart).
             RuntimeError: a step failed to deploy or was not running in time (what it started
                 is deleted again; the ingress still serves ``old``).
         """
@@ -279,6 +279,14 @@ def _run(targets: list[Target], timeout_s: float) -> None:
         detail = "; ".join(f"{n}: {a.status} {a.message}".strip() if (a := apps.get(n)) else f"{n}: unknown"
                            for n in names if not (a := apps.get(n)) or a.status != "RUNNING")
         raise RuntimeError(f"application {names[-1]!r} not ready after {timeout_s:g}s ({detail})")
+
+
+def _delete_with_steps(app_name: str) -> None:
+    """Delete ``app_name`` and its models' step applications (if Ray is still up)."""
+    import ray
+
+    if ray.is_initialized():
+        _delete([app_name, *step_apps_of(app_name)])
 
 
 def _delete(names: list[str]) -> None:
