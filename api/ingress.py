@@ -9,6 +9,7 @@ without restarting this replica or the other models' deployments.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
@@ -18,6 +19,8 @@ from core import internals, metrics
 from core.config import ServerConfig
 from pipelines.deployments import RouteSpec, deployment_name, pipeline_for, step_app_name
 from pipelines.router import ModelRouter
+
+logger = logging.getLogger("mmserve.ingress")
 
 
 @serve.deployment
@@ -31,13 +34,34 @@ class Ingress:
         metrics.configure(server.metrics)
         self.exposed = await metrics.expose() if server.metrics else None
         self.router = ModelRouter([])
+        self.configured = False
+        self.update_error: str | None = None
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve these models from now on (see :meth:`pipelines.router.ModelRouter.update`): a
         removed model's requests in flight finish first (within ``server.max_request_timeout_s``,
-        which no request outlives)."""
-        specs = [RouteSpec.model_validate(r) for r in config.get("routes", [])]
-        await self.router.update(specs, self._pipeline, self.server.max_request_timeout_s)
+        which no request outlives).
+
+        The first set failing to build or start fails the replica, as any start does. A later
+        one that fails leaves the models served as they were, and the replica up: a model that
+        cannot load must not take the HTTP entry of every other model down with it. What went
+        wrong is :meth:`last_update_error` until the next update (the launcher's ``--update``
+        asks, reports it and puts the previous set back)."""
+        try:
+            specs = [RouteSpec.model_validate(r) for r in config.get("routes", [])]
+            await self.router.update(specs, self._pipeline, self.server.max_request_timeout_s)
+        except Exception as err:
+            if not self.configured:
+                raise
+            logger.exception("update refused; still serving %s", sorted(p.model.model_id for p in self.router))
+            self.update_error = f"{type(err).__name__}: {err}"
+            return
+        self.configured = True
+        self.update_error = None
+
+    def last_update_error(self) -> str | None:
+        """Why the last change of models failed (None: it was applied)."""
+        return self.update_error
 
     def _pipeline(self, spec: RouteSpec):
         def handle_of(step: str):

@@ -216,8 +216,9 @@ class RaySession:
         Raises:
             ConfigError: ``new`` changes the ``server`` section or the ingress's deployment
                 (that needs a restart).
-            RuntimeError: a step failed to deploy or was not running in time (what it started
-                is deleted again; the ingress still serves ``old``).
+            RuntimeError: a step failed to deploy or was not running in time, or the ingress
+                could not build or start a new model's local steps (what the update started is
+                deleted again, and the ingress still serves ``old``).
         """
         from apps.builder import build_targets, route_specs
         from core.validate import ConfigError
@@ -239,9 +240,22 @@ class RaySession:
             _delete([t.name for t in steps if t.name not in running])
             raise
         _run([ingress], new.server.ready_timeout_s)
+        if error := _ingress_update_error(app_name):
+            # the ingress kept the old models: give it their config back, drop what was started
+            _run([build_targets(old, app_name, route_prefix)[-1]], new.server.ready_timeout_s)
+            _delete([t.name for t in steps if t.name not in running])
+            raise RuntimeError(f"the ingress could not take the new models ({error}); it still serves "
+                               f"{sorted(before)}")
         _delete(sorted(running - {t.name for t in steps}))
         return {"added": sorted(after.keys() - before.keys()), "removed": sorted(before.keys() - after.keys()),
                 "changed": sorted(k for k in after.keys() & before.keys() if after[k] != before[k])}
+
+
+def _ingress_update_error(app_name: str) -> str | None:
+    """What the ingress of ``app_name`` says of its last change of models (None: applied)."""
+    from ray import serve
+
+    return serve.get_app_handle(app_name).last_update_error.remote().result(timeout_s=60)
 
 
 def step_apps_of(app_name: str) -> list[str]:

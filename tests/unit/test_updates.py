@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from api.app import create_app
 from apps.builder import route_specs
@@ -103,5 +104,85 @@ def test_a_pipeline_that_fails_to_start_leaves_the_served_set_as_it_was():
         else:
             raise AssertionError("the update should fail")
         assert [p.model.model_id for p in router] == ["echo"]
+
+    asyncio.run(scenario())
+
+
+def test_an_update_whose_new_step_fails_deletes_what_it_started_and_leaves_the_ingress(monkeypatch):
+    """``RaySession.update``'s order, with Serve's calls recorded: added steps first; if one
+    fails, only what this update started is deleted and the ingress is not touched; otherwise the
+    ingress next, and the removed model's steps last."""
+    from apps import serving
+    from core.validate import ConfigError
+
+    old = compose(["model=[echo,echo_remote]", "pipeline=[echo]"])
+    new = compose(["model=[echo_remote,echo_split]", "pipeline=[echo]"])
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(serving, "step_apps_of", lambda app: ["mmserve.echo-remote.engine"])
+    monkeypatch.setattr(serving, "_delete", lambda names: calls.append(("delete", list(names))))
+    monkeypatch.setattr(serving, "_ingress_update_error", lambda app: None)
+
+    def failing_run(targets, timeout_s):
+        calls.append(("run", [t.name for t in targets]))
+        if any("echo-split" in t.name for t in targets):
+            raise RuntimeError("application 'mmserve.echo-split.engine' failed to deploy")
+
+    monkeypatch.setattr(serving, "_run", failing_run)
+    session = serving.RaySession(server=old.server, started=False, handles_signals=False)
+    with pytest.raises(RuntimeError, match="failed to deploy"):
+        session.update(old, new, app_name="mmserve", route_prefix="/")
+    split = [f"mmserve.echo-split.{s}" for s in ("preprocess", "engine", "postprocess")]
+    assert calls == [("run", ["mmserve.echo-remote.engine", *split]), ("delete", split)]
+
+    calls.clear()
+    monkeypatch.setattr(serving, "_run", lambda targets, timeout_s: calls.append(("run", [t.name for t in targets])))
+    old = compose(["model=[echo_remote,echo_split]", "pipeline=[echo]"])
+    new = compose(["model=[echo_split]", "pipeline=[echo]"])
+    changes = session.update(old, new, app_name="mmserve", route_prefix="/")
+    assert changes == {"added": [], "removed": ["echo-remote"], "changed": []}
+    assert calls == [("run", split), ("run", ["mmserve"]), ("delete", ["mmserve.echo-remote.engine"])]
+
+    # the ingress could not start a new model's local steps: it kept the old ones, gets their
+    # config back, and what the update started goes
+    calls.clear()
+    monkeypatch.setattr(serving, "_ingress_update_error", lambda app: "RuntimeError: no tokenizer")
+    monkeypatch.setattr(serving, "step_apps_of", lambda app: ["mmserve.echo-remote.engine", *split])
+    with pytest.raises(RuntimeError, match="no tokenizer.*still serves \\['echo-remote', 'echo-split'\\]"):
+        session.update(old, compose(["model=[echo_split,echo]", "pipeline=[echo]"]), app_name="mmserve",
+                       route_prefix="/")
+    assert calls == [("run", split), ("run", ["mmserve"]), ("run", ["mmserve"]), ("delete", [])]
+    monkeypatch.setattr(serving, "_ingress_update_error", lambda app: None)
+
+    changed_server = compose(["model=[echo_split]", "pipeline=[echo]", "server.max_body_bytes=1000"])
+    with pytest.raises(ConfigError) as err:
+        session.update(new, changed_server, app_name="mmserve", route_prefix="/")
+    assert [k for k, _ in err.value.problems] == ["server"]
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited")  # Serve's ASGI wrapper
+def test_the_ingress_keeps_its_models_when_a_later_set_fails_and_fails_on_a_first_one():
+    """A model that cannot start must not take the HTTP entry of the others down: only the
+    ingress's first set of models fails the replica."""
+    from api.ingress import Ingress
+
+    specs = inline_specs()
+    cls = Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    ingress.server, ingress.router = ServerConfig(), ModelRouter([])
+    ingress.configured, ingress.update_error = False, None
+    ingress._pipeline = pipeline_for
+    good = {"routes": [specs["echo"].model_dump(mode="json")]}
+    bad = {"routes": [*good["routes"], {"model": {"model_id": "x"}}]}  # not a RouteSpec
+
+    async def scenario():
+        with pytest.raises(Exception):
+            await ingress.reconfigure(bad)
+        await ingress.reconfigure(good)
+        assert ingress.last_update_error() is None
+        await ingress.reconfigure(bad)
+        assert "ValidationError" in ingress.last_update_error()
+        assert [p.model.model_id for p in ingress.router] == ["echo"]
+        await ingress.reconfigure(good)
+        assert ingress.last_update_error() is None
 
     asyncio.run(scenario())
