@@ -22,7 +22,7 @@ from ray.serve import Application
 
 from api.ingress import Ingress
 from core import internals
-from core.config import AppConfig, DeploymentOptions, ModelConfig, ServerConfig
+from core.config import AppConfig, DeploymentOptions, ServerConfig
 from pipelines.deployments import EngineServer, NodeServer, RouteSpec, deployment_name, step_app_name
 
 #: options of a deployment that Serve changes on running replicas (left out of its version)
@@ -108,13 +108,17 @@ def build_targets(cfg: AppConfig, app_name: str, route_prefix: str) -> list[Targ
 
 # --- serve deploy --------------------------------------------------------------------------
 
+def _config_arg(args: dict, what: str) -> dict:
+    if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
+        raise ValueError(f"args: expected {{config: <{what}>, ...}} (python -m apps.export writes it)")
+    return args["config"]
+
+
 def _validated(args: dict) -> AppConfig:
     from apps.config import with_env_api_keys
     from core.validate import validate_config
 
-    if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
-        raise ValueError("args: expected {config: <the composed config>, ...} (python -m apps.export writes it)")
-    return with_env_api_keys(validate_config(args["config"]))
+    return with_env_api_keys(validate_config(_config_arg(args, "the composed config")))
 
 
 def ingress_from_args(args: dict) -> Application:
@@ -127,9 +131,7 @@ def ingress_from_args(args: dict) -> Application:
     from apps.config import env_api_keys
     from core.validate import validate_server
 
-    if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
-        raise ValueError("args: expected {config: <the server and deployment sections>} (python -m apps.export writes it)")
-    server, profile = validate_server(args["config"])
+    server, profile = validate_server(_config_arg(args, "the server and deployment sections"))
     return ingress_app(env_api_keys(server), profile.ingress, None)
 
 

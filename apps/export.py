@@ -44,9 +44,7 @@ def serve_config(raw: dict[str, Any], cfg: AppConfig, working_dir: str | None = 
     runtime_env = {"working_dir": working_dir} if working_dir else None
     shared = {k: raw[k] for k in ("server", "deployment") if k in raw}
     apps: list[dict[str, Any]] = []
-    keys = {m.model_id: k for k, m in cfg.model.items()}
-    for spec in route_specs(cfg):
-        key = keys[spec.model.model_id]
+    for key, spec in zip(cfg.model, route_specs(cfg)):  # route_specs keeps the config's order
         one = {**shared, "pipeline": {spec.model.pipeline: raw["pipeline"][spec.model.pipeline]},
                "model": {key: raw["model"][key]}}
         for step in spec.remote_steps:

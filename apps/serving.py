@@ -223,9 +223,8 @@ class RaySession:
         from apps.builder import build_targets, route_specs
         from core.validate import ConfigError
 
-        changed_keys = [k for k in ("server",) if getattr(old, k) != getattr(new, k)]
-        if old.deployment.ingress != new.deployment.ingress:
-            changed_keys.append("deployment.ingress")
+        changed_keys = (["server"] if old.server != new.server else []) + (
+            ["deployment.ingress"] if old.deployment.ingress != new.deployment.ingress else [])
         if changed_keys:
             raise ConfigError([(k, "an update changes models only; this differs from the running "
                                 "launcher's (restart the launcher to change it)") for k in changed_keys])
@@ -234,16 +233,17 @@ class RaySession:
         running = set(step_apps_of(app_name))
         targets = build_targets(new, app_name, route_prefix)
         steps, ingress = targets[:-1], targets[-1]
+        started = [t.name for t in steps if t.name not in running]
         try:
             _run(steps, new.server.ready_timeout_s)
         except BaseException:
-            _delete([t.name for t in steps if t.name not in running])
+            _delete(started)
             raise
         _run([ingress], new.server.ready_timeout_s)
         if error := _ingress_update_error(app_name):
             # the ingress kept the old models: give it their config back, drop what was started
             _run([build_targets(old, app_name, route_prefix)[-1]], new.server.ready_timeout_s)
-            _delete([t.name for t in steps if t.name not in running])
+            _delete(started)
             raise RuntimeError(f"the ingress could not take the new models ({error}); it still serves "
                                f"{sorted(before)}")
         _delete(sorted(running - {t.name for t in steps}))

@@ -66,6 +66,7 @@ def measure_served(session, modality: str, data: bytes, max_batch: int, args) ->
     from apps.config import compose
     from apps.loadgen import run_load
     from apps.serving import served
+    from pipelines.deployments import deployment_name, step_app_name
     from tests.media import b64
 
     key, pipe = MODELS[modality]
@@ -75,11 +76,13 @@ def measure_served(session, modality: str, data: bytes, max_batch: int, args) ->
                    f"model.{key}.deployment.engine.ray_actor_options.num_cpus=1",
                    f"model.{key}.deployment.engine.max_ongoing_requests={max(args.concurrency, max_batch)}",
                    f"model.{key}.deployment.placement={args.placement}", *args.overrides])
+    model_id = cfg.model[key].model_id
     with served(cfg, session=session, app_name="bench") as app:
-        body = {"model_id": cfg.model[key].model_id, "input": {"data": b64(data)}}
+        body = {"model_id": model_id, "input": {"data": b64(data)}}
         res = asyncio.run(run_load(f"{app.url}/v1/infer", body, concurrency=args.concurrency,
                                    duration_s=args.duration, warmup_s=args.warmup))
-        stats = (serve.get_deployment_handle(f"{cfg.model[key].model_id}.engine", f"{app.app_name}.{cfg.model[key].model_id}.engine")
+        stats = (serve.get_deployment_handle(deployment_name(model_id, "engine"),
+                                             step_app_name(app.app_name, model_id, "engine"))
                  .stats.remote().result()
                  if args.placement == "engine" else {"mean_batch_size": float("nan")})
     return {**res.as_dict(), "mean_batch_size": stats["mean_batch_size"]}

@@ -143,20 +143,12 @@ def validate_server(raw: dict) -> tuple[ServerConfig, DeploymentProfile]:
     Raises:
         ConfigError: listing each invalid key.
     """
-    problems = [(k, m) for k, m in _pydantic_problems_of(raw) if k.split(".")[0] in ("server", "deployment")]
-    unknown = sorted(set(raw) - {"server", "deployment", "pipeline", "model"})
-    problems += [(k, "unknown key") for k in unknown]
+    server, profile = raw.get("server") or {}, raw.get("deployment") or {}
+    problems = _check_with(ServerConfig, server, "server") + _check_with(DeploymentProfile, profile, "deployment")
+    problems += [(k, "unknown key") for k in sorted(set(raw) - {"server", "deployment", "pipeline", "model"})]
     if problems:
         raise ConfigError(problems)
-    return ServerConfig.model_validate(raw.get("server") or {}), DeploymentProfile.model_validate(raw.get("deployment") or {})
-
-
-def _pydantic_problems_of(raw: dict) -> list[tuple[str, str]]:
-    try:
-        AppConfig.model_validate({**raw, "model": {}, "pipeline": {}})
-    except ValidationError as err:
-        return _pydantic_problems(err)
-    return []
+    return ServerConfig.model_validate(server), DeploymentProfile.model_validate(profile)
 
 
 @dataclass

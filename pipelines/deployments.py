@@ -138,7 +138,7 @@ class RouteSpec(Strict):
     """What the ingress builds one model's pipeline from: the model and its two nodes. It is
     the ingress's ``user_config`` (a list of them, as JSON), so that Serve changes the set of
     models in place. Steps that :data:`REMOTE_STEPS` gives a deployment of their own are
-    reached by name (:func:`step_names`); the others are built inside the ingress replica."""
+    reached by name (:func:`step_app_name`); the others are built inside the ingress replica."""
 
     model: ModelConfig
     preprocess: NodeSpec

@@ -110,16 +110,18 @@ async def local_router(*pipelines: Pipeline) -> ModelRouter:
     return router
 
 
+def inline_spec(spec):
+    """A RouteSpec with every step of its model in this process (``placement: inline``)."""
+    dep = spec.model.deployment.model_copy(update={"placement": "inline"})
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"deployment": dep})})
+
+
 def inline_router(cfg) -> ModelRouter:
     """A router over every model of a composed config, each step built in this process."""
     from apps.builder import route_specs
     from pipelines.deployments import pipeline_for
 
-    def inline(spec):
-        dep = spec.model.deployment.model_copy(update={"placement": "inline"})
-        return spec.model_copy(update={"model": spec.model.model_copy(update={"deployment": dep})})
-
-    return ModelRouter([pipeline_for(inline(s)) for s in route_specs(cfg)])
+    return ModelRouter([pipeline_for(inline_spec(s)) for s in route_specs(cfg)])
 
 
 def metric_families(response) -> list:

@@ -15,16 +15,13 @@ from apps.config import compose
 from core.config import ServerConfig
 from pipelines.deployments import pipeline_for
 from pipelines.router import ModelRouter
+from tests.support import inline_spec
 
 
 def inline_specs() -> dict:
     """echo, echo-remote and echo-split, each with every step in this process."""
     cfg = compose(["model=[echo,echo_remote,echo_split]", "pipeline=[echo]"])
-    out = {}
-    for s in route_specs(cfg):
-        dep = s.model.deployment.model_copy(update={"placement": "inline"})
-        out[s.model.model_id] = s.model_copy(update={"model": s.model.model_copy(update={"deployment": dep})})
-    return out
+    return {s.model.model_id: inline_spec(s) for s in route_specs(cfg)}
 
 
 def test_an_update_adds_keeps_and_drains_before_it_removes():
