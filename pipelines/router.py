@@ -24,11 +24,16 @@ class ModelRouter:
         is unchanged keeps its pipeline; a new or changed one is built (``build``) and started
         before it takes requests; a removed or replaced pipeline takes no new request, and once
         the requests holding it have finished (at most ``drain_timeout_s``) its local steps stop.
-        A failure to build or start leaves the served set as it was."""
+        A failure to build or start leaves the served set as it was, and stops what this update
+        started of it."""
         kept = {s.model.model_id: p for s in specs
                 if (p := self.pipelines.get(s.model.model_id)) is not None and p.spec == s}
         fresh = [build(s) for s in specs if s.model.model_id not in kept]
-        await asyncio.gather(*(p.start() for p in fresh))
+        failures = [r for r in await asyncio.gather(*(p.start() for p in fresh), return_exceptions=True)
+                    if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(p.stop() for p in fresh), return_exceptions=True)
+            raise failures[0]
         new = {p.model.model_id: p for p in fresh}
         retired = [p for p in self.pipelines.values() if p.model.model_id not in kept]
         self.pipelines = {s.model.model_id: kept.get(s.model.model_id) or new[s.model.model_id] for s in specs}

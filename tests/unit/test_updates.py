@@ -81,10 +81,12 @@ def test_a_changed_model_gets_a_new_pipeline_and_the_old_one_drains():
 
 def test_a_pipeline_that_fails_to_start_leaves_the_served_set_as_it_was():
     specs = inline_specs()
-    a, b = specs["echo"], specs["echo-split"]
+    a, b, c = specs["echo"], specs["echo-split"], specs["echo-remote"]
+    built = []
 
     def build(spec):
         p = pipeline_for(spec)
+        built.append(p)
         if spec is b:
             async def fail():
                 raise RuntimeError("no weights")
@@ -95,12 +97,16 @@ def test_a_pipeline_that_fails_to_start_leaves_the_served_set_as_it_was():
         router = ModelRouter([])
         await router.update([a], pipeline_for, drain_timeout_s=5)
         try:
-            await router.update([a, b], build, drain_timeout_s=5)
+            await router.update([a, c, b], build, drain_timeout_s=5)
         except RuntimeError as err:
             assert "no weights" in str(err)
         else:
             raise AssertionError("the update should fail")
         assert [p.model.model_id for p in router] == ["echo"]
+        assert router.get("echo").engine.started
+        # what the failed update started beside b (c's inline engine) is stopped again
+        assert [p.model.model_id for p in built] == ["echo-remote", "echo-split"]
+        assert not built[0].engine.started
 
     asyncio.run(scenario())
 
