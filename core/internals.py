@@ -1,6 +1,6 @@
 """Every use of Ray Serve's and vLLM's non-public API, in one place.
 
-mmserve needs five things neither offers publicly (Ray 2.60, vLLM 0.25.1):
+mmserve needs six things neither offers publicly (Ray 2.60, vLLM 0.25.1):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
@@ -14,7 +14,9 @@ mmserve needs five things neither offers publicly (Ray 2.60, vLLM 0.25.1):
   application while the ingress already learns of it): ``get_deployment_handle`` otherwise
   asks the controller, blocking, and fails (:func:`deployment_handle`);
 - how many requests vLLM's output processor still holds (the engine's ``stats``, which the
-  tests use to see that aborted requests leave vLLM).
+  tests use to see that aborted requests leave vLLM);
+- to hand vLLM's speech-to-text layer samples that mmserve's audio node decoded, where it
+  takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`).
 
 Each has a check (:func:`check_ray_handle`, :func:`check_vllm_engine`) run when the feature is
 first used: if the attribute is not there, a warning names the installed version and what
@@ -142,3 +144,33 @@ def vllm_unfinished_requests(llm) -> int:
     """Requests vLLM's output processor is still working on (aborted ones leave it)."""
     processor = getattr(llm, "output_processor", None)
     return processor.get_num_unfinished_requests() if processor is not None else 0
+
+
+def vllm_speech_from_samples(serving) -> None:
+    """Make vLLM's transcription or translation layer (``SpeechToTextBaseServing``) take a 1-D
+    float array of samples at its model's rate where it takes the file's bytes: its decode step
+    (``_decode_and_chunk_speech_async``, bytes -> windows) is replaced by the windowing alone,
+    vLLM's own ``split_audio`` with the model's settings. Raises RuntimeError naming the vLLM
+    version where the step is not there: the engine cannot start (vLLM would decode the
+    samples as a file)."""
+    import numpy as np
+
+    if not hasattr(serving, "_decode_and_chunk_speech_async") or not hasattr(serving, "asr_config"):
+        raise RuntimeError(f"vLLM {_version('vllm')}: its speech-to-text serving has no "
+                           "_decode_and_chunk_speech_async or asr_config; mmserve cannot hand it "
+                           "decoded audio (pin the vLLM of the lock file)")
+    from vllm.multimodal.audio import split_audio
+
+    config = serving.asr_config
+
+    async def windows(audio: np.ndarray) -> tuple[list[np.ndarray], float]:
+        duration = audio.shape[-1] / config.sample_rate
+        if not (config.allow_audio_chunking and config.max_audio_clip_s is not None
+                and duration > config.max_audio_clip_s):
+            return [audio], duration
+        return split_audio(audio_data=audio, sample_rate=int(config.sample_rate),
+                           max_clip_duration_s=config.max_audio_clip_s,
+                           overlap_duration_s=config.overlap_chunk_second,
+                           min_energy_window_size=config.min_energy_split_window_size), duration
+
+    serving._decode_and_chunk_speech_async = windows

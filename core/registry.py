@@ -18,6 +18,7 @@ ENGINES: dict[str, str] = {
     "echo": "engines.echo:EchoEngine",
     "vllm": "engines.vllm:VLLMEngine",
     "vllm_embedding": "engines.vllm:VLLMEmbedder",
+    "vllm_speech": "engines.whisper:VLLMTranscriber",
     "silero_vad": "engines.vad:SileroVAD",
     "ctc_asr": "engines.asr:CTCSpeechRecognizer",
     "image_classifier": "engines.classifier:ImageClassifier",
@@ -32,6 +33,7 @@ NODES: dict[str, str] = {
     "image_decode": "nodes.vision:ImageDecode",
     "video_frames": "nodes.video:VideoFrames",
     "media_result": "nodes.media:MediaResult",
+    "transcript": "nodes.transcript:Transcript",
 }
 
 

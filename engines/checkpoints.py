@@ -41,20 +41,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMSERVE_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
 
 
+def _byte_bpe(specials: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (``tokenizers``) trained on :data:`CORPUS`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    return tok
+
+
 def make_tiny_llama(out: Path) -> None:
     """A 2-layer Llama (hidden 256, 4 heads of 64, vocabulary 512) with a byte-level BPE tokenizer
     and a chat template. Random weights: the text is gibberish, the machinery is real."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok = _byte_bpe(["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"], 512)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
@@ -67,6 +73,47 @@ def make_tiny_llama(out: Path) -> None:
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
                          tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def make_tiny_whisper(out: Path) -> None:
+    """A Whisper (transformers' ``WhisperForConditionalGeneration``: d_model 256, 2 encoder and 2
+    decoder layers, 4 heads of 64) with an 80-mel ``WhisperFeatureExtractor`` (30 s windows,
+    16 kHz) and a byte-level BPE tokenizer holding Whisper's special tokens in Whisper's order:
+    ``<|endoftext|>``, ``<|startoftranscript|>``, every language, the task tokens,
+    ``<|notimestamps|>``, then the timestamps ``<|0.00|>``...``<|30.00|>`` as the last ids (vLLM's
+    segments take every id from ``<|0.00|>`` up as a timestamp). Random weights: gibberish
+    text, but a different one for different audio, language or task."""
+    import torch
+    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizerFast)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    tok = _byte_bpe(["<|endoftext|>"], 512)
+    specials = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES), "<|translate|>",
+                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    fast = WhisperTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    # special, so that text asked without timestamps leaves out any that random weights emit
+    fast.add_special_tokens({"additional_special_tokens": specials + timestamps})
+    extractor = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, chunk_length=30)
+    WhisperProcessor(feature_extractor=extractor, tokenizer=fast).save_pretrained(out)
+
+    ids = fast.convert_tokens_to_ids
+    torch.manual_seed(0)
+    # init_std 0.3 (transformers: 0.02): with the default, random weights drown the encoder's
+    # output and every input gets the same token forever; at 0.3 what is decoded depends on
+    # the audio and the decoder prompt, as a trained model's does
+    config = WhisperConfig(vocab_size=len(fast), init_std=0.3, num_mel_bins=80, d_model=256, encoder_layers=2,
+                           decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=512, decoder_ffn_dim=512, max_source_positions=1500,
+                           max_target_positions=448, pad_token_id=ids("<|endoftext|>"),
+                           bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|endoftext|>"),
+                           decoder_start_token_id=ids("<|startoftranscript|>"),
+                           suppress_tokens=[], begin_suppress_tokens=[], torch_dtype="float32")
+    model = WhisperForConditionalGeneration(config)
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
 
@@ -123,6 +170,7 @@ def make_tiny_resnet18(out: Path) -> None:
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": make_tiny_llama,
     "tiny-wav2vec2": make_tiny_wav2vec2,
+    "tiny-whisper": make_tiny_whisper,
     "tiny-resnet18": make_tiny_resnet18,
 }
 
@@ -149,6 +197,19 @@ def package_path(source: str) -> str:
     return str(path)
 
 
+def _stamp(name: str) -> str:
+    """A digest of the generator's source: a checkpoint made by an older generator is made again."""
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(GENERATORS[name]).encode()).hexdigest()[:16]
+
+
+def _complete(target: Path, stamp: str) -> bool:
+    marker = target / ".complete"
+    return marker.is_file() and marker.read_text().strip() == stamp
+
+
 def resolve_source(source: str) -> str:
     """A hub id or path unchanged; ``generated:<name>`` as its cache directory (made if
     missing); ``package:<module>/<dir>`` as a directory inside an installed package.
@@ -164,15 +225,16 @@ def resolve_source(source: str) -> str:
     if name not in GENERATORS:
         raise ValueError(f"unknown generated checkpoint {name!r}; known: {', '.join(GENERATORS)}")
     target = cache_dir() / "checkpoints" / name
-    if (target / ".complete").exists():
+    stamp = _stamp(name)
+    if _complete(target, stamp):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several replicas may start at once
-        if not (target / ".complete").exists():
+        if not _complete(target, stamp):
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
             GENERATORS[name](tmp)
-            (tmp / ".complete").touch()
+            (tmp / ".complete").write_text(stamp)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
     return str(target)

@@ -15,6 +15,10 @@ from core.protocol import InferRequest, RequestContext
 from core.registry import engine_class
 
 
+#: what each modality's pipelines take, as ``GET /v1/models`` lists it (``inputs``)
+INPUTS = {"text": ["text"], "audio": ["audio"], "vision": ["image"], "video": ["video"]}
+
+
 class Pipeline:
     """Runs a request through one model's steps (see :mod:`pipelines.stages`).
 
@@ -149,7 +153,8 @@ class Pipeline:
         m = self.model
         return {"model_id": m.model_id, "modality": m.modality, "pipeline": m.pipeline,
                 "engine": m.engine, "source": m.source, "engine_kwargs": m.engine_kwargs,
-                "params": m.params, "deployment": m.deployment.model_dump(exclude_none=True),
+                "inputs": INPUTS.get(m.modality, []), "params": m.params,
+                "deployment": m.deployment.model_dump(exclude_none=True),
                 "openai_routes": sorted(self.openai_routes)}
 
 

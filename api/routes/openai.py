@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes (and vLLM's and Anthropic's beside them): chat, completions,
-embeddings, the Responses API, Anthropic's Messages API, tokenize and detokenize; and
-``/v1/audio/transcriptions`` for speech recognition pipelines.
+embeddings, the Responses API, Anthropic's Messages API, tokenize and detokenize (the audio
+routes are ``api.routes.audio``).
 
 The text routes take the request surface of the model's engine: for vLLM models, vLLM's own
 request models and serving layer answer them (``engines.vllm_openai``), in whichever process
@@ -10,18 +10,16 @@ and sends the engine's answer: one JSON body, or its Server-Sent Events as they 
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from api.context import (check_shape, deadline_context, internal_errors, pipeline_of, request_context,
-                         run_guarded, sse_response)
+from api.context import check_shape, deadline_context, internal_errors, pipeline_of, sse_response
 from api.errors import ERROR_RESPONSES, ERROR_SCHEMA, SSE_EVENT_SCHEMA
-from api.uploads import read_json_object, uploaded_media
+from api.uploads import read_json_object
 from core.deadline import within_deadline
-from core.errors import EngineError, InvalidField, InvalidParameter
-from core.protocol import InferRequest
+from core.errors import EngineError, InvalidParameter
 
 router = APIRouter()
 
@@ -113,31 +111,3 @@ def publish_schemas(schema: dict[str, Any], models) -> None:
             "description": "The request model of the engine serving `model` (for vLLM models, "
                            "vLLM's own); unknown fields are refused."}
 
-
-@router.post("/v1/audio/transcriptions", responses=ERROR_RESPONSES, summary="OpenAI-compatible speech to text")
-async def transcriptions(
-    request: Request,
-    file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
-    model: str = Form(..., min_length=1, description="A speech recognition model_id."),
-    language: str | None = Form(None, description="Accepted; the model decides the language."),
-    prompt: str | None = Form(None, description="Accepted and ignored (CTC models take no prompt)."),
-    response_format: Literal["json", "text", "verbose_json"] = Form("json"),
-    temperature: float | None = Form(None, description="Accepted and ignored (greedy decoding)."),
-):
-    state = request.app.state
-    pipeline = pipeline_of(request, model)
-    if pipeline.model.modality != "audio":
-        raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; transcriptions "
-                           f"need a speech recognition model", model_id=model, field="model")
-    req = InferRequest(model_id=model, input=await uploaded_media(file))
-    result = await run_guarded(pipeline, req, request_context(req, request, state.server))
-    output = result["output"]
-    if not isinstance(output, dict) or "text" not in output:
-        raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
-                           f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
-    if response_format == "text":
-        return PlainTextResponse(output["text"])
-    if response_format == "verbose_json":
-        return {"task": "transcribe", "language": language or "english",
-                "duration": result.get("duration_s"), "text": output["text"], "segments": []}
-    return {"text": output["text"]}

@@ -152,18 +152,38 @@ def test_multipart_errors_name_the_field(client):
     assert error_of(r, 415)["field"] == "input.format"
 
 
-@pytest.mark.parametrize("response_format", ["json", "text", "verbose_json"])
-def test_openai_transcriptions(client, response_format):
+def test_openai_transcriptions_in_every_format_carry_one_transcript(client):
     wav = media.encode_audio(media.clip_with_speech())
-    r = client.post("/v1/audio/transcriptions", data={"model": "tiny-asr", "response_format": response_format},
-                    files={"file": ("speech.wav", wav, "audio/wav")})
-    assert r.status_code == 200, r.text
-    if response_format == "text":
-        assert r.headers["content-type"].startswith("text/plain")
-    else:
-        assert isinstance(r.json()["text"], str)
-    if response_format == "verbose_json":
-        assert r.json()["duration"] == pytest.approx(4.0, abs=0.1)
+
+    def post(response_format: str):
+        r = client.post("/v1/audio/transcriptions", files={"file": ("speech.wav", wav, "audio/wav")},
+                        data={"model": "tiny-asr", "response_format": response_format, "language": "en",
+                              "temperature": "0"})  # OpenAI's fields a CTC model has no use for
+        assert r.status_code == 200, r.text
+        return r
+
+    text = post("json").json()["text"]
+    assert isinstance(text, str) and post("json").json() == {"text": text}
+    r = post("text")
+    assert r.headers["content-type"].startswith("text/plain") and r.text == text
+    verbose = post("verbose_json").json()
+    assert verbose["duration"] == pytest.approx(4.0, abs=0.1) and verbose["text"] == text
+    assert [(s["start"], s["end"]) for s in verbose["segments"]] == [(0.0, verbose["duration"])]
+    # a CTC model has no timestamps: one cue over the whole clip
+    assert post("srt").text == f"1\n00:00:00,000 --> 00:00:04,000\n{text}\n"
+    assert post("vtt").text == f"WEBVTT\n\n00:00:00.000 --> 00:00:04.000\n{text}\n"
+
+
+def test_subtitles_number_their_cues_and_write_each_formats_clock():
+    from nodes.transcript import render
+
+    body = {"text": "a b", "segments": [{"start": 0.0, "end": 1.5, "text": " a"},
+                                        {"start": 3725.25, "end": 3726.0, "text": "b "}]}
+    assert render(body, "srt") == ("1\n00:00:00,000 --> 00:00:01,500\na\n\n"
+                                   "2\n01:02:05,250 --> 01:02:06,000\nb\n")
+    assert render(body, "vtt") == ("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\na\n\n"
+                                   "01:02:05.250 --> 01:02:06.000\nb\n")
+    assert render(body, "text") == "a b" and render(body, "verbose_json") is body
 
 
 def test_transcriptions_need_a_speech_recognizer(client):
@@ -172,6 +192,11 @@ def test_transcriptions_need_a_speech_recognizer(client):
     assert "vision model" in error_of(r, 422)["message"]
     r = client.post("/v1/audio/transcriptions", data={"model": "silero-vad"}, files={"file": ("a.wav", wav)})
     assert "does not transcribe" in error_of(r, 422)["message"]
+    r = client.post("/v1/audio/translations", data={"model": "tiny-asr"}, files={"file": ("a.wav", wav)})
+    assert "does not translate" in error_of(r, 422)["message"]
+    r = client.post("/v1/audio/transcriptions", data={"model": "tiny-asr", "response_format": "docx"},
+                    files={"file": ("a.wav", wav)})
+    assert error_of(r, 422)["field"] == "response_format"
 
 
 # --- bad input: a 4xx naming the problem, and the next request is served --------------------

@@ -19,6 +19,26 @@ def test_every_infer_param_is_vllms_field_of_the_same_name():
     assert set(EmbedParams.model_fields) <= set(EmbeddingCompletionRequest.model_fields)
 
 
+def test_speech_params_are_vllms_fields_and_become_its_request_models():
+    from vllm.entrypoints.speech_to_text.transcription.protocol import TranscriptionRequest
+    from vllm.entrypoints.speech_to_text.translation.protocol import TranslationRequest
+
+    from engines.whisper import NOT_IN_TRANSLATION, TranscriptionParams, VLLMTranscriber
+
+    mine = set(TranscriptionParams.model_fields) - {"task"}
+    assert mine <= set(TranscriptionRequest.model_fields)
+    assert set(NOT_IN_TRANSLATION) == mine - set(TranslationRequest.model_fields)
+    build = VLLMTranscriber._request  # needs no engine
+    req = build(None, TranscriptionParams(language="de", response_format="srt", temperature=0.2), "m")
+    assert type(req) is TranscriptionRequest and req.response_format == "verbose_json"  # srt is ours
+    assert (req.language, req.temperature, req.model) == ("de", 0.2, "m")
+    req = build(None, TranscriptionParams(task="translate", prompt="p"), "m")
+    assert type(req) is TranslationRequest and req.prompt == "p"
+    with pytest.raises(InvalidParameter) as e:
+        build(None, TranscriptionParams(task="translate", top_p=0.5), "m")
+    assert e.value.field == "top_p"
+
+
 def test_every_route_names_a_vllm_request_model_and_handler():
     import importlib
 

@@ -1,0 +1,102 @@
+"""``/v1/audio/transcriptions`` and ``/v1/audio/translations`` in OpenAI's shape (a multipart
+form: ``file``, ``model`` and the request's fields).
+
+A speech-to-text model on vLLM (Whisper) takes every field of its engine's params (vLLM's
+names: ``language``, ``prompt``, ``temperature``, ``timestamp_granularities[]``...); an unknown
+one is refused naming it. A CTC recognizer takes ``language``, ``prompt`` and ``temperature``
+and ignores them, as it has no use for them. Either way the upload goes through the model's
+audio pipeline (decoded, resampled, its limits applied) and the answer is rendered in
+``response_format``: ``json`` and ``verbose_json`` as JSON, ``text``, ``srt`` and ``vtt`` as
+plain text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import PlainTextResponse
+
+from api.context import pipeline_of, request_context, run_guarded
+from api.errors import ERROR_RESPONSES
+from api.uploads import uploaded_media
+from core.errors import InvalidField, InvalidParameter
+from core.protocol import InferRequest
+from nodes.transcript import render
+
+router = APIRouter()
+
+Format = Literal["json", "text", "verbose_json", "srt", "vtt"]
+#: the form fields that are not the engine's params
+FORM_FIELDS = ("file", "model", "response_format")
+
+
+def _params(form, model_id: str) -> dict[str, Any]:
+    """The form's other fields as params; ``name[]`` (how clients send a list) as a list."""
+    params: dict[str, Any] = {}
+    for key in form.keys():
+        if key in FORM_FIELDS:
+            continue
+        values = [v for v in form.getlist(key)]
+        if any(not isinstance(v, str) for v in values):
+            raise InvalidParameter(f"{key}: a text field, not a file", model_id=model_id, field=key)
+        params[key.removesuffix("[]")] = values if key.endswith("[]") else values[-1]
+    return params
+
+
+async def speech_to_text(request: Request, task: str, file: UploadFile, model: str, response_format: str):
+    state = request.app.state
+    pipeline = pipeline_of(request, model)
+    if pipeline.model.modality != "audio":
+        raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; {task.rstrip('e')}ions "
+                           f"need a speech recognition model", model_id=model, field="model")
+    speech = "transcription" in pipeline.openai_routes  # a speech-to-text engine (Whisper on vLLM)
+    if task == "translate" and not speech:
+        raise InvalidField(f"model: {model!r} does not translate speech; translations need a Whisper-"
+                           f"family model", model_id=model, field="model")
+    params = _params(await request.form(), model)
+    if speech:
+        params.update(task=task, response_format=response_format)
+    req = InferRequest(model_id=model, input=await uploaded_media(file), params=params if speech else {})
+    try:
+        result = await run_guarded(pipeline, req, request_context(req, request, state.server))
+    except InvalidField as err:  # a param is a form field here: name it as the client sent it
+        if err.field and err.field.startswith("params."):
+            err.field = err.field.removeprefix("params.")
+            err.message = err.message.removeprefix("params.")
+        raise
+    output = result["output"]
+    if not speech:
+        if not isinstance(output, dict) or "text" not in output:
+            raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
+                               f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
+        duration = result.get("duration_s")
+        output = render({"task": "transcribe", "language": params.get("language") or "english",
+                         "duration": duration, "text": output["text"],
+                         "segments": [{"id": 0, "start": 0.0, "end": duration or 0.0, "text": output["text"]}]},
+                        response_format)
+        if response_format == "json":
+            output = {"text": output["text"]}
+    return PlainTextResponse(output) if isinstance(output, str) else output
+
+
+@router.post("/v1/audio/transcriptions", responses=ERROR_RESPONSES, summary="OpenAI-compatible speech to text")
+async def transcriptions(
+    request: Request,
+    file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
+    model: str = Form(..., min_length=1, description="A speech recognition model_id."),
+    response_format: Format = Form("json"),
+):
+    """Other form fields (``language``, ``prompt``, ``temperature``...) are the model's params."""
+    return await speech_to_text(request, "transcribe", file, model, response_format)
+
+
+@router.post("/v1/audio/translations", responses=ERROR_RESPONSES, summary="OpenAI-compatible speech to English text")
+async def translations(
+    request: Request,
+    file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
+    model: str = Form(..., min_length=1, description="A Whisper-family model_id."),
+    response_format: Format = Form("json"),
+):
+    """Other form fields (``prompt``, ``temperature``...) are the model's params."""
+    return await speech_to_text(request, "translate", file, model, response_format)

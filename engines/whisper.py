@@ -1,0 +1,135 @@
+"""Speech to text on vLLM: Whisper-family checkpoints (encoder-decoder) served by vLLM's own
+transcription and translation layer (``vllm.entrypoints.speech_to_text``) over the engine's
+AsyncLLM.
+
+The audio preprocess node has already decoded and resampled the upload (every format the audio
+pipelines take); vLLM's layer gets those samples instead of file bytes, and does the rest as
+``vllm serve`` does: the language (detected by the model when not given), the decoder prompt,
+30 s windows cut at the quietest 100 ms of each window's last second, one engine request per
+window run at once, the texts joined, and ``verbose_json``'s segments from Whisper's timestamp
+tokens. ``srt`` and ``vtt``, which vLLM's server refuses, are asked of vLLM as
+``verbose_json`` and rendered from its segments by the ``transcript`` postprocess node.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import AsyncIterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core import internals
+from core.errors import InvalidField, InvalidParameter, MMServeError
+from core.protocol import EngineResult, MediaPayload, RequestContext
+from engines.vllm import VLLMEngine
+from engines.vllm_openai import error_of
+
+#: response formats vLLM's layer renders itself; the others come from its verbose_json
+VLLM_FORMATS = ("json", "text", "verbose_json")
+
+
+class TranscriptionParams(BaseModel):
+    """Per-request parameters of speech-to-text models, on ``/v1/infer`` and as the form fields of
+    ``/v1/audio/transcriptions`` and ``/v1/audio/translations``. Each but ``task`` is the field of
+    that name of vLLM's ``TranscriptionRequest``, with vLLM's meaning (a unit test keeps them
+    in step with the pinned vLLM)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["transcribe", "translate"] = Field("transcribe", description=(
+        "transcribe: text in the spoken language; translate: English text (Whisper's tasks)."))
+    language: str | None = Field(None, description=(
+        "ISO 639-1 code of the spoken language; detected by the model when not given."))
+    prompt: str = Field("", description="Text to guide the style, or to continue a previous window.")
+    response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
+    temperature: float = Field(0.0, ge=0, le=1, description="0 is greedy.")
+    timestamp_granularities: list[Literal["segment"]] = Field(default_factory=lambda: ["segment"])
+    max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens per 30 s window.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+
+
+#: the fields vLLM's TranslationRequest lacks (a translation that sets one is refused)
+NOT_IN_TRANSLATION = ("timestamp_granularities", "top_p", "top_k", "min_p", "frequency_penalty",
+                      "presence_penalty", "repetition_penalty")
+
+
+class VLLMTranscriber(VLLMEngine):
+    """A speech-to-text model (Whisper) on vLLM. ``/v1/infer`` takes the audio pipeline's
+    samples and answers vLLM's transcription body (``{"text", "usage"}``, or with
+    ``verbose_json`` also ``language``, ``duration`` and ``segments``)."""
+
+    Params = TranscriptionParams
+
+    @classmethod
+    def openai_routes(cls, model) -> frozenset[str]:
+        return frozenset({"transcription", "translation"})
+
+    async def start(self) -> None:
+        await super().start()
+        state = self.frontend.state
+        self.serving = {"transcribe": state.openai_serving_transcription,
+                        "translate": state.openai_serving_translation}
+        for serving in self.serving.values():
+            internals.vllm_speech_from_samples(serving)
+
+    def infer(self, inputs: MediaPayload, params: TranscriptionParams,
+              ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        return self._guarded(self._transcribe(inputs, params, ctx), ctx)
+
+    def _request(self, params: TranscriptionParams, model_id: str):
+        """vLLM's request model of ``params.task`` (its ``file`` is a placeholder: the samples
+        are passed beside it)."""
+        from starlette.datastructures import UploadFile
+
+        fields = params.model_dump(exclude={"task"}, exclude_none=True)
+        if fields["response_format"] not in VLLM_FORMATS:
+            fields["response_format"] = "verbose_json"
+        if params.task == "translate":
+            from vllm.entrypoints.speech_to_text.translation.protocol import TranslationRequest as Request
+
+            for name in NOT_IN_TRANSLATION:
+                if name in params.model_fields_set:
+                    raise InvalidParameter(f"{name}: not a translation parameter (vLLM's translations "
+                                           f"do not take it)", model_id=model_id, field=name)
+                fields.pop(name, None)
+        else:
+            from vllm.entrypoints.speech_to_text.transcription.protocol import (
+                TranscriptionRequest as Request)
+        return Request.model_validate({**fields, "model": model_id,
+                                       "file": UploadFile(io.BytesIO(b""), filename="audio")})
+
+    async def _transcribe(self, inputs: MediaPayload, params: TranscriptionParams,
+                          ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        import torch
+
+        serving = self.serving[params.task]
+        rate = serving.asr_config.sample_rate
+        if inputs.info.get("sample_rate") != rate:
+            raise InvalidField(f"the model takes {rate:g} Hz audio, not {inputs.info.get('sample_rate')} Hz: "
+                               f"set the pipeline's sample_rate", model_id=ctx.model_id)
+        try:
+            serving.model_cls.validate_language(params.language)
+        except ValueError as err:
+            raise InvalidParameter(f"language: {err}", model_id=ctx.model_id, field="language") from None
+        request = self._request(params, ctx.model_id)
+        audio = inputs.data.to(torch.float32).numpy() if isinstance(inputs.data, torch.Tensor) else inputs.data
+        call = (serving.create_transcription if params.task == "transcribe" else serving.create_translation)
+        try:
+            answer = await call(audio, request, None)
+        except MMServeError:
+            raise
+        except Exception as err:
+            raise error_of(err, ctx.model_id) from None
+        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
+
+        if isinstance(answer, ErrorResponse):
+            raise error_of(answer, ctx.model_id)
+        yield EngineResult(output=answer.model_dump(exclude_none=True), finish_reason="stop",
+                           info=inputs.info)
+
