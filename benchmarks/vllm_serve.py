@@ -61,6 +61,22 @@ def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_
             "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"]}
 
 
+def wait_healthy(server: subprocess.Popen, port: int, cmd: list[str], timeout_s: float = 600) -> None:
+    """Until vLLM's server on ``port`` answers its own ``/health``; raises if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited ({server.returncode}): {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM's server not ready in {timeout_s:g} s")
+        time.sleep(1)  # polling vLLM's readiness endpoint
+
+
 def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
     """vLLM's own server on a free port, benchmarked at each level, then stopped."""
     from apps.serving import free_port
@@ -73,18 +89,7 @@ def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
            *engine_flags(model)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
-        while True:  # vLLM's own readiness endpoint
-            if server.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({server.returncode}): {' '.join(cmd)}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("vLLM's server not ready in 600 s")
-            time.sleep(1)
+        wait_healthy(server, port, cmd)
         return {c: bench(f"http://127.0.0.1:{port}", model.model_id, path, c, opts.input_len,
                          opts.output_len, opts.per_slot) for c in levels}
     finally:

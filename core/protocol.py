@@ -118,3 +118,12 @@ class Refusal:
     traceback and all, and a client's bad input is not one. The calling side raises it."""
 
     error: Any
+
+
+@dataclass
+class OpenAIBody:
+    """An OpenAI-compatible request on its way to a preprocess node that checks such bodies
+    (``route``: ``chat``, ``completion``...; ``body``: the JSON object, changed in place)."""
+
+    route: str
+    body: dict[str, Any]

@@ -29,6 +29,7 @@ NODES: dict[str, str] = {
     "identity": "nodes.common:Identity",
     "result": "nodes.common:Result",
     "text_prompt": "nodes.text:TextPrompt",
+    "chat_media": "nodes.chat_media:ChatMedia",
     "audio_decode": "nodes.audio:AudioDecode",
     "image_decode": "nodes.vision:ImageDecode",
     "video_frames": "nodes.video:VideoFrames",

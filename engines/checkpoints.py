@@ -118,6 +118,63 @@ def make_tiny_whisper(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+# Qwen2-VL's chat template, cut down: one <|vision_start|><|image_pad|><|vision_end|> per image
+# part (the processor expands <|image_pad|> to the image's tokens)
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_qwen2_vl(out: Path) -> None:
+    """A Qwen2-VL (transformers' ``Qwen2VLForConditionalGeneration``): a 2-layer text model
+    (hidden 256, 4 heads of 64, 2 KV heads) and a 2-block vision tower (patch 14, 2x2 merge),
+    with a byte-level BPE tokenizer holding Qwen2-VL's special tokens and an image processor
+    that keeps images between 56x56 and 112x112 pixels: 4 to 16 tokens each. Random weights."""
+    import torch
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    fast = PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(specials, 1000), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=4096)
+    fast.chat_template = VLM_CHAT_TEMPLATE
+    ids = fast.convert_tokens_to_ids
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=(len(fast) + 63) // 64 * 64, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [8, 12, 12]},  # sums to head_dim / 2
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False),
+        vision_config=dict(depth=2, embed_dim=128, hidden_size=256, num_heads=2, mlp_ratio=2, in_channels=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False)
+    config.bos_token_id, config.eos_token_id = ids("<|endoftext|>"), ids("<|im_end|>")
+    config.pad_token_id = ids("<|endoftext|>")
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    model.save_pretrained(out, safe_serialization=True)
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}  # pixels, not sides
+    pixels = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
+                     video_processor=Qwen2VLVideoProcessor(**pixels),
+                     chat_template=VLM_CHAT_TEMPLATE).save_pretrained(out)
+    fast.save_pretrained(out)
+
+
 # The character vocabulary of torchaudio's wav2vec2 ASR bundles: blank, word separator, letters.
 CTC_LABELS = ["-", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
 
@@ -171,6 +228,7 @@ GENERATORS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": make_tiny_llama,
     "tiny-wav2vec2": make_tiny_wav2vec2,
     "tiny-whisper": make_tiny_whisper,
+    "tiny-qwen2-vl": make_tiny_qwen2_vl,
     "tiny-resnet18": make_tiny_resnet18,
 }
 

@@ -12,6 +12,7 @@ the ingress never pay for it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from contextlib import aclosing
@@ -65,6 +66,11 @@ class VLLMKwargs(BaseModel):
         "generate: a text generation model (chat, completions); pooling: an embedding model "
         "(/v1/embeddings). Default: generate."))
     max_logprobs: int | None = Field(None, ge=0, description="Most logprobs a request may ask for (vLLM: 20).")
+    limit_mm_per_prompt: dict[str, int] | None = Field(None, description=(
+        "Multi-modal models: most items of each kind per prompt, e.g. {image: 2, video: 0}."))
+    mm_processor_cache_gb: float | None = Field(None, ge=0, description=(
+        "Multi-modal models: vLLM's cache of processed media (GiB); 0 turns it off, which the "
+        "pinned transformers needs for Qwen2-VL (README, \"Vision-language chat\")."))
     json_whitespace: bool | None = Field(None, description=(
         "false: structured JSON outputs (response_format, tool calls) leave out free whitespace "
         "(vLLM's structured_outputs_config.disable_any_whitespace); default: vLLM's, allowed."))
@@ -285,7 +291,33 @@ class VLLMEngine(Engine):
                                usage={"prompt_tokens": len(out.prompt_token_ids or ()),
                                       "completion_tokens": completion})
 
+    async def _chat(self, messages: list, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        """Chat ``messages`` with media parts (a vision-language model's ``/v1/infer``), rendered
+        and processed by vLLM's own chat serving, streamed back as text chunks."""
+        body = {**params.model_dump(exclude_none=True), "model": self.model.model_id, "messages": messages,
+                "stream": True, "stream_options": {"include_usage": True}}
+        if params.logit_bias:
+            body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+        finish = None
+        async for event in self.frontend.call("chat", body, ctx):
+            data = event.removeprefix("data: ").strip()
+            if data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            for choice in chunk.get("choices") or ():
+                finish = choice.get("finish_reason") or finish
+                text = (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    yield EngineResult(output=text)
+            if chunk.get("usage"):
+                u = chunk["usage"]
+                yield EngineResult(output="", finish_reason=finish,
+                                   usage={"prompt_tokens": u["prompt_tokens"],
+                                          "completion_tokens": u["completion_tokens"]})
+
     def infer(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+        if "messages" in inputs:  # from the chat_media node: vLLM renders the chat and its media
+            return self._guarded(self._chat(inputs["messages"], params, ctx), ctx)
         return self._guarded(self._generate(inputs, params, ctx), ctx)
 
     def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:

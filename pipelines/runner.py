@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from core import metrics
 from core.config import ModelConfig
 from core.errors import InvalidField, Unsupported
-from core.protocol import InferRequest, RequestContext
-from core.registry import engine_class
+from core.protocol import InferRequest, OpenAIBody, RequestContext
+from core.registry import engine_class, node_class
 
 
 #: what each modality's pipelines take, as ``GET /v1/models`` lists it (``inputs``)
@@ -39,6 +39,11 @@ class Pipeline:
         cls = engine_class(model.engine)
         self.params_schema = cls.Params
         self.openai_routes = cls.openai_routes(model)
+        node = getattr(preprocess, "node", None)  # a local node; a remote one by its config's name
+        pre = type(node) if node is not None else (node_class(spec.preprocess.name) if spec is not None else None)
+        #: the preprocess node checks OpenAI-compatible bodies too (e.g. a chat's images)
+        self.checks_openai = bool(getattr(pre, "checks_openai", False))
+        self.inputs = list(getattr(pre, "INPUTS", None) or INPUTS.get(model.modality, []))
 
     def timer(self, node: str):
         """The node's latency histogram (a no-op while metrics are off)."""
@@ -128,8 +133,19 @@ class Pipeline:
             raise Unsupported(f"model {self.model.model_id!r} ({self.model.pipeline} pipeline) does not "
                               f"serve {route} requests; its OpenAI-compatible routes: {served}",
                               model_id=self.model.model_id, field="model")
+        return self._timed(self._openai(route, body, ctx), self.timer("engine"))
+
+    async def _openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        if self.checks_openai:
+            ctx.stage = "preprocess"
+            body = (await self.preprocess(OpenAIBody(route, body), ctx)).body
         ctx.stage = "engine"
-        return self._timed(self.engine.openai(route, body, ctx), self.timer("engine"))
+        chunks = self.engine.openai(route, body, ctx)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
 
     @staticmethod
     async def _timed(chunks: AsyncIterator[Any], hist) -> AsyncIterator[Any]:
@@ -153,7 +169,7 @@ class Pipeline:
         m = self.model
         return {"model_id": m.model_id, "modality": m.modality, "pipeline": m.pipeline,
                 "engine": m.engine, "source": m.source, "engine_kwargs": m.engine_kwargs,
-                "inputs": INPUTS.get(m.modality, []), "params": m.params,
+                "inputs": self.inputs, "params": m.params,
                 "deployment": m.deployment.model_dump(exclude_none=True),
                 "openai_routes": sorted(self.openai_routes)}
 

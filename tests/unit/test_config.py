@@ -22,8 +22,8 @@ def test_default_config_composes():
     cfg = compose()
     # one offline model of each modality, and echo
     assert {m.modality for m in cfg.model.values()} == {"text", "audio", "vision", "video"}
-    assert set(cfg.model) == {"echo", "tiny_llama", "all_minilm_l6_v2", "silero_vad", "tiny_asr", "tiny_whisper",
-                              "tiny_resnet", "tiny_video"}
+    assert set(cfg.model) == {"echo", "tiny_llama", "all_minilm_l6_v2", "tiny_qwen2_vl", "silero_vad", "tiny_asr",
+                              "tiny_whisper", "tiny_resnet", "tiny_video"}
     assert cfg.model["echo"].engine == "echo"  # resolved from the pipeline
     assert cfg.model["echo"].deployment.placement == "inline"
     # the model's deployment is the profile merged with its overrides
