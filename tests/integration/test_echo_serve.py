@@ -18,11 +18,6 @@ OVERRIDES = ["model=[echo,echo_remote,echo_split]", "server.max_body_bytes=4096"
 MODELS = ["echo", "echo-remote", "echo-split"]
 
 
-@pytest.fixture(scope="module")
-def http(serve_app):
-    with httpx.Client(base_url=serve_app, timeout=30) as client:
-        yield client
-
 
 @pytest.mark.parametrize("model_id", MODELS)
 def test_infer_through_every_placement(http, model_id):

@@ -19,11 +19,6 @@ pytestmark = pytest.mark.integration
 OVERRIDES = ["model=[tiny_llama]", "server.http_proxy=ray"]
 
 
-@pytest.fixture(scope="module")
-def http(serve_app):
-    with httpx.Client(base_url=serve_app, timeout=120) as client:
-        yield client
-
 
 def test_generates_and_streams(http):
     out = infer(http, prompt="Hello there", params={"max_tokens": 8, "temperature": 0})

@@ -30,17 +30,6 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"], "additionalProperties": False}}}
 
 
-@pytest.fixture(scope="module")
-def client(serve_app):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{serve_app}/v1", api_key="-", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(serve_app):
-    with httpx.Client(base_url=serve_app, timeout=120) as c:
-        yield c
 
 
 def infer(http, **body) -> dict:
