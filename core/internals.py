@@ -146,31 +146,26 @@ def vllm_unfinished_requests(llm) -> int:
     return processor.get_num_unfinished_requests() if processor is not None else 0
 
 
-def vllm_speech_from_samples(serving) -> None:
+def vllm_speech_from_samples(serving, split) -> None:
     """Make vLLM's transcription or translation layer (``SpeechToTextBaseServing``) take a 1-D
     float array of samples at its model's rate where it takes the file's bytes: its decode step
-    (``_decode_and_chunk_speech_async``, bytes -> windows) is replaced by the windowing alone,
-    vLLM's own ``split_audio`` with the model's settings. Raises RuntimeError naming the vLLM
-    version where the step is not there: the engine cannot start (vLLM would decode the
-    samples as a file)."""
+    (``_decode_and_chunk_speech_async``, bytes -> windows) is replaced by the windowing alone:
+    audio over the model's ``max_audio_clip_s`` is cut by ``split(audio)`` (a list of
+    consecutive windows). vLLM's size check reads the array's length as bytes (its limit, 25
+    MB, is 1,600 s of 16 kHz samples). Raises RuntimeError naming the vLLM version where the step
+    is not there: the engine cannot start (vLLM would decode the samples as a file)."""
     import numpy as np
 
     if not hasattr(serving, "_decode_and_chunk_speech_async") or not hasattr(serving, "asr_config"):
         raise RuntimeError(f"vLLM {_version('vllm')}: its speech-to-text serving has no "
                            "_decode_and_chunk_speech_async or asr_config; mmserve cannot hand it "
                            "decoded audio (pin the vLLM of the lock file)")
-    from vllm.multimodal.audio import split_audio
-
     config = serving.asr_config
 
     async def windows(audio: np.ndarray) -> tuple[list[np.ndarray], float]:
         duration = audio.shape[-1] / config.sample_rate
-        if not (config.allow_audio_chunking and config.max_audio_clip_s is not None
-                and duration > config.max_audio_clip_s):
+        if config.max_audio_clip_s is None or duration <= config.max_audio_clip_s:
             return [audio], duration
-        return split_audio(audio_data=audio, sample_rate=int(config.sample_rate),
-                           max_clip_duration_s=config.max_audio_clip_s,
-                           overlap_duration_s=config.overlap_chunk_second,
-                           min_energy_window_size=config.min_energy_split_window_size), duration
+        return await split(audio), duration
 
     serving._decode_and_chunk_speech_async = windows

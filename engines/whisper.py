@@ -5,23 +5,29 @@ AsyncLLM.
 The audio preprocess node has already decoded and resampled the upload (every format the audio
 pipelines take); vLLM's layer gets those samples instead of file bytes, and does the rest as
 ``vllm serve`` does: the language (detected by the model when not given), the decoder prompt,
-30 s windows cut at the quietest 100 ms of each window's last second, one engine request per
-window run at once, the texts joined, and ``verbose_json``'s segments from Whisper's timestamp
-tokens. ``srt`` and ``vtt``, which vLLM's server refuses, are asked of vLLM as
-``verbose_json`` and rendered from its segments by the ``transcript`` postprocess node.
+one engine request per 30 s window run at once, the texts joined, and ``verbose_json``'s
+segments from Whisper's timestamp tokens. Two things mmserve does instead: it cuts audio longer
+than a window itself (``engines.speech_windows``: in the pauses Silero VAD finds, else at the
+quietest 100 ms of the window's last second, as vLLM would), and it places each window's
+segments at the window's true offset (vLLM counts 30 s a window). ``srt`` and ``vtt``, which
+vLLM's server refuses, are asked of vLLM as ``verbose_json`` and rendered from its segments by
+the ``transcript`` postprocess node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
-from typing import AsyncIterator, Literal
+import threading
+from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import internals
 from core.errors import InvalidField, InvalidParameter, MMServeError
 from core.protocol import EngineResult, MediaPayload, RequestContext
-from engines.vllm import VLLMEngine
+from engines.vllm import VLLMEngine, VLLMKwargs
 from engines.vllm_openai import error_of
 
 #: response formats vLLM's layer renders itself; the others come from its verbose_json
@@ -59,12 +65,28 @@ NOT_IN_TRANSLATION = ("timestamp_granularities", "top_p", "top_k", "min_p", "fre
                       "presence_penalty", "repetition_penalty")
 
 
+class SpeechKwargs(VLLMKwargs):
+    """``engine_kwargs`` of a speech-to-text model on vLLM: vLLM's, and where to cut long audio."""
+
+    split_on_silence: bool = Field(True, description=(
+        "Cut audio longer than a window in the pauses Silero VAD finds (its weights ship in the "
+        "silero-vad package); false, or where it finds none: at the quietest 100 ms of the "
+        "window's last second, as vLLM does."))
+
+    def engine_args(self, cpu: bool) -> dict[str, Any]:
+        args = super().engine_args(cpu)
+        args.pop("split_on_silence", None)
+        return args
+
+
 class VLLMTranscriber(VLLMEngine):
     """A speech-to-text model (Whisper) on vLLM. ``/v1/infer`` takes the audio pipeline's
     samples and answers vLLM's transcription body (``{"text", "usage"}``, or with
     ``verbose_json`` also ``language``, ``duration`` and ``segments``)."""
 
+    Kwargs = SpeechKwargs
     Params = TranscriptionParams
+    requires = (*VLLMEngine.requires, "silero_vad")
 
     @classmethod
     def openai_routes(cls, model) -> frozenset[str]:
@@ -75,8 +97,52 @@ class VLLMTranscriber(VLLMEngine):
         state = self.frontend.state
         self.serving = {"transcribe": state.openai_serving_transcription,
                         "translate": state.openai_serving_translation}
+        self._vad = None
+        self._vad_lock = threading.Lock()  # one Silero model; it keeps state within a clip
+        if self.kwargs.split_on_silence:
+            from pathlib import Path
+
+            from silero_vad.utils_vad import init_jit_model
+
+            from engines.checkpoints import resolve_source
+
+            self._vad = init_jit_model(str(Path(resolve_source("package:silero_vad/data")) / "silero_vad.jit"))
+        self._offsets: dict[int, list[int]] = {}  # id(samples) -> each window's first sample
         for serving in self.serving.values():
-            internals.vllm_speech_from_samples(serving)
+            internals.vllm_speech_from_samples(serving, functools.partial(self._split, serving.asr_config))
+
+    async def _split(self, config, audio) -> list:
+        """``audio`` cut into windows (:func:`engines.speech_windows.plan`); the offsets are kept
+        for the request's segments."""
+        import numpy as np
+
+        from engines.speech_windows import plan
+
+        rate = int(config.sample_rate)
+        speech = await asyncio.to_thread(self._speech, audio, rate) if self._vad is not None else []
+        cuts = plan(audio, int(config.max_audio_clip_s * rate), speech, rate)
+        self._offsets[id(audio)] = [0, *cuts]
+        return np.split(audio, cuts)
+
+    def _speech(self, audio, rate: int) -> list[tuple[int, int]]:
+        import torch
+        from silero_vad import get_speech_timestamps
+
+        with self._vad_lock:
+            spans = get_speech_timestamps(torch.from_numpy(audio), self._vad, sampling_rate=rate)
+        return [(s["start"], s["end"]) for s in spans]
+
+    @staticmethod
+    def _place(segments: list[dict], offsets: list[int], rate: float, clip_s: float) -> None:
+        """Move each window's segments from vLLM's offset (``seek``: 30 s a window) to the
+        window's own (``seek`` in whole seconds, as vLLM writes it)."""
+        for seg in segments:
+            i = round(seg["seek"] / clip_s)
+            if i < len(offsets):
+                shift = offsets[i] / rate - i * clip_s
+                seg["start"] = round(seg["start"] + shift, 3)
+                seg["end"] = round(seg["end"] + shift, 3)
+                seg["seek"] = int(offsets[i] / rate)
 
     def infer(self, inputs: MediaPayload, params: TranscriptionParams,
               ctx: RequestContext) -> AsyncIterator[EngineResult]:
@@ -126,10 +192,14 @@ class VLLMTranscriber(VLLMEngine):
             raise
         except Exception as err:
             raise error_of(err, ctx.model_id) from None
+        finally:
+            offsets = self._offsets.pop(id(audio), None)
         from vllm.entrypoints.openai.engine.protocol import ErrorResponse
 
         if isinstance(answer, ErrorResponse):
             raise error_of(answer, ctx.model_id)
-        yield EngineResult(output=answer.model_dump(exclude_none=True), finish_reason="stop",
-                           info=inputs.info)
+        out = answer.model_dump(exclude_none=True)
+        if offsets and out.get("segments"):
+            self._place(out["segments"], offsets, rate, serving.asr_config.max_audio_clip_s)
+        yield EngineResult(output=out, finish_reason="stop", info=inputs.info)
 

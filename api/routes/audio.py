@@ -37,7 +37,7 @@ def _params(form, model_id: str) -> dict[str, Any]:
     for key in form.keys():
         if key in FORM_FIELDS:
             continue
-        values = [v for v in form.getlist(key)]
+        values = form.getlist(key)
         if any(not isinstance(v, str) for v in values):
             raise InvalidParameter(f"{key}: a text field, not a file", model_id=model_id, field=key)
         params[key.removesuffix("[]")] = values if key.endswith("[]") else values[-1]
@@ -48,8 +48,9 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
     state = request.app.state
     pipeline = pipeline_of(request, model)
     if pipeline.model.modality != "audio":
-        raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; {task.rstrip('e')}ions "
-                           f"need a speech recognition model", model_id=model, field="model")
+        route = "transcriptions" if task == "transcribe" else "translations"
+        raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; {route} need a "
+                           f"speech recognition model", model_id=model, field="model")
     speech = "transcription" in pipeline.openai_routes  # a speech-to-text engine (Whisper on vLLM)
     if task == "translate" and not speech:
         raise InvalidField(f"model: {model!r} does not translate speech; translations need a Whisper-"
@@ -80,23 +81,19 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
     return PlainTextResponse(output) if isinstance(output, str) else output
 
 
-@router.post("/v1/audio/transcriptions", responses=ERROR_RESPONSES, summary="OpenAI-compatible speech to text")
-async def transcriptions(
-    request: Request,
-    file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
-    model: str = Form(..., min_length=1, description="A speech recognition model_id."),
-    response_format: Format = Form("json"),
-):
-    """Other form fields (``language``, ``prompt``, ``temperature``...) are the model's params."""
-    return await speech_to_text(request, "transcribe", file, model, response_format)
+def _route(path: str, task: str, summary: str, takes: str) -> None:
+    async def handler(
+        request: Request,
+        file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
+        model: str = Form(..., min_length=1, description=f"A {takes} model_id."),
+        response_format: Format = Form("json"),
+    ):
+        return await speech_to_text(request, task, file, model, response_format)
+
+    handler.__name__ = "transcriptions" if task == "transcribe" else "translations"
+    handler.__doc__ = "Other form fields (``language``, ``prompt``, ``temperature``...) are the model's params."
+    router.add_api_route(path, handler, methods=["POST"], responses=ERROR_RESPONSES, summary=summary)
 
 
-@router.post("/v1/audio/translations", responses=ERROR_RESPONSES, summary="OpenAI-compatible speech to English text")
-async def translations(
-    request: Request,
-    file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
-    model: str = Form(..., min_length=1, description="A Whisper-family model_id."),
-    response_format: Format = Form("json"),
-):
-    """Other form fields (``prompt``, ``temperature``...) are the model's params."""
-    return await speech_to_text(request, "translate", file, model, response_format)
+_route("/v1/audio/transcriptions", "transcribe", "OpenAI-compatible speech to text", "speech recognition")
+_route("/v1/audio/translations", "translate", "OpenAI-compatible speech to English text", "Whisper-family")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import re
 
-import httpx
 import pytest
 
 from tests import media
@@ -24,17 +23,6 @@ MODEL = "tiny-whisper"
 CUE = re.compile(r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d) --> (\d\d):(\d\d):(\d\d)[,.](\d\d\d)")
 
 
-@pytest.fixture(scope="module")
-def client(serve_app):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{serve_app}/v1", api_key="-", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(serve_app):
-    with httpx.Client(base_url=serve_app, timeout=120) as c:
-        yield c
 
 
 WAV = media.encode_audio(media.clip_with_speech())  # 4 s
@@ -50,6 +38,24 @@ def cue_times(subtitles: str) -> list[tuple[float, float]]:
         return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
 
     return [(seconds(*m.groups()[:4]), seconds(*m.groups()[4:])) for m in CUE.finditer(subtitles)]
+
+
+def vad_pauses(wav: bytes) -> list[tuple[float, float]]:
+    """The gaps (seconds) between the speech spans Silero VAD finds in ``wav``, as decoded."""
+    from pathlib import Path
+
+    from silero_vad import get_speech_timestamps
+    from silero_vad.utils_vad import init_jit_model
+    from torchcodec.decoders import AudioDecoder
+
+    from engines.checkpoints import resolve_source
+
+    vad = init_jit_model(str(Path(resolve_source("package:silero_vad/data")) / "silero_vad.jit"))
+    samples = AudioDecoder(wav).get_all_samples()
+    spans = get_speech_timestamps(samples.data[0], vad, sampling_rate=samples.sample_rate, return_seconds=True)
+    total = samples.data.shape[-1] / samples.sample_rate
+    edges = [0.0, *[t for s in spans for t in (s["start"], s["end"])], total]
+    return [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b > a]
 
 
 def test_every_response_format_carries_the_same_transcript(client):
@@ -72,15 +78,30 @@ def test_every_response_format_carries_the_same_transcript(client):
     assert "," in srt.splitlines()[1] and "." in vtt.splitlines()[2]  # each format's decimal mark
 
 
-def test_long_audio_is_split_into_30_second_windows(client):
-    clip = media.clip_with_speech(before_s=20.0, speech_s=30.0, after_s=20.0)  # 70 s
-    verbose = transcribe(client, "verbose_json", media.encode_audio(clip))
-    assert float(verbose.duration) == pytest.approx(70.0, abs=0.01)
-    # each window's segments are placed at its own offset (seek): 0, 30 and 60 s (Whisper
-    # alone hears the first 30 s only)
-    assert {s.seek for s in verbose.segments} == {0, 30, 60}
+def test_long_audio_is_cut_into_windows_in_its_pauses(client):
+    import torch
+
+    def quiet(seconds: float):
+        return 0.001 * torch.randn(int(seconds * media.SR), generator=torch.Generator().manual_seed(2))
+
+    def talk(seconds: float, seed: int):  # syllables in 1.5 s phrases, which Silero VAD takes for speech
+        return torch.cat([media.speechlike(1.5, seed=seed + i) for i in range(int(seconds / 1.5))])
+
+    # speech to 19.5 s, a pause to 24 s, speech to 49.5 s, a pause to 52.5 s, speech to 70.5 s
+    clip = torch.cat([talk(19.5, 1), quiet(4.5), talk(25.5, 20), quiet(3), talk(18, 40)]).unsqueeze(0)
+    wav = media.encode_audio(clip)
+    verbose = transcribe(client, "verbose_json", wav)
+    assert float(verbose.duration) == pytest.approx(70.5, abs=0.01)
+    # the pauses Silero VAD finds in what the engine decodes (the synthetic speech has some of
+    # its own); the windows (Whisper alone hears 30 s) are cut in them, not at 30 and 60 s
+    pauses = vad_pauses(wav)
+    assert any(19 <= a and b <= 24.5 for a, b in pauses)  # the 4.5 s pause is found
+    seeks = sorted({s.seek for s in verbose.segments})  # each window's offset, in whole seconds
+    assert len(seeks) == 3 and seeks[0] == 0 and 19 <= seeks[1] <= 24 and 49 <= seeks[2] <= 53, seeks
+    for seek in seeks[1:]:
+        assert any(a - 1 <= seek <= b for a, b in pauses), (seek, pauses)
     assert all(s.seek <= s.start <= s.seek + 30 for s in verbose.segments)
-    assert transcribe(client, "json", media.encode_audio(clip)).usage.seconds == 70
+    assert transcribe(client, "json", wav).usage.seconds == 71
 
 
 def test_the_language_is_detected_when_not_given_and_checked_when_given(client, http):

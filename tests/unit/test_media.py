@@ -189,7 +189,7 @@ def test_subtitles_number_their_cues_and_write_each_formats_clock():
 def test_transcriptions_need_a_speech_recognizer(client):
     wav = media.encode_audio(media.clip_with_speech())
     r = client.post("/v1/audio/transcriptions", data={"model": "tiny-resnet"}, files={"file": ("a.wav", wav)})
-    assert "vision model" in error_of(r, 422)["message"]
+    assert "is a vision model; transcriptions need a speech" in error_of(r, 422)["message"]
     r = client.post("/v1/audio/transcriptions", data={"model": "silero-vad"}, files={"file": ("a.wav", wav)})
     assert "does not transcribe" in error_of(r, 422)["message"]
     r = client.post("/v1/audio/translations", data={"model": "tiny-asr"}, files={"file": ("a.wav", wav)})
