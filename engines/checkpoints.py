@@ -119,13 +119,15 @@ def make_tiny_whisper(out: Path) -> None:
 
 
 # Qwen2-VL's chat template, cut down: one <|vision_start|><|image_pad|><|vision_end|> per image
-# part (the processor expands <|image_pad|> to the image's tokens)
+# part, <|video_pad|> for a video (the processor expands the pads to the media's tokens)
 VLM_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -169,9 +171,12 @@ def make_tiny_qwen2_vl(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}  # pixels, not sides
     pixels = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
-                     video_processor=Qwen2VLVideoProcessor(**pixels),
+    video = Qwen2VLVideoProcessor(**pixels)
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast, video_processor=video,
                      chat_template=VLM_CHAT_TEMPLATE).save_pretrained(out)
+    # vLLM 0.25.1 finds the video processor's class in this file; without it, it asks
+    # transformers 5.24's mapping, whose entries are dicts, and every video fails (docs/stack.md)
+    video.save_pretrained(out)
     fast.save_pretrained(out)
 
 
@@ -256,11 +261,11 @@ def package_path(source: str) -> str:
 
 
 def _stamp(name: str) -> str:
-    """A digest of the generator's source: a checkpoint made by an older generator is made again."""
+    """A digest of this module's source (the generators, their constants and corpus) and the
+    name: a checkpoint made by an older version of the module is made again."""
     import hashlib
-    import inspect
 
-    return hashlib.sha256(inspect.getsource(GENERATORS[name]).encode()).hexdigest()[:16]
+    return hashlib.sha256(Path(__file__).read_bytes() + name.encode()).hexdigest()[:16]
 
 
 def _complete(target: Path, stamp: str) -> bool:

@@ -1,13 +1,14 @@
-"""Preprocess of vision-language chat: the images of chat messages checked before they reach vLLM.
+"""Preprocess of vision-language chat: the images of a request checked before they reach vLLM.
 
-Each ``image_url`` content part is decoded by the image node's own decoder and limits
+Each image URL (chat's ``image_url`` parts, the Responses API's ``input_image``, the messages of
+``/tokenize``) is decoded by the image node's own decoder and limits
 (:class:`nodes.vision.ImageDecode`: formats, ``max_bytes``, ``max_pixels``, ``min_side``), so a
 corrupt, oversized or unsupported image is a 4xx naming its part (``messages.0.content.1``)
 before any hop. Images come as ``data:`` URLs (base64). An ``http(s)`` URL is fetched only when
 its host is in ``url_domains`` (none by default), here, within ``url_timeout_s`` and
 ``max_bytes``, and handed on as a ``data:`` URL: vLLM itself never fetches.
 
-The node serves ``/v1/chat/completions`` (:class:`OpenAIBody`) and ``/v1/infer`` (chat
+The node serves the OpenAI-compatible routes (:class:`OpenAIBody`) and ``/v1/infer`` (chat
 ``messages``, or a prompt as one user message); the engine renders the chat template.
 """
 
@@ -25,13 +26,17 @@ from core.errors import InvalidField, InvalidParameter, MMServeError, PayloadToo
 from core.protocol import OpenAIBody, RequestContext
 from nodes.base import Node
 from nodes.media import media_bytes
+from nodes.video import VideoFrames
 from nodes.vision import ImageDecode, ImageKwargs
 
-DATA_URL = re.compile(r"data:image/([\w.+-]+);base64,(.*)", re.S)
+DATA_URL = re.compile(r"data:(image|video)/([\w.+-]+);base64,(.*)", re.S)
+#: the content parts' keys that hold a URL, and the kind of media behind it
+KINDS = {"image_url": "image", "video_url": "video"}
 
 
 class ChatMediaKwargs(ImageKwargs):
-    max_images: int = Field(4, ge=0, description="Most images in one request (400 above).")
+    video_formats: list[str] = Field(["mp4", "webm"], min_length=1, description="Accepted video formats.")
+    max_video_seconds: float = Field(30.0, gt=0, description="Longer videos get 422.")
     url_domains: list[str] = Field(default_factory=list, description=(
         "Hosts whose http(s) image URLs are fetched; empty: data: URLs only."))
     url_timeout_s: float = Field(5.0, gt=0, description="Time to fetch one image URL.")
@@ -41,67 +46,76 @@ class ChatMedia(Node):
     """Checks (and, from allowed hosts, fetches) every image of a chat request."""
 
     Kwargs = ChatMediaKwargs
-    requires = ImageDecode.requires
-    #: what a model behind this node takes, as ``GET /v1/models`` lists it
-    INPUTS = ["text", "image"]
+    requires = (*ImageDecode.requires, *VideoFrames.requires)
     checks_openai = True
+
+    @classmethod
+    def inputs_of(cls, model) -> list[str]:
+        """What a model behind this node takes, as ``GET /v1/models`` lists it."""
+        limits = limits_of(model)
+        return ["text", *(kind for kind in ("image", "video") if limits.get(kind) != 0)]
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
-        image = self.kwargs.model_dump(exclude={"max_images", "url_domains", "url_timeout_s"})
+        self.limits = limits_of(model)
+        kw = self.kwargs
+        image = kw.model_dump(include=set(ImageKwargs.model_fields))
         self.images = ImageDecode(image, model)
+        self.videos = VideoFrames({**image, "formats": kw.video_formats, "max_seconds": kw.max_video_seconds,
+                                   "num_frames": 2}, model)  # two frames decoded: the file is sound
 
     async def start(self) -> None:
         await self.images.start()
+        await self.videos.start()
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
         if isinstance(payload, OpenAIBody):
-            if payload.route == "chat":
-                await self.check_messages(payload.body.get("messages"), ctx.model_id, "messages")
+            await self.check(payload.body, ctx.model_id)
             return payload
         if isinstance(payload, str):
             return {"messages": [{"role": "user", "content": payload}]}
         if not isinstance(payload, dict) or "messages" not in payload:
             raise InvalidField("input: a vision-language model takes chat messages (or a prompt)",
                                model_id=ctx.model_id, field="input")
-        await self.check_messages(payload["messages"], ctx.model_id, "messages")
+        await self.check({"messages": payload["messages"]}, ctx.model_id)
         return payload
 
-    async def check_messages(self, messages: Any, model_id: str, where: str) -> None:
-        """Every image part of ``messages``, checked (and fetched URLs inlined) in place."""
-        parts = [(f"{where}.{i}.content.{j}", part)
-                 for i, m in enumerate(messages if isinstance(messages, list) else ())
-                 if isinstance(m, dict) and isinstance(m.get("content"), list)
-                 for j, part in enumerate(m["content"])
-                 if isinstance(part, dict) and part.get("type") == "image_url"]
-        if len(parts) > self.kwargs.max_images:
-            raise InvalidParameter(f"{where}: {len(parts)} images; this model takes at most "
-                                   f"{self.kwargs.max_images} per request (max_images)",
-                                   model_id=model_id, field=where)
-        for field, part in parts:
-            await self._check(part, field, model_id)
+    async def check(self, body: dict, model_id: str) -> None:
+        """Every image URL of ``body``, whichever route's shape it has (chat's ``image_url``
+        parts, the Responses API's ``input_image``, ``/tokenize``'s messages): checked, and
+        fetched ones inlined, in place. A refusal names the content part holding the URL."""
+        found = list(_media_urls(body, "", ""))
+        for kind, most in self.limits.items():
+            count = sum(1 for k, *_ in found if k == kind)
+            if count > most:
+                where = next(part for k, part, *_ in found if k == kind).split(".")[0]
+                raise InvalidParameter(f"{where}: {count} {kind}s; this model takes at most {most} per "
+                                       f"request (engine_kwargs.limit_mm_per_prompt)", model_id=model_id,
+                                       field=where)
+        for kind, part, holder, key in found:
+            holder[key] = await self._checked(kind, holder[key], part, model_id)
 
-    async def _check(self, part: dict, field: str, model_id: str) -> None:
-        image_url = part.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, dict) else image_url
-        if not isinstance(url, str):
-            raise InvalidParameter(f"{field}.image_url.url: a data: URL (or an allowed http(s) URL) "
-                                   f"is required", model_id=model_id, field=f"{field}.image_url.url")
+    async def _checked(self, kind: str, url: str, field: str, model_id: str) -> str:
+        """``url`` as the data: URL to hand vLLM, once its media passed the image (or video) node."""
         if not url.startswith("data:"):
             url = await self._fetch(url, field, model_id)
-            part["image_url"] = {**(image_url if isinstance(image_url, dict) else {}), "url": url}
         match = DATA_URL.fullmatch(url)
-        if match is None:
-            raise InvalidParameter(f"{field}: not a base64 image data: URL (data:image/<format>;base64,...)",
+        if match is None or match.group(1) != kind:
+            raise InvalidParameter(f"{field}: not a base64 {kind} data: URL (data:{kind}/<format>;base64,...)",
                                    model_id=model_id, field=field)
-        fmt, data = match.groups()
+        _, fmt, data = match.groups()
+        node = self.images if kind == "image" else self.videos
         try:
-            raw, _ = media_bytes({"data": data, "format": fmt}, self.images.kwargs, "image", model_id)
-            await asyncio.to_thread(self.images.decode, raw, model_id)
+            raw, _ = media_bytes({"data": data, "format": fmt}, node.kwargs, kind, model_id)
+            if kind == "image":
+                await asyncio.to_thread(node.decode, raw, model_id)
+            else:
+                await asyncio.to_thread(node.decode, raw, None, 2, model_id)
         except MMServeError as err:  # the image node's own words, about this part
             err.message = err.message.replace("input.data", field).replace("input.format", field)
             err.field = field
             raise
+        return url
 
     async def _fetch(self, url: str, field: str, model_id: str) -> str:
         """An allowed host's image as a data: URL; 400 for any other URL."""
@@ -131,3 +145,30 @@ class ChatMedia(Node):
             raise InvalidParameter(f"{field}: the image could not be fetched ({type(err).__name__})",
                                    model_id=model_id, field=field) from None
         return f"data:{kind};base64,{base64.b64encode(bytes(data)).decode()}"
+
+
+def limits_of(model) -> dict[str, int]:
+    """The most items of each kind a request may hold: the model's vLLM ``limit_mm_per_prompt``
+    (vLLM refuses more; checked here first, with the part named)."""
+    from engines.vllm import VLLMKwargs
+
+    return dict(model.options(VLLMKwargs).limit_mm_per_prompt or {})
+
+
+def _media_urls(obj: Any, path: str, part: str, kind: str | None = None):
+    """``(kind, part path, holder, key)`` of every media URL string in ``obj``: the value of an
+    ``image_url`` (``video_url``) key, or of ``url`` inside one. ``part`` is the nearest
+    enclosing object with a ``type`` (a content part), whose path names a refusal."""
+    if isinstance(obj, dict):
+        if "type" in obj:
+            part = path
+        for key, value in obj.items():
+            sub = f"{path}.{key}" if path else key
+            found = KINDS.get(key) or (kind if key == "url" else None)
+            if isinstance(value, str) and found:
+                yield found, part or sub, obj, key
+            elif isinstance(value, (dict, list)):
+                yield from _media_urls(value, sub, part, KINDS.get(key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from _media_urls(value, f"{path}.{i}", part)

@@ -43,7 +43,8 @@ class Pipeline:
         pre = type(node) if node is not None else (node_class(spec.preprocess.name) if spec is not None else None)
         #: the preprocess node checks OpenAI-compatible bodies too (e.g. a chat's images)
         self.checks_openai = bool(getattr(pre, "checks_openai", False))
-        self.inputs = list(getattr(pre, "INPUTS", None) or INPUTS.get(model.modality, []))
+        inputs_of = getattr(pre, "inputs_of", None)  # a node that knows, from the model's config
+        self.inputs = inputs_of(model) if inputs_of else INPUTS.get(model.modality, [])
 
     def timer(self, node: str):
         """The node's latency histogram (a no-op while metrics are off)."""

@@ -1,6 +1,6 @@
 """Vision-language chat on real vLLM (CPU), over real HTTP: the generated tiny Qwen2-VL behind
-``/v1/chat/completions`` through the ``openai`` client, and on ``/v1/infer``. Images are
-data: URLs; what vLLM renders is checked through ``/tokenize`` (vLLM's own rendering of the same
+``/v1/chat/completions`` through the ``openai`` client, and on ``/v1/infer``. Images and a video
+are data: URLs; what vLLM renders is checked through ``/tokenize`` (vLLM's own rendering of the same
 messages): one ``<|vision_start|><|image_pad|>...<|vision_end|>`` per image, the pad repeated
 as many times as the image processor makes tokens of that image. (An image part sent to a
 text-only model is refused in tests/integration/test_text_vllm.py.)
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 
-import httpx
 import pytest
 
 from tests import media
@@ -36,17 +35,6 @@ def user(*images: tuple[bytes, str], text: str = "What is in the picture?") -> l
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module")
-def client(serve_app):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{serve_app}/v1", api_key="-", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(serve_app):
-    with httpx.Client(base_url=serve_app, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +52,7 @@ def vocab(serve_app):
                                                   return_tensors="pt")["image_grid_thw"].prod()) // merge
               for size in ((64, 48), (640, 480))}
     return {"start": ids("<|vision_start|>"), "pad": ids("<|image_pad|>"), "end": ids("<|vision_end|>"),
-            "tokens": tokens}
+            "video": ids("<|video_pad|>"), "tokens": tokens}
 
 
 def rendered(http, messages) -> list[int]:
@@ -73,13 +61,13 @@ def rendered(http, messages) -> list[int]:
     return r.json()["tokens"]
 
 
-def runs_of(tokens: list[int], v: dict) -> list[int]:
+def runs_of(tokens: list[int], v: dict, pad: str = "pad") -> list[int]:
     """The length of each <|vision_start|> pad... <|vision_end|> run, in order."""
     out, i = [], 0
     while i < len(tokens):
         if tokens[i] == v["start"]:
             j = i + 1
-            while tokens[j] == v["pad"]:
+            while tokens[j] == v[pad]:
                 j += 1
             assert tokens[j] == v["end"], "a placeholder run that does not close"
             out.append(j - i - 1)
@@ -125,10 +113,25 @@ def test_a_bad_image_is_a_4xx_naming_its_part_and_the_model_serves_on(http, part
     assert ok.status_code == 200, ok.text
 
 
+def test_a_video_part_is_checked_rendered_once_and_answered(client, http, vocab):
+    video = "data:video/mp4;base64," + base64.b64encode(media.encode_video()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    tokens = rendered(http, messages)
+    (run,) = runs_of(tokens, vocab, pad="video")  # one placeholder, expanded to the frames' tokens
+    assert run > 0 and vocab["pad"] not in tokens
+    assert r.usage.prompt_tokens == len(tokens)
+    bad = [{"role": "user", "content": [{"type": "video_url", "video_url": {
+        "url": "data:video/mp4;base64," + base64.b64encode(b"not a video" * 40).decode()}}]}]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": bad})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "messages.0.content.0", r.text
+
+
 def test_more_images_than_the_model_takes_is_a_400(http):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2,
                                                 "messages": user(*[(SMALL, "png")] * 3)})
-    assert r.status_code == 400 and "max_images" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and "limit_mm_per_prompt" in r.json()["error"]["message"], r.text
 
 
 def test_infer_takes_chat_messages_with_images_streamed_or_not(http, client):
@@ -155,5 +158,5 @@ def test_infer_takes_chat_messages_with_images_streamed_or_not(http, client):
 
 def test_models_list_what_it_takes(http):
     card = http.get(f"/v1/models/{MODEL}").json()
-    assert card["inputs"] == ["text", "image"] and "chat" in card["openai_routes"]
+    assert card["inputs"] == ["text", "image", "video"] and "chat" in card["openai_routes"]
     assert card["status"] == "ready" and card["max_model_len"] == 1024

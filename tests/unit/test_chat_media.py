@@ -23,8 +23,8 @@ def data_url(data: bytes, kind: str = "png") -> str:
     return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
-def node(**kwargs) -> ChatMedia:
-    cfg = compose(["model=[tiny_qwen2_vl]", "pipeline=[vlm]"])
+def node(*overrides: str, **kwargs) -> ChatMedia:
+    cfg = compose(["model=[tiny_qwen2_vl]", "pipeline=[vlm]", *overrides])
     spec = cfg.pipeline["vlm"].preprocess
     n = ChatMedia({**spec.kwargs, **kwargs}, cfg.model["tiny_qwen2_vl"])
     asyncio.run(n.start())
@@ -66,13 +66,26 @@ def test_a_bad_image_is_refused_naming_its_part(url, error, says):
     assert e.value.message.startswith("messages.1.content.2")
 
 
+def test_every_routes_image_urls_are_checked():
+    n = node()
+    bad = data_url(b"junk" * 20)
+    responses = {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "Hi"}, {"type": "input_image", "image_url": bad}]}]}
+    with pytest.raises(InvalidField) as e:
+        asyncio.run(n(OpenAIBody("responses", responses), RequestContext(request_id="r", model_id="m")))
+    assert e.value.field == "input.0.content.1"
+    with pytest.raises(InvalidParameter) as e:  # /tokenize takes chat messages too
+        asyncio.run(n(OpenAIBody("tokenize", chat("http://example.com/x.png")), RequestContext(request_id="r", model_id="m")))
+    assert e.value.field == "messages.1.content.1"
+
+
 def test_limits_are_the_pipelines():
     with pytest.raises(PayloadTooLarge) as e:
         run(node(max_bytes=100), chat(data_url(PNG)))
     assert e.value.field == "messages.1.content.1" and "max_bytes" in e.value.message
-    with pytest.raises(InvalidParameter) as e:
+    with pytest.raises(InvalidParameter) as e:  # the model's vLLM limit: 2 images
         run(node(), chat(data_url(PNG), data_url(PNG), data_url(PNG)))
-    assert e.value.field == "messages" and "max_images" in e.value.message
+    assert e.value.field == "messages" and "limit_mm_per_prompt" in e.value.message
 
 
 @pytest.fixture
@@ -104,3 +117,26 @@ def test_urls_of_allowed_hosts_are_fetched_here_and_inlined(image_server):
     assert e.value.field == "messages.1.content.1"
     with pytest.raises(InvalidParameter):
         run(node(url_domains=["localhost"]), chat(f"{image_server}/cat.png"))  # another host
+
+
+def video_part(data: bytes, kind: str = "mp4") -> dict:
+    return {"type": "video_url", "video_url": {"url": f"data:video/{kind};base64," + base64.b64encode(data).decode()}}
+
+
+def test_video_parts_are_checked_by_the_video_node_within_their_own_count():
+    no_video = "model.tiny_qwen2_vl.engine_kwargs.limit_mm_per_prompt={image: 2, video: 0}"
+    body = {"messages": [{"role": "user", "content": [video_part(media.encode_video()), {"type": "text", "text": "?"}]}]}
+    assert run(node(), body).body == body
+    with pytest.raises(InvalidParameter) as e:
+        run(node(no_video), body)
+    assert "0 per request" in e.value.message
+    bad = {"messages": [{"role": "user", "content": [video_part(b"not a video" * 30)]}]}
+    with pytest.raises(InvalidField) as e:
+        run(node(), bad)
+    assert e.value.field == "messages.0.content.0" and "could not decode" in e.value.message
+    wrong = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(PNG)}}]}]}
+    with pytest.raises(InvalidParameter) as e:  # an image where a video belongs
+        run(node(), wrong)
+    assert "video data: URL" in e.value.message
+    assert node().inputs_of(node().model) == ["text", "image", "video"]
+    assert ChatMedia.inputs_of(node(no_video).model) == ["text", "image"]
