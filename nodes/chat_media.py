@@ -1,10 +1,13 @@
-"""Preprocess of vision-language chat: the images of a request checked before they reach vLLM.
+"""Preprocess of vision-language chat: the images and videos of a request checked before they
+reach vLLM.
 
 Each image URL (chat's ``image_url`` parts, the Responses API's ``input_image``, the messages of
 ``/tokenize``) is decoded by the image node's own decoder and limits
-(:class:`nodes.vision.ImageDecode`: formats, ``max_bytes``, ``max_pixels``, ``min_side``), so a
-corrupt, oversized or unsupported image is a 4xx naming its part (``messages.0.content.1``)
-before any hop. Images come as ``data:`` URLs (base64). An ``http(s)`` URL is fetched only when
+(:class:`nodes.vision.ImageDecode`: formats, ``max_bytes``, ``max_pixels``, ``min_side``), and
+each ``video_url`` by the video node's (:class:`nodes.video.VideoFrames`), so a corrupt,
+oversized or unsupported one is a 4xx naming its part (``messages.0.content.1``) before any
+hop; so is one more than the model's ``limit_mm_per_prompt``. Media come as ``data:`` URLs
+(base64). An ``http(s)`` URL is fetched only when
 its host is in ``url_domains`` (none by default), here, within ``url_timeout_s`` and
 ``max_bytes``, and handed on as a ``data:`` URL: vLLM itself never fetches.
 
@@ -38,12 +41,12 @@ class ChatMediaKwargs(ImageKwargs):
     video_formats: list[str] = Field(["mp4", "webm"], min_length=1, description="Accepted video formats.")
     max_video_seconds: float = Field(30.0, gt=0, description="Longer videos get 422.")
     url_domains: list[str] = Field(default_factory=list, description=(
-        "Hosts whose http(s) image URLs are fetched; empty: data: URLs only."))
-    url_timeout_s: float = Field(5.0, gt=0, description="Time to fetch one image URL.")
+        "Hosts whose http(s) media URLs are fetched; empty: data: URLs only."))
+    url_timeout_s: float = Field(5.0, gt=0, description="Time to fetch one media URL.")
 
 
 class ChatMedia(Node):
-    """Checks (and, from allowed hosts, fetches) every image of a chat request."""
+    """Checks (and, from allowed hosts, fetches) every image and video of a request."""
 
     Kwargs = ChatMediaKwargs
     requires = (*ImageDecode.requires, *VideoFrames.requires)
@@ -81,9 +84,9 @@ class ChatMedia(Node):
         return payload
 
     async def check(self, body: dict, model_id: str) -> None:
-        """Every image URL of ``body``, whichever route's shape it has (chat's ``image_url``
-        parts, the Responses API's ``input_image``, ``/tokenize``'s messages): checked, and
-        fetched ones inlined, in place. A refusal names the content part holding the URL."""
+        """Every media URL of ``body``, whichever route's shape it has (chat's ``image_url`` and
+        ``video_url`` parts, the Responses API's ``input_image``, ``/tokenize``'s messages):
+        checked, and fetched ones inlined, in place. A refusal names the part holding the URL."""
         found = list(_media_urls(body, "", ""))
         for kind, most in self.limits.items():
             count = sum(1 for k, *_ in found if k == kind)
@@ -98,7 +101,7 @@ class ChatMedia(Node):
     async def _checked(self, kind: str, url: str, field: str, model_id: str) -> str:
         """``url`` as the data: URL to hand vLLM, once its media passed the image (or video) node."""
         if not url.startswith("data:"):
-            url = await self._fetch(url, field, model_id)
+            url = await self._fetch(url, kind, field, model_id)
         match = DATA_URL.fullmatch(url)
         if match is None or match.group(1) != kind:
             raise InvalidParameter(f"{field}: not a base64 {kind} data: URL (data:{kind}/<format>;base64,...)",
@@ -117,14 +120,14 @@ class ChatMedia(Node):
             raise
         return url
 
-    async def _fetch(self, url: str, field: str, model_id: str) -> str:
-        """An allowed host's image as a data: URL; 400 for any other URL."""
+    async def _fetch(self, url: str, kind: str, field: str, model_id: str) -> str:
+        """An allowed host's image or video as a data: URL; 400 for any other URL."""
         import httpx
 
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or parts.hostname not in self.kwargs.url_domains:
             allowed = ", ".join(self.kwargs.url_domains) or "none: data: URLs only"
-            raise InvalidParameter(f"{field}: image URLs of {parts.hostname or parts.scheme or url[:20]!r} are "
+            raise InvalidParameter(f"{field}: media URLs of {parts.hostname or parts.scheme or url[:20]!r} are "
                                    f"not fetched for this model (url_domains: {allowed})",
                                    model_id=model_id, field=field)
         limit = self.kwargs.max_bytes
@@ -132,19 +135,19 @@ class ChatMedia(Node):
             async with httpx.AsyncClient(timeout=self.kwargs.url_timeout_s, follow_redirects=False) as client:
                 async with client.stream("GET", url) as r:
                     if r.status_code != 200:
-                        raise InvalidParameter(f"{field}: fetching the image gave HTTP {r.status_code}",
+                        raise InvalidParameter(f"{field}: fetching the {kind} gave HTTP {r.status_code}",
                                                model_id=model_id, field=field)
                     data = bytearray()
                     async for chunk in r.aiter_bytes():
                         data += chunk
                         if len(data) > limit:
-                            raise PayloadTooLarge(f"{field}: the image is over this model's limit of {limit} "
+                            raise PayloadTooLarge(f"{field}: the {kind} is over this model's limit of {limit} "
                                                   f"bytes (max_bytes)", model_id=model_id, field=field)
-                    kind = r.headers.get("content-type", "image/jpeg").split(";")[0]
+                    mime = r.headers.get("content-type", f"{kind}/octet-stream").split(";")[0]
         except httpx.HTTPError as err:
-            raise InvalidParameter(f"{field}: the image could not be fetched ({type(err).__name__})",
+            raise InvalidParameter(f"{field}: the {kind} could not be fetched ({type(err).__name__})",
                                    model_id=model_id, field=field) from None
-        return f"data:{kind};base64,{base64.b64encode(bytes(data)).decode()}"
+        return f"data:{mime};base64,{base64.b64encode(bytes(data)).decode()}"
 
 
 def limits_of(model) -> dict[str, int]:
