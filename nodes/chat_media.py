@@ -1,8 +1,8 @@
 """Preprocess of vision-language chat: the images and videos of a request checked before they
 reach vLLM.
 
-Each image URL (chat's ``image_url`` parts, the Responses API's ``input_image``, the messages of
-``/tokenize``) is decoded by the image node's own decoder and limits
+Each image URL (chat's ``image_url`` parts, the Responses API's ``input_image``, Anthropic's image
+``source``, the messages of ``/tokenize``) is decoded by the image node's own decoder and limits
 (:class:`nodes.vision.ImageDecode`: formats, ``max_bytes``, ``max_pixels``, ``min_side``), and
 each ``video_url`` by the video node's (:class:`nodes.video.VideoFrames`), so a corrupt,
 oversized or unsupported one is a 4xx naming its part (``messages.0.content.1``) before any
@@ -33,8 +33,9 @@ from nodes.video import VideoFrames
 from nodes.vision import ImageDecode, ImageKwargs
 
 DATA_URL = re.compile(r"data:(image|video)/([\w.+-]+);base64,(.*)", re.S)
-#: the content parts' keys that hold a URL, and the kind of media behind it
-KINDS = {"image_url": "image", "video_url": "video"}
+#: the content parts' keys that hold a URL (or an object with a ``url``), and the kind of media
+#: behind it: OpenAI's parts, and the ``source`` of Anthropic's image blocks
+KINDS = {"image_url": "image", "video_url": "video", "source": "image"}
 
 
 class ChatMediaKwargs(ImageKwargs):

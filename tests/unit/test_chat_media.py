@@ -74,6 +74,11 @@ def test_every_routes_image_urls_are_checked():
     with pytest.raises(InvalidField) as e:
         asyncio.run(n(OpenAIBody("responses", responses), RequestContext(request_id="r", model_id="m")))
     assert e.value.field == "input.0.content.1"
+    anthropic = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}]}
+    with pytest.raises(InvalidParameter) as e:  # /v1/messages: vLLM would fetch it
+        asyncio.run(n(OpenAIBody("messages", anthropic), RequestContext(request_id="r", model_id="m")))
+    assert e.value.field == "messages.0.content.0.source" and "not fetched" in e.value.message
     with pytest.raises(InvalidParameter) as e:  # /tokenize takes chat messages too
         asyncio.run(n(OpenAIBody("tokenize", chat("http://example.com/x.png")), RequestContext(request_id="r", model_id="m")))
     assert e.value.field == "messages.1.content.1"
