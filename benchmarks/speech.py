@@ -49,32 +49,30 @@ async def load(url: str, model_id: str, wav: bytes, concurrency: int, requests: 
     failed = 0
     todo = iter(range(requests))
 
+    def post(client: httpx.AsyncClient):
+        return client.post("/v1/audio/transcriptions", data={"model": model_id, **FORM},
+                           files={"file": ("speech.wav", wav, "audio/wav")})
+
     async def slot(client: httpx.AsyncClient) -> None:
         nonlocal failed
         for _ in todo:
             t = time.perf_counter()
-            r = await client.post("/v1/audio/transcriptions", data={"model": model_id, **FORM},
-                                  files={"file": ("speech.wav", wav, "audio/wav")})
+            r = await post(client)
             if r.status_code == 200 and isinstance(r.json().get("text"), str):
                 latencies.append(time.perf_counter() - t)
             else:
                 failed += 1
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        await slot_warmup(client, model_id, wav)
+        r = await post(client)  # warm-up
+        if r.status_code != 200:
+            raise RuntimeError(f"warm-up request failed: {r.status_code} {r.text[:300]}")
         t0 = time.perf_counter()
         await asyncio.gather(*(slot(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     latencies.sort()
     return {"per_s": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))], "failed": failed}
-
-
-async def slot_warmup(client: httpx.AsyncClient, model_id: str, wav: bytes) -> None:
-    r = await client.post("/v1/audio/transcriptions", data={"model": model_id, **FORM},
-                          files={"file": ("speech.wav", wav, "audio/wav")})
-    if r.status_code != 200:
-        raise RuntimeError(f"warm-up request failed: {r.status_code} {r.text[:300]}")
 
 
 def run_vllm(model, wav: bytes, opts) -> dict:

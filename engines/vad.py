@@ -22,6 +22,19 @@ class VADParams(BaseModel):
     speech_pad_ms: int = Field(30, ge=0, le=5_000, description="Padding added to each segment's ends.")
 
 
+def load_silero(source: str | None = None):
+    """Silero VAD's TorchScript model at ``source``: a ``.jit`` file, or a directory holding
+    ``silero_vad.jit``; by default the package's own (``package:silero_vad/data``)."""
+    from pathlib import Path
+
+    from silero_vad.utils_vad import init_jit_model
+
+    from engines.checkpoints import resolve_source
+
+    path = Path(resolve_source(source or "package:silero_vad/data"))
+    return init_jit_model(str(path / "silero_vad.jit" if path.is_dir() else path))
+
+
 class SileroVAD(BatchedEngine):
     """``{"segments": [{"start_s", "end_s"}, ...]}`` of the speech in a 8 or 16 kHz waveform.
 
@@ -34,16 +47,8 @@ class SileroVAD(BatchedEngine):
     Params = VADParams
 
     def load(self) -> None:
-        """The TorchScript model at ``source``: a ``.jit`` file, or a directory holding
-        ``silero_vad.jit`` (the package's own: ``package:silero_vad/data``)."""
-        from pathlib import Path
-
-        from silero_vad.utils_vad import init_jit_model
-
-        from engines.checkpoints import resolve_source
-
-        path = Path(resolve_source(self.model.source or "package:silero_vad/data"))
-        self.vad = init_jit_model(str(path / "silero_vad.jit" if path.is_dir() else path))
+        """The model at ``source`` (:func:`load_silero`)."""
+        self.vad = load_silero(self.model.source)
 
     def run_batch(self, items: list[tuple[MediaPayload, VADParams]]) -> list[Any]:
         from silero_vad import get_speech_timestamps

@@ -100,13 +100,9 @@ class VLLMTranscriber(VLLMEngine):
         self._vad = None
         self._vad_lock = threading.Lock()  # one Silero model; it keeps state within a clip
         if self.kwargs.split_on_silence:
-            from pathlib import Path
+            from engines.vad import load_silero
 
-            from silero_vad.utils_vad import init_jit_model
-
-            from engines.checkpoints import resolve_source
-
-            self._vad = init_jit_model(str(Path(resolve_source("package:silero_vad/data")) / "silero_vad.jit"))
+            self._vad = load_silero()
         self._offsets: dict[int, list[int]] = {}  # id(samples) -> each window's first sample
         for serving in self.serving.values():
             internals.vllm_speech_from_samples(serving, functools.partial(self._split, serving.asr_config))

@@ -111,8 +111,8 @@ class ChatMedia(Node):
         node = self.images if kind == "image" else self.videos
         try:
             raw, _ = media_bytes({"data": data, "format": fmt}, node.kwargs, kind, model_id)
-            if kind == "image":
-                await asyncio.to_thread(node.decode, raw, model_id)
+            if kind == "image":  # decoded within the limits; vLLM's processor resizes it itself
+                await asyncio.to_thread(node.pixels, raw, model_id)
             else:
                 await asyncio.to_thread(node.decode, raw, None, 2, model_id)
         except MMServeError as err:  # the image node's own words, about this part

@@ -91,7 +91,9 @@ class ImageDecode(PixelNode):
                                    f"{', '.join(self.kwargs.formats)}", model_id=model_id, field="input.data")
         return width, height
 
-    def decode(self, data: bytes, model_id: str) -> MediaPayload:
+    def pixels(self, data: bytes, model_id: str):
+        """``(image, width, height)``: a ``[3, H, W]`` uint8 tensor and the header's size, within
+        the formats and size limits."""
         import torch
         from torchvision.io import ImageReadMode, decode_image
 
@@ -101,5 +103,9 @@ class ImageDecode(PixelNode):
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as err:
             raise decode_failed(err, "an image", self.kwargs, model_id) from None
+        return image, width, height
+
+    def decode(self, data: bytes, model_id: str) -> MediaPayload:
+        image, width, height = self.pixels(data, model_id)
         return MediaPayload(data=self.transform(image), info={"width": width, "height": height},
                             finish=self.finish)

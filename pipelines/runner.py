@@ -134,12 +134,15 @@ class Pipeline:
             raise Unsupported(f"model {self.model.model_id!r} ({self.model.pipeline} pipeline) does not "
                               f"serve {route} requests; its OpenAI-compatible routes: {served}",
                               model_id=self.model.model_id, field="model")
-        return self._timed(self._openai(route, body, ctx), self.timer("engine"))
-
-    async def _openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
         if self.checks_openai:
-            ctx.stage = "preprocess"
-            body = (await self.preprocess(OpenAIBody(route, body), ctx)).body
+            return self._timed(self._checked_openai(route, body, ctx), self.timer("engine"))
+        ctx.stage = "engine"  # no extra generator on the text path: the engine's chunks as they come
+        return self._timed(self.engine.openai(route, body, ctx), self.timer("engine"))
+
+    async def _checked_openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        """The preprocess node's check of ``body`` (e.g. a chat's images), then the engine's answer."""
+        ctx.stage = "preprocess"
+        body = (await self.preprocess(OpenAIBody(route, body), ctx)).body
         ctx.stage = "engine"
         chunks = self.engine.openai(route, body, ctx)
         try:

@@ -77,5 +77,10 @@ def encode_video(frames: int = 20, fps: int = 10, size: int = 64, fmt: str = "mp
     return VideoEncoder(clip, frame_rate=fps).to_tensor(format=fmt).numpy().tobytes()
 
 
+def data_url(data: bytes, fmt: str = "png", kind: str = "image") -> str:
+    """``data`` as a base64 ``data:`` URL of MIME type ``<kind>/<fmt>``."""
+    return f"data:{kind}/{fmt};base64," + base64.b64encode(data).decode()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()

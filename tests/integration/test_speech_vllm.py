@@ -42,15 +42,12 @@ def cue_times(subtitles: str) -> list[tuple[float, float]]:
 
 def vad_pauses(wav: bytes) -> list[tuple[float, float]]:
     """The gaps (seconds) between the speech spans Silero VAD finds in ``wav``, as decoded."""
-    from pathlib import Path
-
     from silero_vad import get_speech_timestamps
-    from silero_vad.utils_vad import init_jit_model
     from torchcodec.decoders import AudioDecoder
 
-    from engines.checkpoints import resolve_source
+    from engines.vad import load_silero
 
-    vad = init_jit_model(str(Path(resolve_source("package:silero_vad/data")) / "silero_vad.jit"))
+    vad = load_silero()
     samples = AudioDecoder(wav).get_all_samples()
     spans = get_speech_timestamps(samples.data[0], vad, sampling_rate=samples.sample_rate, return_seconds=True)
     total = samples.data.shape[-1] / samples.sample_rate

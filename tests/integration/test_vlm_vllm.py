@@ -10,12 +10,12 @@ One Serve instance and one vLLM start-up for the module (about a minute and a ha
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
 
 from tests import media
+from tests.media import data_url
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +24,6 @@ OVERRIDES = ["model=[tiny_qwen2_vl]", "pipeline=[vlm]", "pipeline.vlm.preprocess
 MODEL = "tiny-qwen2-vl"
 SMALL = media.encode_image(media.image(64, 48), "png")
 LARGE = media.encode_image(media.image(640, 480), "jpeg")
-
-
-def data_url(data: bytes, kind: str = "png") -> str:
-    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
 def user(*images: tuple[bytes, str], text: str = "What is in the picture?") -> list[dict]:
@@ -114,7 +110,7 @@ def test_a_bad_image_is_a_4xx_naming_its_part_and_the_model_serves_on(http, part
 
 
 def test_a_video_part_is_checked_rendered_once_and_answered(client, http, vocab):
-    video = "data:video/mp4;base64," + base64.b64encode(media.encode_video()).decode()
+    video = data_url(media.encode_video(), "mp4", "video")
     messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
                                              {"type": "text", "text": "What happens?"}]}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
@@ -123,7 +119,7 @@ def test_a_video_part_is_checked_rendered_once_and_answered(client, http, vocab)
     assert run > 0 and vocab["pad"] not in tokens
     assert r.usage.prompt_tokens == len(tokens)
     bad = [{"role": "user", "content": [{"type": "video_url", "video_url": {
-        "url": "data:video/mp4;base64," + base64.b64encode(b"not a video" * 40).decode()}}]}]
+        "url": data_url(b"not a video" * 40, "mp4", "video")}}]}]
     r = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": bad})
     assert r.status_code == 422 and r.json()["error"]["field"] == "messages.0.content.0", r.text
 

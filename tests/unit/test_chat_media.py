@@ -4,7 +4,6 @@ limits, named when refused; URLs fetched only from allowed hosts, within the byt
 from __future__ import annotations
 
 import asyncio
-import base64
 import http.server
 import threading
 
@@ -15,12 +14,9 @@ from core.errors import InvalidField, InvalidParameter, PayloadTooLarge, Unsuppo
 from core.protocol import OpenAIBody, RequestContext
 from nodes.chat_media import ChatMedia
 from tests import media
+from tests.media import data_url
 
 PNG = media.encode_image(media.image(64, 48), "png")
-
-
-def data_url(data: bytes, kind: str = "png") -> str:
-    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
 def node(*overrides: str, **kwargs) -> ChatMedia:
@@ -125,7 +121,7 @@ def test_urls_of_allowed_hosts_are_fetched_here_and_inlined(image_server):
 
 
 def video_part(data: bytes, kind: str = "mp4") -> dict:
-    return {"type": "video_url", "video_url": {"url": f"data:video/{kind};base64," + base64.b64encode(data).decode()}}
+    return {"type": "video_url", "video_url": {"url": data_url(data, kind, "video")}}
 
 
 def test_video_parts_are_checked_by_the_video_node_within_their_own_count():
