@@ -63,6 +63,11 @@ class Ingress:
         """Why the last change of models failed (None: it was applied)."""
         return self.update_error
 
+    async def stats(self, model_id: str) -> dict[str, Any]:
+        """``model_id``'s engine counters (``Engine.stats``, e.g. the requests vLLM still runs),
+        for tests and operators through a Serve handle."""
+        return await self.router.get(model_id).stats()
+
     def _pipeline(self, spec: RouteSpec):
         def handle_of(step: str):
             model_id = spec.model.model_id

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-Placement = Literal["inline", "engine", "split"]
+Placement = Literal["inline", "engine_core", "engine", "split"]
 Modality = Literal["text", "audio", "vision", "video"]
 
 
@@ -145,14 +145,21 @@ class ModelDeployment(Strict):
 
     - ``inline``: preprocess, engine and postprocess run inside the ingress replica (no handle
       hop at all; for cheap engines such as ``echo``).
+    - ``engine_core`` (vLLM engines): the engine runs in the ingress replica (AsyncLLM and
+      vLLM's serving layer, no handle hop), its engine core in a Ray actor of its own with the
+      ``engine`` options' resources, restarted by the engine when it dies (``engines.vllm_core``;
+      the default for text models).
     - ``engine``: pre/postprocess run in the ingress replica, the engine in its own deployment
       (one hop; the default for real models, whose engine needs its own resources).
     - ``split``: every node is its own deployment (most isolation, one hop per node).
     """
 
-    placement: Placement = Field("engine", description="inline | engine | split (see above).")
+    placement: Placement = Field("engine", description="inline | engine_core | engine | split (see above).")
     engine: DeploymentOptions = Field(default_factory=DeploymentOptions,
-                                      description="The engine deployment (placement engine/split).")
+                                      description=(
+                                          "The engine deployment (placement engine/split); with "
+                                          "engine_core, the core's actor resources and the engine's "
+                                          "admission limits."))
     node: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                     description="Pre/postprocess deployments (placement split).")
 

@@ -1,6 +1,6 @@
 """Every use of Ray Serve's and vLLM's non-public API, in one place.
 
-mmserve needs six things neither offers publicly (Ray 2.60, vLLM 0.25.1):
+mmserve needs seven things neither offers publicly (Ray 2.60, vLLM 0.25.1):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
@@ -16,7 +16,10 @@ mmserve needs six things neither offers publicly (Ray 2.60, vLLM 0.25.1):
 - how many requests vLLM's output processor still holds (the engine's ``stats``, which the
   tests use to see that aborted requests leave vLLM);
 - to hand vLLM's speech-to-text layer samples that mmserve's audio node decoded, where it
-  takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`).
+  takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`);
+- AsyncLLM here and its engine core in a Ray actor (``placement: engine_core``): vLLM's
+  handshake with a remote headless core, and the core's own entry point (:func:`vllm_await_core`,
+  :func:`vllm_run_core`), checked at start (:func:`check_vllm_remote_core`).
 
 Each has a check (:func:`check_ray_handle`, :func:`check_vllm_engine`) run when the feature is
 first used: if the attribute is not there, a warning names the installed version and what
@@ -169,3 +172,79 @@ def vllm_speech_from_samples(serving, split) -> None:
         return await split(audio), duration
 
     serving._decode_and_chunk_speech_async = windows
+
+
+# --- vLLM: an engine core placed elsewhere ---------------------------------------------------
+# ``placement: engine_core`` (engines.vllm_core): AsyncLLM in this process reaches an engine core
+# that a Ray actor runs, over vLLM's own ZMQ protocol. vLLM does this for ``vllm serve
+# --headless`` engines on other nodes; the pieces it is built of are not public API.
+
+def check_vllm_remote_core() -> None:
+    """Raise RuntimeError, naming the vLLM version, if this vLLM lacks what an engine core of
+    its own needs (the placement cannot work then: use ``placement: engine``)."""
+    import inspect
+
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.core import EngineCoreProc  # noqa: F401
+        from vllm.v1.engine.utils import CoreEngine, wait_for_engine_startup  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"vLLM {_version('vllm')}: no headless engine core ({err}); "
+                           "use placement engine") from None
+    if "client_addresses" not in inspect.signature(AsyncLLM.from_vllm_config).parameters:
+        raise RuntimeError(f"vLLM {_version('vllm')}: AsyncLLM takes no client_addresses; "
+                           "use placement engine")
+
+
+def vllm_core_addresses(host: str) -> tuple[str, Any, dict[str, str]]:
+    """Fresh TCP addresses on ``host`` (this process's node) for one engine core: the handshake
+    address it connects to, vLLM's ``EngineZmqAddresses`` it is sent in the handshake, and the
+    ``client_addresses`` that AsyncLLM binds."""
+    from vllm.utils.network_utils import get_open_port, get_tcp_uri
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    handshake, inputs, outputs = (get_tcp_uri(host, get_open_port()) for _ in range(3))
+    addresses = EngineZmqAddresses(inputs=[inputs], outputs=[outputs])
+    return handshake, addresses, {"input_address": inputs, "output_address": outputs}
+
+
+def vllm_await_core(handshake: str, addresses, vllm_config, gone_fd: int) -> None:
+    """Block until the engine core has connected to ``handshake`` and is ready (vLLM's own
+    handshake, for a remote headless core), sending it ``addresses``. Raises RuntimeError as
+    soon as ``gone_fd`` is readable (the core's host is gone), as vLLM does when a local
+    engine process exits during start-up."""
+    import copy
+
+    import zmq
+    from vllm.v1.engine.utils import CoreEngine, wait_for_engine_startup
+
+    class Gone:  # what vLLM's handshake watches of the engine processes it started itself
+        def sentinels(self) -> list[int]:
+            return [gone_fd]
+
+        def finished_procs(self) -> dict[str, str]:
+            return {"engine core actor": "exited"}
+
+    parallel = copy.copy(vllm_config.parallel_config)
+    parallel.data_parallel_size_local = 0  # the one engine is remote
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.ROUTER)
+    try:
+        socket.bind(handshake)
+        wait_for_engine_startup(socket, addresses, [CoreEngine(index=0, local=False)], parallel,
+                                False, vllm_config.cache_config, Gone(), None)
+    finally:
+        socket.close(linger=0)
+        ctx.term()
+
+
+def vllm_run_core(vllm_config, handshake: str) -> None:
+    """Run vLLM's engine core in this process for a frontend elsewhere (a remote headless core,
+    as ``vllm serve --headless`` starts one, or vLLM's own engine core actor): connect to
+    ``handshake``, load the model, serve until stopped. Blocks; raises if the core fails."""
+    from vllm.v1.engine.core import EngineCoreProc
+    from vllm.v1.executor import Executor
+
+    EngineCoreProc.run_engine_core(vllm_config=vllm_config, local_client=False, handshake_address=handshake,
+                                   executor_class=Executor.get_class(vllm_config), log_stats=True,
+                                   dp_rank=0, local_dp_rank=0)

@@ -236,8 +236,18 @@ def merge(sources: Iterable[tuple[dict[str, str], Iterable[Metric]]]) -> list[Me
                 merged = families[family.name] = Metric(family.name, family.documentation, family.type,
                                                         family.unit)
             for s in family.samples:
-                merged.add_sample(s.name, {**labels, **s.labels}, s.value, s.timestamp, s.exemplar)
+                merged.add_sample(s.name, _with_model_id({**labels, **s.labels}), s.value, s.timestamp,
+                                  s.exemplar)
     return list(families.values())
+
+
+def _with_model_id(labels: dict[str, str]) -> dict[str, str]:
+    """vLLM's own samples name their model (``model_name``, its model_id); from a process that
+    serves several models (the ingress, with ``placement: engine_core``) that becomes its
+    ``model_id`` too."""
+    if "model_id" not in labels and "model_name" in labels:
+        return {**labels, "model_id": labels["model_name"]}
+    return labels
 
 
 def parse(text: str) -> list[Metric]:

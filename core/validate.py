@@ -130,10 +130,26 @@ def validate_config(raw: dict) -> AppConfig:
         if not kwargs_problems:
             model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
             problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
+        if model.deployment.placement == "engine_core":
+            problems += _engine_core_problems(cls, model, where)
 
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _engine_core_problems(cls, model, where: str) -> list[tuple[str, str]]:
+    """``placement: engine_core`` needs an engine whose core runs apart from its frontend, and
+    places one core per ingress replica."""
+    if not cls.separable_core:
+        return [(f"{where}.deployment.placement", f"engine_core: engine {model.engine!r} has no engine "
+                 "core to place apart from its frontend (vLLM engines have); use engine")]
+    opts = model.deployment.engine
+    if opts.autoscaling_config is not None or opts.num_replicas != 1:
+        key = "autoscaling_config" if opts.autoscaling_config is not None else "num_replicas"
+        return [(f"{where}.deployment.engine.{key}", "placement engine_core starts one engine core "
+                 "for the ingress replica's frontend; for replicas of the engine use placement engine")]
+    return []
 
 
 def validate_server(raw: dict) -> tuple[ServerConfig, DeploymentProfile]:
@@ -172,7 +188,7 @@ def resource_demands(cfg: AppConfig) -> list[Demand]:
     out = [demand("deployment.ingress", cfg.deployment.ingress)]
     for key, model in cfg.model.items():
         dep = model.deployment
-        if dep.placement in ("engine", "split"):
+        if dep.placement in ("engine", "engine_core", "split"):
             out.append(demand(f"model.{key}.deployment.engine", dep.engine))
         if dep.placement == "split":
             out.append(demand(f"model.{key}.deployment.node (preprocess)", dep.node))

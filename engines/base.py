@@ -29,6 +29,13 @@ class Engine(ABC):
     Params: ClassVar[type[BaseModel]] = NoOptions
     #: modules the engine imports when it runs; a replica checks them on its node at start
     requires: ClassVar[tuple[str, ...]] = ()
+    #: True while the engine starts its own backend again (a vLLM engine core in an actor of its
+    #: own, ``placement: engine_core``): its model answers 503 meanwhile, and the replica that
+    #: hosts the engine need not restart
+    recovering: bool = False
+    #: the backend's core can run in an actor of its own, apart from the engine object
+    #: (``placement: engine_core``)
+    separable_core: ClassVar[bool] = False
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model

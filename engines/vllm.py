@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 from contextlib import aclosing
@@ -21,10 +22,13 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import internals, metrics
-from core.errors import EngineError, InvalidField, NotReady
+from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine
+from engines.vllm_core import RemoteCore, engine_args
 from engines.vllm_openai import OpenAIFrontend, routes_for
+
+logger = logging.getLogger("mmserve.vllm")
 
 # vLLM configures logging at import with logging.config.dictConfig, which closes every handler
 # already installed, Ray Serve's buffering MemoryHandler included: closed, it keeps its place on
@@ -186,15 +190,15 @@ class TimedLLM:
                 timer.observe(self._model_id)
 
 
-def _engine_died(ctx: RequestContext) -> NotReady:
-    return NotReady("the vLLM engine died; the replica is restarting", model_id=ctx.model_id,
-                    retry="engine_dead")
+def _engine_died(ctx: RequestContext, restarts: str) -> NotReady:
+    return NotReady(f"the vLLM engine died; {restarts}", model_id=ctx.model_id, retry="engine_dead")
 
 
 class VLLMEngine(Engine):
     """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
 
     requires = ("vllm",)
+    separable_core = True
 
     Kwargs = VLLMKwargs
     Params = TextParams
@@ -202,32 +206,57 @@ class VLLMEngine(Engine):
     #: seconds between checks that vLLM's engine core is alive (see :meth:`_watch_engine`)
     WATCH_PERIOD_S = 0.5
 
+    #: most seconds between two tries to start a stopped engine core again
+    RESTART_BACKOFF_MAX_S = 30.0
+
     def __init__(self, model) -> None:
         super().__init__(model)
         self.llm = None
         self.dead = False
+        self.path = ""
+        #: the engine core's actor (``placement: engine_core``); None: vLLM starts the core
+        #: itself, as a child process of this replica
+        self.core: RemoteCore | None = None
         self._inflight: set[asyncio.Task] = set()
         self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> None:
-        from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         from engines.checkpoints import resolve_source
 
-        cpu = current_platform.is_cpu()
-        if cpu and self.kwargs.kv_cache_space_gib:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kwargs.kv_cache_space_gib)
-        path = resolve_source(self.model.source)
-        args = AsyncEngineArgs(model=path, served_model_name=[self.model.model_id],
-                               **self.kwargs.engine_args(cpu))
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.path = resolve_source(self.model.source)
+        if self.model.deployment.placement == "engine_core":
+            actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
+            self.core = RemoteCore(self.model.model_id, actor)
+        await self._open()
+        self._watchdog = asyncio.create_task(self._watch_engine())
+
+    async def _open(self) -> None:
+        """Start AsyncLLM (with its engine core, or connected to the core's actor) and vLLM's
+        serving layer over it."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_args(self.kwargs, self.path, self.model.model_id)
+        if self.core is None:
+            self.llm = AsyncLLM.from_engine_args(args)
+        else:
+            config = args.create_engine_config()
+            client = await self.core.start(self.kwargs, self.path, config)
+            self.llm = AsyncLLM.from_vllm_config(config, client_addresses=client)
         internals.check_vllm_engine(self.llm)
         self.client = TimedLLM(self.llm, self.model.model_id)
         self.frontend = OpenAIFrontend(self.model.model_id, self.openai_routes(self.model))
-        await self.frontend.start(self.client, path, self.kwargs.server_args())
-        self._watchdog = asyncio.create_task(self._watch_engine())
+        await self.frontend.start(self.client, self.path, self.kwargs.server_args())
+        await self._opened()
+
+    async def _opened(self) -> None:
+        """Set-up over vLLM's serving layer, each time it is started (none here)."""
+
+    def _close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        if self.core is not None:
+            self.core.stop()
 
     @classmethod
     def openai_routes(cls, model) -> frozenset[str]:
@@ -246,13 +275,42 @@ class VLLMEngine(Engine):
         return []
 
     async def _watch_engine(self) -> None:
-        """When the engine core dies, vLLM marks itself errored but requests already waiting on
-        it are never answered; fail them (503) instead of letting them hang."""
-        while not internals.vllm_errored(self.llm):
-            await asyncio.sleep(self.WATCH_PERIOD_S)  # vLLM offers no awaitable for this
-        self.dead = True
-        for task in list(self._inflight):
-            task.cancel()
+        """When the engine core dies, vLLM marks itself errored (a core of its own) or the
+        core's actor call ends (``engine_core``), but requests already waiting on it are never
+        answered: fail them (503) instead of letting them hang. A core of vLLM's own is then
+        restarted with this replica by Serve's health check; a core in its own actor is
+        started again here, this replica and its other models serving on meanwhile."""
+        while True:
+            while not (internals.vllm_errored(self.llm) or (self.core is not None and self.core.gone)):
+                await asyncio.sleep(self.WATCH_PERIOD_S)  # vLLM offers no awaitable for this
+            self.dead = True
+            for task in list(self._inflight):
+                task.cancel()
+            if self.core is None:
+                return
+            await self._restart()
+
+    async def _restart(self) -> None:
+        self.recovering = True
+        logger.warning("model %s: its vLLM engine core stopped (%s); starting another",
+                       self.model.model_id, self.core.why)
+        delay = 1.0
+        while True:
+            self._close()
+            try:
+                await self._open()
+                break
+            except Exception:
+                logger.exception("model %s: the vLLM engine core failed to start again; next try "
+                                 "in %.0f s", self.model.model_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, self.RESTART_BACKOFF_MAX_S)
+        logger.info("model %s: its vLLM engine core is serving again", self.model.model_id)
+        self.dead = self.recovering = False
+
+    def _died(self, ctx: RequestContext) -> NotReady:
+        return _engine_died(ctx, "the replica is restarting" if self.core is None
+                            else "its engine core is starting again")
 
     async def _guarded(self, chunks: AsyncIterator, ctx: RequestContext) -> AsyncIterator:
         """``chunks`` (vLLM work for one request), failed with 503 if the engine core dies
@@ -260,7 +318,7 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self.dead:
-            raise _engine_died(ctx)
+            raise self._died(ctx)
         task = asyncio.current_task()
         self._inflight.add(task)
         try:
@@ -270,9 +328,16 @@ class VLLMEngine(Engine):
             if not self.dead:
                 raise  # the client went away: AsyncLLM has aborted the request
             task.uncancel()
-            raise _engine_died(ctx) from None
+            raise self._died(ctx) from None
         except EngineDeadError:
-            raise _engine_died(ctx) from None
+            raise self._died(ctx) from None
+        except MMServeError:
+            if not self.dead:
+                raise
+            # vLLM's serving layer answers the cancellation itself ("Client disconnected")
+            if task.cancelling():
+                task.uncancel()
+            raise self._died(ctx) from None
         except EngineGenerateError as err:
             raise EngineError(f"generation failed: {err.__cause__ or err}", model_id=ctx.model_id) from None
         except ValueError as err:  # vLLM's word for a request it refuses
@@ -327,6 +392,8 @@ class VLLMEngine(Engine):
         return await self.frontend.model_card()
 
     async def check_health(self) -> None:
+        if self.core is not None:
+            return  # the core restarts by itself (_watch_engine): no reason to restart this replica
         if self.llm is None:
             raise NotReady("the vLLM engine is starting")
         try:
@@ -342,9 +409,7 @@ class VLLMEngine(Engine):
     async def stop(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+        self._close()
 
 
 class EmbedParams(BaseModel):

@@ -93,10 +93,6 @@ class VLLMTranscriber(VLLMEngine):
         return frozenset({"transcription", "translation"})
 
     async def start(self) -> None:
-        await super().start()
-        state = self.frontend.state
-        self.serving = {"transcribe": state.openai_serving_transcription,
-                        "translate": state.openai_serving_translation}
         self._vad = None
         self._vad_lock = threading.Lock()  # one Silero model; it keeps state within a clip
         if self.kwargs.split_on_silence:
@@ -104,6 +100,12 @@ class VLLMTranscriber(VLLMEngine):
 
             self._vad = load_silero()
         self._offsets: dict[int, list[int]] = {}  # id(samples) -> each window's first sample
+        await super().start()
+
+    async def _opened(self) -> None:
+        state = self.frontend.state
+        self.serving = {"transcribe": state.openai_serving_transcription,
+                        "translate": state.openai_serving_translation}
         for serving in self.serving.values():
             internals.vllm_speech_from_samples(serving, functools.partial(self._split, serving.asr_config))
 

@@ -131,7 +131,8 @@ class NodeServer:
 
 
 #: how many deployments of its own each placement gives a model, by step
-REMOTE_STEPS = {"inline": (), "engine": ("engine",), "split": ("preprocess", "engine", "postprocess")}
+REMOTE_STEPS = {"inline": (), "engine_core": (), "engine": ("engine",),
+                "split": ("preprocess", "engine", "postprocess")}
 
 
 class RouteSpec(Strict):

@@ -165,6 +165,10 @@ class Pipeline:
         """What the running engine tells about the model (vLLM: max_model_len, root, permission)."""
         return await self.engine.model_card()
 
+    async def stats(self) -> dict[str, Any]:
+        """The engine's counters of its backend (``Engine.stats``), wherever it runs."""
+        return await self.engine.stats()
+
     async def status(self, timeout_s: float) -> str:
         """``ready``, ``starting``, ``recovering``, ``unavailable`` or ``unhealthy: <why>``."""
         return await self.engine.status(timeout_s)

@@ -176,6 +176,9 @@ class LocalEngine:
     async def model_card(self) -> dict[str, Any]:
         return await self.engine.model_card() if self.started else {}
 
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
     async def check_local(self) -> None:
         """Raise NotReady if this in-process engine is unhealthy (the replica must restart)."""
         if self.started:
@@ -184,6 +187,8 @@ class LocalEngine:
     async def status(self, timeout_s: float) -> str:
         if not self.started:
             return "starting"
+        if self.engine.recovering:
+            return "recovering"
         try:
             await asyncio.wait_for(self.engine.check_health(), timeout_s)
         except Exception as err:  # a failed check is a status, not an error of this call
@@ -257,6 +262,9 @@ class RemoteEngine:
         if self._card is None:
             self._card = await self.handle.model_card.remote()
         return self._card
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.handle.stats.remote()
 
     async def _remote_stream(self, method: str, *args) -> AsyncIterator[Any]:
         self._check_up()

@@ -134,13 +134,23 @@ def metric_families(response) -> list:
 
 
 def engine_core_processes(model_id: str) -> list:
-    """The vLLM engine core processes of ``model_id``'s engine replica. vLLM retitles the
-    process; its name holds the title's first 15 characters."""
+    """The vLLM engine core processes of ``model_id``: children of its engine replica, or its
+    engine core actor (``placement: engine_core``). vLLM retitles the process; its name holds
+    the title's first 15 characters."""
     import psutil
 
-    cores = [p for p in psutil.process_iter(["name", "cmdline"])
-             if "EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
-    return [p for p in cores if any(f"{model_id}.engine" in " ".join(a.cmdline()) for a in p.parents())]
+    from engines.vllm_core import CORE_OF
+
+    def of_model(p) -> bool:
+        try:
+            if p.environ().get(CORE_OF) == model_id:  # the actor's process (the core runs in it)
+                return True
+            return ("EngineCor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
+                    and any(f"{model_id}.engine" in " ".join(a.cmdline()) for a in p.parents()))
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            return False
+
+    return [p for p in psutil.process_iter(["name", "cmdline"]) if of_model(p)]
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """Text on real vLLM (CPU), over real HTTP: the OpenAI-compatible routes through the `openai`
 client and vLLM's own benchmark client, and the text pipeline on /v1/infer (streaming,
-deadlines, disconnects, a dead engine core). The generated tiny Llama has its engine in its own
-deployment, so all of it crosses a handle hop; the embedding model has the real
-all-MiniLM-L6-v2 weights. Every feature is checked for what it means, not for a 200.
+deadlines, disconnects, a dead engine core). The generated tiny Llama has its default
+placement, engine_core: AsyncLLM in the ingress, its engine core in a Ray actor of its own.
+The embedding model has the real all-MiniLM-L6-v2 weights and its engine in its own
+deployment, across a handle hop. Every feature is checked for what it means, not for a 200.
 
 One Serve instance and two vLLM start-ups for the module (a minute or two on 2 cores).
 """
@@ -50,9 +51,10 @@ def stream_events(http, **body) -> list[dict | str]:
 
 
 def engine_stats() -> dict:
+    """The tiny Llama's engine counters, asked of the ingress (where its engine runs)."""
     from ray import serve
 
-    return serve.get_deployment_handle(f"{MODEL}.engine", app_name=f"mmserve.{MODEL}.engine").stats.remote().result()
+    return serve.get_deployment_handle("ingress", app_name="mmserve").stats.remote(MODEL).result()
 
 
 def refused(http, path: str, body: dict) -> dict:
@@ -531,9 +533,10 @@ def value(families, sample: str, **labels) -> float:
 
 
 def test_metrics_count_a_known_mix_and_carry_vllms_own(http, client):
-    """Through HAProxy, the ingress and the engine replica (another process): exact counts by
-    model, route, status and error, histograms that count every request once, and vLLM's own
-    metrics under their `vllm:` names with the model's `model_id`."""
+    """Through HAProxy, the ingress and the embedding model's engine replica (another process):
+    exact counts by model, route, status and error, histograms that count every request once,
+    and vLLM's own metrics under their `vllm:` names with the model's `model_id` (the tiny
+    Llama's from its AsyncLLM in the ingress)."""
     before = scrape(http)
     short = {"max_tokens": 8, "temperature": 0}
     for _ in range(3):
@@ -575,47 +578,74 @@ def test_metrics_count_a_known_mix_and_carry_vllms_own(http, client):
     assert 6 <= delta(after, "mmserve_time_per_output_token_seconds_count", model_id=LLM) <= 7
     assert value(after, "mmserve_requests_in_flight", model_id=LLM) == 0
     assert value(after, "mmserve_model_status", model_id=LLM, status="ready") == 1
-    assert value(after, "mmserve_replica_starts_total", model_id=LLM, deployment=f"{MODEL}.engine") == 1
+    assert value(after, "mmserve_replica_starts_total", deployment="ingress") == 1
 
-    # vLLM's own, from the engine replica, under vLLM's names and labels plus model_id
+    # vLLM's own, from the ingress and the engine replica, under vLLM's names and labels plus model_id
     running = [s for f in after if f.name == "vllm:num_requests_running" for s in f.samples]
     assert running and all(s.labels["model_id"] == s.labels["model_name"] for s in running)
     assert {s.labels["model_id"] for s in running} == {LLM, EMBED}
     assert delta(after, "vllm:time_to_first_token_seconds_count", model_id=LLM) >= 7
     assert delta(after, "vllm:prompt_tokens_total", model_id=LLM) > 0
     assert {s.labels["deployment"] for f in after if f.name == "vllm:num_requests_running"
-            for s in f.samples} == {f"{LLM}.engine", f"{EMBED}.engine"}
+            for s in f.samples} == {"ingress", f"{EMBED}.engine"}
 
 
-def test_dead_engine_core_gives_503_then_serve_restarts_it(http):
-    """Kept last: it kills the tiny Llama's vLLM engine core process (not the embedding
-    model's) and waits for the replica to come back."""
+def test_dead_engine_core_gives_its_model_503_then_comes_back_while_the_other_serves(serve_app, http):
+    """Kept last: under load on both models, it kills the tiny Llama's vLLM engine core (the
+    process of its core actor: killing the actor is the same). The Llama answers 503 (never a
+    hang, never another error) until its engine has started a core again by itself; the
+    embedding model, served by the same ingress, fails nothing meanwhile; the ingress is not
+    restarted."""
+    import threading
+
     from tests.support import engine_core_processes
+
+    DOWN = "503 not_ready"
 
     deadline = time.monotonic() + 10
     while not (cores := engine_core_processes(MODEL)) and time.monotonic() < deadline:
         time.sleep(0.5)  # a /proc read can miss a process for a moment; look again
     assert cores, "no vLLM engine core process found"
-    for p in cores:
-        p.kill()
 
-    body = {"model_id": MODEL, "prompt": "still there?", "params": {"max_tokens": 4}}
-    deadline = time.monotonic() + 30
-    while True:
-        r = http.post("/v1/infer", json=body, timeout=10)  # each answer comes fast: no hang
-        if r.status_code != 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # until the engine notices its core is gone
-    assert r.status_code == 503, r.text
-    assert r.json()["error"]["type"] == "not_ready" and r.json()["error"]["model_id"] == MODEL
+    stop = threading.Event()
+    codes: dict[str, list] = {MODEL: [], EMBED: []}  # 200, or the status and the error's type
+    bodies = {MODEL: ("/v1/completions", {"model": MODEL, "prompt": "still there?", "max_tokens": 16}),
+              EMBED: ("/v1/embeddings", {"model": EMBED, "input": "still there?"})}
 
-    deadline = time.monotonic() + 240
-    while http.get("/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(1)  # Serve's health check restarts the replica, vLLM starts again
-    assert http.post("/v1/infer", json=body).status_code == 200
-    # the replacement replica counts as a start, and its own vLLM metrics are scraped
+    def load(model: str) -> None:
+        path, body = bodies[model]
+        with httpx.Client(base_url=serve_app, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(path, json=body)
+                codes[model].append(200 if r.status_code == 200 else f"{r.status_code} {r.json()['error']['type']}")
+                if r.status_code != 200:
+                    time.sleep(0.05)  # the client's own pause before it retries
+
+    workers = [threading.Thread(target=load, args=(m,), daemon=True) for m in (MODEL, MODEL, EMBED, EMBED)]
+    for w in workers:
+        w.start()
+    try:
+        while len(codes[MODEL]) < 4:
+            time.sleep(0.1)  # until both are under load
+        for p in cores:
+            p.kill()
+        deadline = time.monotonic() + 30
+        while DOWN not in codes[MODEL] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert DOWN in codes[MODEL], "the engine never noticed its core was gone"
+        assert http.get(f"/v1/models/{MODEL}").json()["status"] == "recovering"
+        deadline = time.monotonic() + 240
+        while http.get("/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(1)  # the engine starts its core again, vLLM loads the model
+        seen = len(codes[MODEL])
+        while len(codes[MODEL]) < seen + 4:
+            time.sleep(0.1)  # a few answers after it came back
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    assert set(codes[MODEL]) == {200, DOWN} and codes[MODEL][-1] == 200
+    assert set(codes[EMBED]) == {200}, f"the other model failed: {sorted(set(codes[EMBED]))}"
     after = scrape(http)
-    assert value(after, "mmserve_replica_starts_total", model_id=MODEL, deployment=f"{MODEL}.engine") == 2
-    replicas = {s.labels["replica"] for f in after if f.name == "vllm:num_requests_running"
-                for s in f.samples if s.labels["model_id"] == MODEL}
-    assert len(replicas) == 1
+    assert value(after, "mmserve_replica_starts_total", deployment="ingress") == 1
+    assert engine_core_processes(MODEL) and not any(p.is_running() for p in cores)

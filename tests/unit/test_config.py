@@ -84,6 +84,19 @@ def test_rules_across_keys_are_validated_with_dotted_paths():
     assert msg["model.tiny_llama.modality"] == "'vision', but pipeline 'text' serves 'text' models"
 
 
+def test_engine_core_placement_needs_a_separable_engine_and_one_replica():
+    assert compose(["model=[tiny_llama]"]).model["tiny_llama"].deployment.placement == "engine_core"
+    msg = problems(["model.echo.deployment.placement=engine_core"])["model.echo.deployment.placement"]
+    assert "engine 'echo' has no engine core to place apart" in msg and "use engine" in msg
+    msg = problems(["model=[tiny_llama]", "+model.tiny_llama.deployment.engine.num_replicas=2"])
+    assert "for replicas of the engine use placement engine" in msg["model.tiny_llama.deployment.engine.num_replicas"]
+    # the core's actor counts among the deployments' resources
+    cfg = compose(["model=[tiny_llama]"])
+    with pytest.raises(ConfigError) as e:
+        check_resources(cfg, cpus=0.5, gpus=0)
+    assert "model.tiny_llama.deployment.engine: 1" in str(e.value)
+
+
 def test_pipeline_naming_missing_node():
     msg = problems(["pipeline.echo.preprocess.name=nope"])["pipeline.echo.preprocess.name"]
     assert "unknown node 'nope'" in msg and "identity" in msg

@@ -140,6 +140,18 @@ def test_merge_labels_each_process_and_keeps_a_samples_own_label():
     assert value(families, "mmserve_requests_total", model_id="m") == 0
 
 
+def test_vllms_samples_from_a_process_of_several_models_take_model_id_from_model_name():
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    reg = CollectorRegistry()  # the ingress: no model_id of its own, AsyncLLMs of engine_core models
+    g = Gauge("vllm:num_requests_running", "running", ["model_name"], registry=reg)
+    g.labels("llama").set(1)
+    g.labels("qwen").set(3)
+    merged = metrics.merge([({"deployment": "ingress"}, metrics.parse(generate_latest(reg).decode()))])
+    assert value(merged, "vllm:num_requests_running", model_id="qwen", deployment="ingress") == 3
+    assert value(merged, "vllm:num_requests_running", model_id="llama") == 1
+
+
 def test_status_family_has_one_current_status_per_model():
     family = metrics.status_family({"a": "ready", "b": "unhealthy: engine dead"})
     current = {(s.labels["model_id"], s.labels["status"]) for s in family.samples if s.value == 1}

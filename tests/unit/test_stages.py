@@ -142,3 +142,49 @@ def test_a_step_whose_modules_this_node_lacks_fails_at_start_naming_the_node_and
     assert "no_such_module_for_mmserve (ModuleNotFoundError" in message and "another_missing_one" in message
     assert "json (" not in message  # what it has is not listed
     check_node("m2", [type("Fine", (), {"requires": ("json",)})])
+
+
+def test_an_in_process_engine_restarting_its_own_core_is_recovering_and_keeps_its_replica():
+    """An engine whose core is in an actor of its own (``placement: engine_core``) starts the
+    core again by itself: its model reads ``recovering``, and the ingress's health check (which
+    restarts the ingress when an in-process engine is unhealthy) does not fail for it."""
+    from engines.vllm import VLLMEngine
+    from pipelines.stages import LocalEngine
+    from core.config import ModelConfig
+
+    m = ModelConfig(model_id="m", modality="text", pipeline="text", engine="vllm",
+                    deployment={"placement": "engine_core"})
+    engine = VLLMEngine(m)
+    engine.core = SimpleNamespace(gone=True, why="killed")  # the watchdog found it gone
+    engine.recovering = engine.dead = True
+    local = LocalEngine(engine)
+    local.started = True
+
+    async def check():
+        assert await local.status(1.0) == "recovering"
+        await local.check_local()  # does not raise: the ingress stays up
+
+    asyncio.run(check())
+
+
+def test_a_refusal_of_vllms_serving_layer_while_the_core_is_dead_is_503():
+    """vLLM's serving layer answers the cancellation of a request whose engine core died as a
+    400 ("Client disconnected"); the engine gives the client the 503 it is."""
+    from core.errors import InvalidField
+    from core.config import ModelConfig
+    from engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(ModelConfig(model_id="m", modality="text", pipeline="text", engine="vllm"))
+
+    async def refused():
+        engine.dead = True  # the watchdog saw the core die while vLLM was answering
+        raise InvalidField("Client disconnected", model_id="m")
+        yield  # pragma: no cover
+
+    async def run():
+        engine.dead = False
+        with pytest.raises(NotReady, match="the vLLM engine died"):
+            async for _ in engine._guarded(refused(), ctx()):
+                pass
+
+    asyncio.run(run())

@@ -1,0 +1,111 @@
+"""vLLM's engine core in a Ray actor of its own, its frontend in this process
+(``placement: engine_core``).
+
+vLLM's own server is two processes: the API server, where the HTTP request is, runs AsyncLLM
+(tokenizing, detokenizing, vLLM's OpenAI serving layer) and talks over ZMQ to the engine core
+process, which schedules and runs the model. With this placement mmserve splits a model the
+same way: AsyncLLM in the ingress replica, as ``inline`` would have it, and the engine core in
+a :class:`CoreHost` actor that Ray places with the engine's ``ray_actor_options`` (its CPUs,
+GPUs, custom resources: on any node of a cluster). They meet through vLLM's own handshake, as a
+``vllm serve --headless`` engine meets its frontend, and stream tokens over vLLM's own sockets:
+no Ray call per request or per chunk.
+
+When the core dies (its process killed, the actor gone, the model failing), :class:`RemoteCore`
+sees the actor's ``run`` call end; the engine then fails its requests with 503 and starts a new
+core and frontend, while the ingress and every other model keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Any
+
+from core import internals
+
+#: the environment variable that names the model of an engine core's process
+CORE_OF = "MMSERVE_ENGINE_CORE_OF"
+
+
+def engine_args(kwargs, path: str, model_id: str):
+    """vLLM's ``AsyncEngineArgs`` of a model (``kwargs``: its ``VLLMKwargs``), the same for its
+    frontend and its core; on the CPU, ``kv_cache_space_gib`` is set in this process's
+    environment (vLLM reads it there)."""
+    from vllm import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    if cpu and kwargs.kv_cache_space_gib:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kwargs.kv_cache_space_gib)
+    return AsyncEngineArgs(model=path, served_model_name=[model_id], **kwargs.engine_args(cpu))
+
+
+class CoreHost:
+    """A Ray actor that is one vLLM engine core: :meth:`run` serves until the core stops."""
+
+    def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # as engines.vllm: Ray's handlers stay
+        from vllm.usage.usage_lib import UsageContext
+
+        config = engine_args(kwargs, path, model_id).create_engine_config(
+            UsageContext.OPENAI_API_SERVER, headless=True)
+        internals.vllm_run_core(config, handshake)
+
+
+class RemoteCore:
+    """The frontend's side of one :class:`CoreHost`: starts it, hands vLLM's handshake its
+    addresses and tells when it is gone."""
+
+    def __init__(self, model_id: str, actor_options: dict[str, Any]) -> None:
+        self.model_id = model_id
+        self.actor_options = actor_options
+        self.actor = None
+        self.ended: asyncio.Future | None = None  # done once the core has stopped, for any reason
+        self.why = ""
+
+    @property
+    def gone(self) -> bool:
+        return self.ended is not None and self.ended.done()
+
+    async def start(self, kwargs, path: str, vllm_config) -> dict[str, str]:
+        """Start the core's actor and wait until vLLM's handshake with it is done; returns the
+        ``client_addresses`` for AsyncLLM. Raises RuntimeError if the core stops first."""
+        import ray
+
+        internals.check_vllm_remote_core()
+        handshake, addresses, client = internals.vllm_core_addresses(ray.util.get_node_ip_address())
+        name = f"mmserve.core.{self.model_id}.{uuid.uuid4().hex[:8]}"
+        options = dict(self.actor_options)
+        env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        options["runtime_env"]["env_vars"] = {**env, CORE_OF: self.model_id}
+        self.actor = ray.remote(CoreHost).options(name=name, max_restarts=0, **options).remote()
+        run = self.actor.run.remote(kwargs, path, self.model_id, handshake)
+        gone_r, gone_w = os.pipe()
+        self.ended = asyncio.ensure_future(self._watch(run, gone_w))
+        try:
+            await asyncio.to_thread(internals.vllm_await_core, handshake, addresses, vllm_config, gone_r)
+        except RuntimeError:
+            await asyncio.wait({self.ended}, timeout=5)
+            raise RuntimeError(f"the vLLM engine core of {self.model_id!r} stopped while starting: "
+                               f"{self.why or 'see its log'}") from None
+        finally:
+            os.close(gone_r)
+        return client
+
+    async def _watch(self, run, gone_w: int) -> None:
+        try:
+            await run
+            self.why = "it exited"
+        except Exception as err:  # the actor died, or the core raised
+            self.why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        finally:
+            os.write(gone_w, b"x")
+            os.close(gone_w)
+
+    def stop(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            ray.kill(self.actor, no_restart=True)
+            self.actor = None
