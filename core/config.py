@@ -181,7 +181,8 @@ class RetryAfter(Strict):
         "The model's engine replica died and is being replaced; a probe re-opens the model."))
     replica_unavailable: int = Field(5, ge=0, description="A call found the model's replica dead or unreachable.")
     engine_dead: int = Field(30, ge=0, description=(
-        "vLLM's engine core died; Serve restarts its replica (vLLM takes tens of seconds to start)."))
+        "vLLM's engine core died; the engine (engine_core) or Serve (engine) starts it again, "
+        "which takes vLLM tens of seconds."))
     not_ready: int = Field(5, ge=0, description="Models are starting or unhealthy (/ready).")
 
 

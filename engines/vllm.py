@@ -227,7 +227,11 @@ class VLLMEngine(Engine):
         if self.model.deployment.placement == "engine_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
             self.core = RemoteCore(self.model.model_id, actor)
-        await self._open()
+        try:
+            await self._open()
+        except BaseException:
+            self._close()  # a core actor that did start must not outlive this failure
+            raise
         self._watchdog = asyncio.create_task(self._watch_engine())
 
     async def _open(self) -> None:

@@ -100,7 +100,10 @@ class RemoteCore:
         except Exception as err:  # the actor died, or the core raised
             self.why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         finally:
-            os.write(gone_w, b"x")
+            try:
+                os.write(gone_w, b"x")  # wakes the handshake if it still waits
+            except OSError:  # it is over: nobody reads any more
+                pass
             os.close(gone_w)
 
     def stop(self) -> None:
