@@ -9,7 +9,10 @@ placement unless an override says otherwise). At each concurrency, vLLM's benchm
 compared with the vLLM run before it, and a level is summed up by the median of its rounds.
 
 ``python -m benchmarks.vllm_serve [--model tiny_llama] [--concurrency 1,8,32] [--rounds 3]
-[--output-len 256] [overrides...]``
+[--output-len 256] [--cpu] [overrides...]``
+
+``--cpu`` also prints, for each run, the CPU seconds each process of the machine spent during it
+(psutil; the benchmark client included), to see where each side's CPU goes.
 """
 
 from __future__ import annotations
@@ -42,9 +45,38 @@ def engine_flags(model) -> list[str]:
     return flags + kw.server_args()
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Each process's name (with its pid) and CPU seconds (user + system) so far."""
+    import psutil
+
+    me = os.getpid()
+    out = {}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid == me:
+            name = "this benchmark (vLLM's client)"
+        elif cmd.startswith(("ray::", "VLLM::")):
+            name = cmd.split()[0]
+        else:
+            name = " ".join(cmd.split()[1:4]) or p.info["name"]
+        out[p.pid] = (f"{name} [{p.pid}]", t.user + t.system)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], top: int = 12) -> list[tuple[str, float]]:
+    """The processes that spent the most CPU since ``before``, as ``(name, seconds)``."""
+    spent = [(name, t - before.get(pid, (name, 0.0))[1]) for pid, (name, t) in cpu_seconds().items()]
+    return sorted((s for s in spent if s[1] >= 0.05), key=lambda s: -s[1])[:top]
+
+
 def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_len: int,
-          output_len: int, per_slot: int) -> dict:
-    """One ``vllm bench serve`` run; the figures this benchmark reports."""
+          output_len: int, per_slot: int, cpu: bool = False) -> dict:
+    """One ``vllm bench serve`` run; the figures this benchmark reports (with ``cpu``, also
+    each process's CPU seconds during it)."""
     from vllm.benchmarks.serve import add_cli_args, main
 
     parser = argparse.ArgumentParser()
@@ -56,9 +88,14 @@ def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_
         "--num-prompts", str(per_slot * concurrency), "--max-concurrency", str(concurrency),
         "--ignore-eos", "--disable-tqdm", "--seed", "0", "--num-warmups", "2",
         "--percentile-metrics", "ttft", "--metric-percentiles", "50,99"])
+    before = cpu_seconds() if cpu else {}
     r = main(args)
-    return {"tok_s": r["output_throughput"], "failed": r["failed"],
-            "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"]}
+    out = {"tok_s": r["output_throughput"], "failed": r["failed"],
+           "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"]}
+    if cpu:
+        out["duration_s"] = r["duration"]
+        out["cpu_s"] = dict(cpu_spent(before))
+    return out
 
 
 def wait_healthy(server: subprocess.Popen, port: int, cmd: list[str], timeout_s: float = 600) -> None:
@@ -91,7 +128,7 @@ def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
     try:
         wait_healthy(server, port, cmd)
         return {c: bench(f"http://127.0.0.1:{port}", model.model_id, path, c, opts.input_len,
-                         opts.output_len, opts.per_slot) for c in levels}
+                         opts.output_len, opts.per_slot, opts.cpu) for c in levels}
     finally:
         server.terminate()
         server.wait(60)
@@ -103,7 +140,7 @@ def run_mmserve(cfg, model, levels, opts) -> dict[int, dict]:
 
     with served(cfg, log_to_driver=False) as server:
         return {c: bench(server.url, model.model_id, resolve_source(model.source), c, opts.input_len,
-                         opts.output_len, opts.per_slot) for c in levels}
+                         opts.output_len, opts.per_slot, opts.cpu) for c in levels}
 
 
 def main() -> None:
@@ -114,6 +151,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
+    parser.add_argument("--cpu", action="store_true", help="print each process's CPU seconds per run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -130,6 +168,15 @@ def main() -> None:
         ours = run_mmserve(cfg, model, levels, opts)
         rounds.append({"vllm": own, "mmserve": ours})
         print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
+        if opts.cpu:
+            for side in ("vllm", "mmserve"):
+                for c in levels:
+                    run = rounds[-1][side][c]
+                    spent = run["cpu_s"]
+                    print(f"CPU seconds, round {i + 1}, {side}, c={c}: {sum(spent.values()):.1f} in "
+                          f"{run['duration_s']:.1f} s")
+                    for name, s in spent.items():
+                        print(f"  {s:7.2f}  {name[:70]}")
 
     print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} rounds, "
           f"{opts.input_len} in / {opts.output_len} out tokens, vllm bench serve (--ignore-eos)")

@@ -178,18 +178,21 @@ class Demand:
 
 
 def resource_demands(cfg: AppConfig) -> list[Demand]:
-    """Every deployment the config creates, with the resources its replicas reserve."""
+    """Every deployment the config creates, with the resources its replicas reserve (an
+    ``engine_core`` model's core actors count as its engine's replicas: one per ingress replica)."""
 
-    def demand(key: str, opts: DeploymentOptions) -> Demand:
-        r = opts.min_replicas
+    def demand(key: str, opts: DeploymentOptions, replicas: int | None = None) -> Demand:
+        r = opts.min_replicas if replicas is None else replicas
         a = opts.ray_actor_options
         return Demand(key, r, r * a.num_cpus, r * a.num_gpus)
 
     out = [demand("deployment.ingress", cfg.deployment.ingress)]
     for key, model in cfg.model.items():
         dep = model.deployment
-        if dep.placement in ("engine", "engine_core", "split"):
+        if dep.placement in ("engine", "split"):
             out.append(demand(f"model.{key}.deployment.engine", dep.engine))
+        if dep.placement == "engine_core":
+            out.append(demand(f"model.{key}.deployment.engine", dep.engine, cfg.deployment.ingress.min_replicas))
         if dep.placement == "split":
             out.append(demand(f"model.{key}.deployment.node (preprocess)", dep.node))
             out.append(demand(f"model.{key}.deployment.node (postprocess)", dep.node))

@@ -90,11 +90,15 @@ def test_engine_core_placement_needs_a_separable_engine_and_one_replica():
     assert "engine 'echo' has no engine core to place apart" in msg and "use engine" in msg
     msg = problems(["model=[tiny_llama]", "+model.tiny_llama.deployment.engine.num_replicas=2"])
     assert "for replicas of the engine use placement engine" in msg["model.tiny_llama.deployment.engine.num_replicas"]
-    # the core's actor counts among the deployments' resources
+    # the core's actor counts among the deployments' resources, one per ingress replica
     cfg = compose(["model=[tiny_llama]"])
     with pytest.raises(ConfigError) as e:
         check_resources(cfg, cpus=0.5, gpus=0)
     assert "model.tiny_llama.deployment.engine: 1" in str(e.value)
+    cfg = compose(["model=[tiny_llama]", "deployment.ingress.num_replicas=2"])
+    with pytest.raises(ConfigError) as e:
+        check_resources(cfg, cpus=1.5, gpus=0)
+    assert "model.tiny_llama.deployment.engine: 2" in str(e.value)
 
 
 def test_pipeline_naming_missing_node():
