@@ -45,6 +45,10 @@ def engine_flags(model) -> list[str]:
     return flags + kw.server_args()
 
 
+#: the busiest processes ``--cpu`` prints per run (its total counts them all)
+CPU_LISTED = 12
+
+
 def cpu_seconds() -> dict[int, tuple[str, float]]:
     """Each process's name (with its pid) and CPU seconds (user + system) so far."""
     import psutil
@@ -67,10 +71,11 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def cpu_spent(before: dict[int, tuple[str, float]], top: int = 12) -> list[tuple[str, float]]:
-    """The processes that spent the most CPU since ``before``, as ``(name, seconds)``."""
+def cpu_spent(before: dict[int, tuple[str, float]]) -> list[tuple[str, float]]:
+    """Every process that spent CPU since ``before`` (0.05 s or more), busiest first, as
+    ``(name, seconds)``."""
     spent = [(name, t - before.get(pid, (name, 0.0))[1]) for pid, (name, t) in cpu_seconds().items()]
-    return sorted((s for s in spent if s[1] >= 0.05), key=lambda s: -s[1])[:top]
+    return sorted((s for s in spent if s[1] >= 0.05), key=lambda s: -s[1])
 
 
 def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_len: int,
@@ -175,7 +180,7 @@ def main() -> None:
                     spent = run["cpu_s"]
                     print(f"CPU seconds, round {i + 1}, {side}, c={c}: {sum(spent.values()):.1f} in "
                           f"{run['duration_s']:.1f} s")
-                    for name, s in spent.items():
+                    for name, s in list(spent.items())[:CPU_LISTED]:
                         print(f"  {s:7.2f}  {name[:70]}")
 
     print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} rounds, "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator, ClassVar, Literal
@@ -29,12 +28,6 @@ from engines.vllm_core import RemoteCore, engine_args, usage_context
 from engines.vllm_openai import OpenAIFrontend, routes_for
 
 logger = logging.getLogger("mmserve.vllm")
-
-# vLLM configures logging at import with logging.config.dictConfig, which closes every handler
-# already installed, Ray Serve's buffering MemoryHandler included: closed, it keeps its place on
-# the "ray.serve" logger and buffers every access-log record forever (~1.6 KB per request, found
-# by the soak). Unless the user says otherwise, vLLM's loggers propagate to Ray's handlers instead.
-os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 # On the CPU, vLLM reads gpu_memory_utilization as the share of NUMA node 0's memory to reserve
 # for the KV cache; its default of 0.92 fails to start on a shared machine (docs/stack.md).
@@ -190,10 +183,6 @@ class TimedLLM:
                 timer.observe(self._model_id)
 
 
-def _engine_died(ctx: RequestContext, restarts: str) -> NotReady:
-    return NotReady(f"the vLLM engine died; {restarts}", model_id=ctx.model_id, retry="engine_dead")
-
-
 class VLLMEngine(Engine):
     """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
 
@@ -314,8 +303,8 @@ class VLLMEngine(Engine):
         self.dead = self.recovering = False
 
     def _died(self, ctx: RequestContext) -> NotReady:
-        return _engine_died(ctx, "the replica is restarting" if self.core is None
-                            else "its engine core is starting again")
+        restarts = "the replica is restarting" if self.core is None else "its engine core is starting again"
+        return NotReady(f"the vLLM engine died; {restarts}", model_id=ctx.model_id, retry="engine_dead")
 
     async def _guarded(self, chunks: AsyncIterator, ctx: RequestContext) -> AsyncIterator:
         """``chunks`` (vLLM work for one request), failed with 503 if the engine core dies

@@ -27,6 +27,14 @@ from core import internals
 #: the environment variable that names the model of an engine core's process
 CORE_OF = "MMSERVE_ENGINE_CORE_OF"
 
+# vLLM configures logging at import with logging.config.dictConfig, which closes every handler
+# already installed, Ray Serve's buffering MemoryHandler included: closed, it keeps its place on
+# the "ray.serve" logger and buffers every access-log record forever (~1.6 KB per request, found
+# by the soak). Unless the user says otherwise, vLLM's loggers propagate to Ray's handlers
+# instead. Set here, where both the engine (engines.vllm imports this module) and a core's
+# actor import from, before either imports vLLM.
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
 
 def engine_args(kwargs, path: str, model_id: str):
     """vLLM's ``AsyncEngineArgs`` of a model (``kwargs``: its ``VLLMKwargs``), the same for its
@@ -53,7 +61,6 @@ class CoreHost:
     """A Ray actor that is one vLLM engine core: :meth:`run` serves until the core stops."""
 
     def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # as engines.vllm: Ray's handlers stay
         config = engine_args(kwargs, path, model_id).create_engine_config(usage_context(), headless=True)
         internals.vllm_run_core(config, handshake)
 
@@ -81,9 +88,9 @@ class RemoteCore:
         internals.check_vllm_remote_core()
         handshake, addresses, client = internals.vllm_core_addresses(ray.util.get_node_ip_address())
         name = f"mmserve.core.{self.model_id}.{uuid.uuid4().hex[:8]}"
-        options = dict(self.actor_options)
-        env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
-        options["runtime_env"]["env_vars"] = {**env, CORE_OF: self.model_id}
+        runtime_env = dict(self.actor_options.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), CORE_OF: self.model_id}
+        options = {**self.actor_options, "runtime_env": runtime_env}
         self.actor = ray.remote(CoreHost).options(name=name, max_restarts=0, **options).remote()
         run = self.actor.run.remote(kwargs, path, self.model_id, handshake)
         gone_r, gone_w = os.pipe()
