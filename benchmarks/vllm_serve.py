@@ -18,12 +18,14 @@ compared with the vLLM run before it, and a level is summed up by the median of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import httpx
 
@@ -119,24 +121,33 @@ def wait_healthy(server: subprocess.Popen, port: int, cmd: list[str], timeout_s:
         time.sleep(1)  # polling vLLM's readiness endpoint
 
 
-def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
-    """vLLM's own server on a free port, benchmarked at each level, then stopped."""
+@contextlib.contextmanager
+def vllm_server(model) -> Iterator[str]:
+    """vLLM's own OpenAI server for ``model`` (its engine arguments as mmserve passes them) on
+    a free port, for the ``with`` block: yields its base URL once it is healthy."""
     from apps.serving import free_port
     from engines.checkpoints import resolve_source
 
-    path = resolve_source(model.source)
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
-           "--served-model-name", model.model_id, "--host", "127.0.0.1", "--port", str(port),
-           *engine_flags(model)]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           resolve_source(model.source), "--served-model-name", model.model_id, "--host", "127.0.0.1",
+           "--port", str(port), *engine_flags(model)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(server, port, cmd)
-        return {c: bench(f"http://127.0.0.1:{port}", model.model_id, path, c, opts.input_len,
-                         opts.output_len, opts.per_slot, opts.cpu) for c in levels}
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(60)
+
+
+def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
+    """vLLM's own server, benchmarked at each level, then stopped."""
+    from engines.checkpoints import resolve_source
+
+    with vllm_server(model) as url:
+        return {c: bench(url, model.model_id, resolve_source(model.source), c, opts.input_len,
+                         opts.output_len, opts.per_slot, opts.cpu) for c in levels}
 
 
 def run_mmserve(cfg, model, levels, opts) -> dict[int, dict]:

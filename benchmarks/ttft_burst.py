@@ -1,0 +1,98 @@
+"""Time to first token of requests that arrive at once: mmserve's default config against vLLM's
+own OpenAI server on the same model and engine arguments.
+
+Where ``vllm bench serve`` at concurrency 32 finds mmserve's TTFT p99 above vLLM's own, the slow
+first tokens are those of the run's first 32 requests, which arrive together; later requests,
+arriving one at a time as others finish, get theirs sooner than on vLLM's server. This measures
+that case alone: bursts of ``-c`` streamed ``/v1/completions`` sent at once (greedy,
+``ignore_eos``, ``--max-tokens`` tokens, distinct prompts), one burst after the other, after a
+warm-up; each request's TTFT is the time to its first event. Rounds go vllm, mmserve, ...; a
+round's figures are the medians over its bursts of each burst's median and slowest TTFT.
+
+``python -m benchmarks.ttft_burst [--model tiny_llama] [-c 32] [--bursts 8] [--max-tokens 32]
+[--rounds 1] [overrides...]`` (overrides: Hydra overrides for the mmserve side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+
+import httpx
+
+from benchmarks.vllm_serve import vllm_server
+
+
+async def first_token_s(client: httpx.AsyncClient, url: str, model_id: str, prompt: str,
+                        max_tokens: int) -> float:
+    """Seconds from sending one streamed completion to its first event (read to its end)."""
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    first = None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data:"):
+                first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"{url}: a stream without events")
+    return first
+
+
+async def bursts(url: str, model_id: str, c: int, n: int, max_tokens: int) -> dict:
+    """``n`` bursts of ``c`` requests at once after a warm-up; TTFT figures in ms."""
+    limits = httpx.Limits(max_connections=2 * c)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        def burst(k: int):
+            return asyncio.gather(*(first_token_s(client, url, model_id, f"Request {k}-{i}: tell me more. " * 4,
+                                                  max_tokens) for i in range(c)))
+
+        await burst(-1)  # warm-up
+        runs = [sorted(await burst(k)) for k in range(n)]
+    return {"ttft_median_ms": 1000 * statistics.median(r[len(r) // 2] for r in runs),
+            "ttft_max_ms": 1000 * statistics.median(r[-1] for r in runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny_llama", help="conf/model key (default tiny_llama)")
+    parser.add_argument("-c", type=int, default=32, help="requests per burst (default 32)")
+    parser.add_argument("--bursts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
+    opts = parser.parse_args()
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+    from apps.config import compose
+    from apps.serving import free_port, served
+
+    cfg = compose([f"model=[{opts.model}]", f"server.port={free_port()}", *opts.overrides])
+    model = cfg.model[opts.model]
+    args = (model.model_id, opts.c, opts.bursts, opts.max_tokens)
+    rounds = []
+    for i in range(opts.rounds):
+        with vllm_server(model) as url:
+            own = asyncio.run(bursts(url, *args))
+        with served(cfg, log_to_driver=False) as server:
+            ours = asyncio.run(bursts(server.url, *args))
+        rounds.append({"vllm": own, "mmserve": ours})
+        print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
+
+    print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} round(s) of "
+          f"{opts.bursts} bursts of {opts.c} streamed completions ({opts.max_tokens} tokens)")
+    print(f"{'':>8} | {'TTFT median ms':>14} | {'TTFT slowest ms':>15}")
+    for side in ("vllm", "mmserve"):
+        runs = [r[side] for r in rounds]
+        print(f"{side:>8} | {statistics.median(r['ttft_median_ms'] for r in runs):>14.0f} | "
+              f"{statistics.median(r['ttft_max_ms'] for r in runs):>15.0f}")
+
+
+if __name__ == "__main__":
+    main()
