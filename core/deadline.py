@@ -34,10 +34,10 @@ async def iterate_within_deadline(chunks: AsyncIterator[T], ctx: RequestContext)
     """Yield from ``chunks`` until it ends or the deadline passes (then raise DeadlineExceeded
     after closing ``chunks``, which cancels the work behind it).
 
-    Each wait for the next chunk runs in the caller's task under ``asyncio.timeout``; the
-    deadline does not run while the caller handles a chunk (that is the caller's own step).
-    ``asyncio.wait_for`` would start a task per chunk, which cost a streamed request more than
-    the rest of mmserve's layers together."""
+    Each wait for the next chunk is bounded by ``asyncio.timeout`` in the caller's task (the
+    deadline is enforced on the waits, not while the caller handles a chunk).
+    ``asyncio.wait_for`` would start a task per chunk on Python 3.11: about a sixth of what
+    mmserve's layers add to a streamed request, measured in-process over a bare FastAPI route."""
     it = aiter(chunks)
     try:
         while True:
