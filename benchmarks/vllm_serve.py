@@ -29,6 +29,8 @@ from typing import Iterator
 
 import httpx
 
+from benchmarks.idle import cpu_seconds
+
 
 def engine_flags(model) -> list[str]:
     """``vllm serve`` flags for the model's engine arguments (as mmserve's engine passes them)."""
@@ -50,33 +52,16 @@ def engine_flags(model) -> list[str]:
 #: the busiest processes ``--cpu`` prints per run (its total counts them all)
 CPU_LISTED = 12
 
-
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """Each process's name (with its pid) and CPU seconds (user + system) so far."""
-    import psutil
-
-    me = os.getpid()
-    out = {}
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.pid == me:
-            name = "this benchmark (vLLM's client)"
-        elif cmd.startswith(("ray::", "VLLM::")):
-            name = cmd.split()[0]
-        else:
-            name = " ".join(cmd.split()[1:4]) or p.info["name"]
-        out[p.pid] = (f"{name} [{p.pid}]", t.user + t.system)
-    return out
+#: how ``--cpu`` names this process
+CLIENT = "this benchmark (vLLM's client)"
 
 
 def cpu_spent(before: dict[int, tuple[str, float]]) -> list[tuple[str, float]]:
-    """Every process that spent CPU since ``before`` (0.05 s or more), busiest first, as
-    ``(name, seconds)``."""
-    spent = [(name, t - before.get(pid, (name, 0.0))[1]) for pid, (name, t) in cpu_seconds().items()]
+    """Every process that spent CPU since ``before`` (``benchmarks.idle.cpu_seconds``), 0.05 s
+    or more, busiest first, as ``(name [pid], seconds)``; this process is vLLM's client."""
+    me = os.getpid()
+    spent = [(f"{CLIENT if pid == me else name} [{pid}]", t - before.get(pid, (name, 0.0))[1])
+             for pid, (name, t) in cpu_seconds().items()]
     return sorted((s for s in spent if s[1] >= 0.05), key=lambda s: -s[1])
 
 
