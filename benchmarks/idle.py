@@ -22,12 +22,14 @@ RAY_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_E
 
 def label(argv: list[str]) -> str:
     """A process's name as ``top`` would want it: ``ray::ServeController``, ``gcs_server``,
-    ``log_monitor.py``."""
+    ``log_monitor.py``, ``vllm.entrypoints.openai.api_server`` (``python -m``)."""
     if not argv:
         return "?"
     if argv[0].startswith("ray::"):  # Ray retitles an actor's process with the method it runs
         return argv[0].split()[0].split(".")[0]
     if os.path.basename(argv[0]).startswith("python"):
+        if "-m" in argv[1:-1]:
+            return argv[argv.index("-m", 1) + 1]
         script = next((a for a in argv[1:] if a.endswith(".py")), argv[-1])
         return os.path.basename(script)
     return os.path.basename(argv[0])
