@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 
 from api.app import create_app
-from core import internals, metrics
+from core import cpus, internals, metrics
 from core.config import ServerConfig
 from pipelines.deployments import RouteSpec, deployment_name, pipeline_for, step_app_name
 from pipelines.router import ModelRouter
@@ -29,6 +29,7 @@ class Ingress:
     """The single HTTP entry: the FastAPI app of :mod:`api.app` over the model router."""
 
     async def __init__(self, server: ServerConfig) -> None:
+        cpus.for_models()  # it runs models' steps (and vLLM's frontend) as a model's replica does
         self.server = server
         self.app_name = serve.get_replica_context().app_name  # its models' steps' apps are named after it
         metrics.configure(server.metrics)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from core import cpus
 from core.config import AppConfig, ServerConfig
-from core.validate import check_resources
+from core.validate import ConfigError, check_resources
 
 if TYPE_CHECKING:
     from apps.builder import Target
@@ -221,7 +222,6 @@ class RaySession:
                 deleted again, and the ingress still serves ``old``).
         """
         from apps.builder import build_targets, route_specs
-        from core.validate import ConfigError
 
         changed_keys = (["server"] if old.server != new.server else []) + (
             ["deployment.ingress"] if old.deployment.ingress != new.deployment.ingress else [])
@@ -360,9 +360,15 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
             connected = True
         else:
             if fits is not None:
-                cpus = float(num_cpus) if num_cpus is not None else float(os.cpu_count() or 1)
-                check_resources(fits, cpus, float(local_gpu_count()))
-            with environ(serve_env(server, local=True)):
+                n_cpus = float(num_cpus) if num_cpus is not None else float(os.cpu_count() or 1)
+                check_resources(fits, n_cpus, float(local_gpu_count()))
+            env = serve_env(server, local=True)
+            ray_cpus = local_ray_cpus(server, fits)
+            if ray_cpus:
+                env[cpus.MODEL_CPUS_ENV] = cpus.encode(cpus.allowed())
+                logger.info("a local Ray's own processes on CPUs %s, models' on %s", cpus.encode(ray_cpus),
+                            env[cpus.MODEL_CPUS_ENV])
+            with environ(env), cpus.confined(ray_cpus):
                 ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
                          logging_level=logging_level, log_to_driver=log_to_driver)
             connected = started = True
@@ -387,6 +393,17 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
                 ray.shutdown()
             for sig, handler in saved.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def local_ray_cpus(server: ServerConfig, app: AppConfig | None) -> set[int] | None:
+    """The CPUs of a local Ray's own processes for ``server.ray_cpus`` (None: every CPU)."""
+    from core.registry import engine_class
+
+    binds = app is not None and any(engine_class(m.engine).binds_cores for m in app.model.values())
+    try:
+        return cpus.ray_cpus(server.ray_cpus, cpus.allowed(), local_gpu_count(), binds)
+    except ValueError as err:
+        raise ConfigError([("server.ray_cpus", str(err))]) from None
 
 
 def _start_http(server: ServerConfig) -> None:

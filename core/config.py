@@ -232,6 +232,11 @@ class ServerConfig(Strict):
         "Environment of the Ray and Serve processes that mmserve starts (RAY_SERVE_* settings), "
         "on top of what http_proxy sets; conf/server/default.yaml holds mmserve's defaults, "
         "each documented there."))
+    ray_cpus: Literal["auto", "all"] | list[int] = Field("auto", description=(
+        "CPUs of the processes of a local Ray that mmserve starts (raylet, GCS, Serve's "
+        "controller and proxies); mmserve's own replicas still use every CPU. auto: the last CPU "
+        "on a host without GPUs where a model's engine binds a CPU worker to cores (vLLM's), "
+        "which vLLM leaves to its engine core; all; or a list of CPU ids (core.cpus)."))
 
     _env_as_strings = field_validator("serve_env", mode="before")(_env_strings)
 

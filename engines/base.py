@@ -36,6 +36,9 @@ class Engine(ABC):
     #: the backend's core can run in an actor of its own, apart from the engine object
     #: (``placement: engine_core``)
     separable_core: ClassVar[bool] = False
+    #: on a host without GPUs, the backend binds a worker's threads to cores (vLLM's CPU
+    #: worker), so a local Ray's own processes keep off them (``server.ray_cpus``, core.cpus)
+    binds_cores: ClassVar[bool] = False
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model

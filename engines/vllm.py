@@ -188,6 +188,7 @@ class VLLMEngine(Engine):
 
     requires = ("vllm",)
     separable_core = True
+    binds_cores = True
 
     Kwargs = VLLMKwargs
     Params = TextParams

@@ -22,7 +22,7 @@ import os
 import uuid
 from typing import Any
 
-from core import internals
+from core import cpus, internals
 
 #: the environment variable that names the model of an engine core's process
 CORE_OF = "MMSERVE_ENGINE_CORE_OF"
@@ -61,6 +61,7 @@ class CoreHost:
     """A Ray actor that is one vLLM engine core: :meth:`run` serves until the core stops."""
 
     def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
+        cpus.for_models()  # before vLLM binds its worker to the cores it sees
         config = engine_args(kwargs, path, model_id).create_engine_config(usage_context(), headless=True)
         internals.vllm_run_core(config, handshake)
 

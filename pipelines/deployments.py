@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Callable
 from pydantic import BaseModel
 from ray import serve
 
-from core import metrics
+from core import cpus, metrics
 from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
@@ -61,6 +61,7 @@ class EngineServer:
     """Hosts one model's engine; healthy while the engine's own check passes."""
 
     async def __init__(self, model: ModelConfig, metrics_on: bool = True) -> None:
+        cpus.for_models()
         self.model = model
         check_node(model.model_id, [engine_class(model.engine)])
         metrics.configure(metrics_on)
@@ -113,6 +114,7 @@ class NodeServer:
     """Hosts one pre- or postprocess node (``placement: split``)."""
 
     async def __init__(self, spec: NodeSpec, model: ModelConfig, metrics_on: bool = True) -> None:
+        cpus.for_models()
         check_node(model.model_id, [node_class(spec.name)])
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None

@@ -1,0 +1,92 @@
+"""Which CPUs Ray's own processes and the models' processes run on, on a host without GPUs.
+
+vLLM's CPU worker binds its threads to every core but the last, which it leaves to the rest of
+the engine (``vllm serve``: the API server and the engine core). A local Ray started next to it
+runs a dozen processes of its own (raylet, GCS, Serve's controller, proxies, HAProxy, the
+dashboard's agent, the log monitor), each waking many times a second; wherever Linux puts them on
+the worker's core they stall a decoding step. So the launcher starts such a Ray on
+:func:`ray_cpus` (its processes, and the workers it forks, inherit the mask), and each process
+that then runs a model's work (the ingress, a model's replicas, a vLLM engine core's actor)
+takes every CPU back with :func:`for_models`. BENCHMARKS.md ("Ray's processes beside vLLM's
+worker") has the measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+logger = logging.getLogger("mmserve.cpus")
+
+#: the CPUs a local Ray's model processes take back (``for_models``), set while the Ray starts
+MODEL_CPUS_ENV = "MMSERVE_MODEL_CPUS"
+
+
+def allowed() -> set[int]:
+    """The CPUs this thread may run on (every CPU where the OS cannot say)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def ray_cpus(setting: str | list[int], cpus: set[int], gpus: int, binds_cores: bool) -> set[int] | None:
+    """The CPUs for a local Ray's own processes, or None for all of ``cpus``.
+
+    ``setting``: ``all``; ``auto``: the last CPU when the host has no GPU, some model's engine
+    binds a worker to cores (vLLM's CPU worker) and there are CPUs to spare; or a list of CPU
+    ids, which must be among ``cpus``.
+
+    Raises:
+        ValueError: a listed CPU is not one this process may use.
+    """
+    if setting == "all":
+        return None
+    if setting == "auto":
+        if gpus or not binds_cores or len(cpus) < 2:
+            return None
+        return {max(cpus)}  # the core vLLM's worker leaves to the engine core (see above)
+    chosen = set(setting)
+    if not chosen <= cpus:
+        raise ValueError(f"CPUs {sorted(chosen - cpus)} are not among this machine's "
+                         f"{sorted(cpus)} (the ones this process may use)")
+    return None if chosen == cpus else chosen
+
+
+def encode(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+@contextlib.contextmanager
+def confined(cpus: set[int] | None) -> Iterator[None]:
+    """The calling thread on ``cpus`` (None: unchanged) for the ``with`` block: processes it
+    starts meanwhile (a local Ray's) keep that mask."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    saved = allowed()
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def for_models() -> set[int] | None:
+    """Let every thread of this process run on the CPUs of ``$MMSERVE_MODEL_CPUS`` (set by the
+    launcher when it confined a local Ray; otherwise nothing changes). Threads and processes
+    started afterwards inherit them. Returns the CPUs set, or None."""
+    value = os.environ.get(MODEL_CPUS_ENV)
+    if not value or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = {int(c) for c in value.split(",")}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):  # the thread ended meanwhile
+            pass
+        except OSError as err:  # a CPU gone offline: keep the mask Ray gave
+            logger.warning("cpus: cannot move thread %s to CPUs %s: %s", tid, value, err)
+    return cpus
