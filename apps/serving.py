@@ -171,6 +171,7 @@ class RaySession:
     server: ServerConfig
     started: bool           # this process started this Ray: tearing down stops it and its Serve
     handles_signals: bool   # SIGINT/SIGTERM raise ShutdownRequested (and are ignored on tear-down)
+    model_cpus: set[int] | None = None  # a local Ray kept off these: its data path gets them back
 
     def url(self, route_prefix: str = "/") -> str:
         """Base URL of an application at ``route_prefix``, without a trailing slash."""
@@ -199,6 +200,11 @@ class RaySession:
         main = targets[-1]
         try:
             _run(targets, ready_timeout_s)
+            if self.model_cpus:
+                # HAProxy carries every request and chunk: it runs where the models do (its
+                # manager too, which starts it again on each reload)
+                for pid in cpus.processes("ray::HAProxyManager", "haproxy"):
+                    cpus.move(pid, self.model_cpus)
             yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self)
         finally:
             if self.handles_signals:
@@ -348,6 +354,7 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
     if handle_signals:
         install_signal_handlers()
     connected = started = False
+    model_cpus: set[int] | None = None
     try:
         if ray.is_initialized():
             pass
@@ -365,7 +372,8 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
             env = serve_env(server, local=True)
             ray_cpus = local_ray_cpus(server, fits)
             if ray_cpus:
-                env[cpus.MODEL_CPUS_ENV] = cpus.encode(cpus.allowed())
+                model_cpus = cpus.allowed()
+                env[cpus.MODEL_CPUS_ENV] = cpus.encode(model_cpus)
                 logger.info("a local Ray's own processes on CPUs %s, models' on %s", cpus.encode(ray_cpus),
                             env[cpus.MODEL_CPUS_ENV])
             with environ(env), cpus.confined(ray_cpus):
@@ -375,7 +383,8 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
             logger.info("started a local Ray (http_proxy %s)", server.http_proxy)
         if handle_signals:
             install_signal_handlers()  # ray.init put its own SIGTERM handler in place
-        session = RaySession(server=server, started=started, handles_signals=handle_signals)
+        session = RaySession(server=server, started=started, handles_signals=handle_signals,
+                             model_cpus=model_cpus)
         if fits is not None and not started:
             session.check_fits(fits)
         _start_http(server)

@@ -9,7 +9,11 @@ placement unless an override says otherwise). At each concurrency, vLLM's benchm
 compared with the vLLM run before it, and a level is summed up by the median of its rounds.
 
 ``python -m benchmarks.vllm_serve [--model tiny_llama] [--concurrency 1,8,32] [--rounds 3]
-[--output-len 256] [--cpu] [overrides...]``
+[--output-len 256] [--cpu] [--also "OVERRIDES"]... [overrides...]``
+
+``--also`` adds a side to each round, mmserve with more overrides, compared with the same vLLM
+run as the default side (the mmserve sides swap order from round to round): an A/B of a
+setting within one run.
 
 ``--cpu`` also prints, for each run, the CPU seconds each process of the machine spent during it
 (psutil; the benchmark client included), to see where each side's CPU goes.
@@ -153,6 +157,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
     parser.add_argument("--cpu", action="store_true", help="print each process's CPU seconds per run")
+    parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                        help="one more mmserve side in each round, with these overrides (space-"
+                             "separated) on top: an A/B within one run; repeatable")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -163,14 +170,19 @@ def main() -> None:
     cfg = compose([f"model=[{opts.model}]", f"server.port={free_port()}", *opts.overrides])
     model = cfg.model[opts.model]
     levels = [int(c) for c in opts.concurrency.split(",")]
+    sides = {"mmserve": cfg}
+    for extra in opts.also:
+        sides[f"mmserve {extra}"] = compose([f"model=[{opts.model}]", f"server.port={free_port()}",
+                                             *opts.overrides, *extra.split()])
     rounds = []
     for i in range(opts.rounds):
-        own = run_vllm(cfg, model, levels, opts)
-        ours = run_mmserve(cfg, model, levels, opts)
-        rounds.append({"vllm": own, "mmserve": ours})
+        rounds.append({"vllm": run_vllm(cfg, model, levels, opts)})
+        order = list(sides.items())
+        for side, side_cfg in order[::-1] if i % 2 else order:  # neither always nearer vLLM's run
+            rounds[-1][side] = run_mmserve(side_cfg, side_cfg.model[opts.model], levels, opts)
         print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
         if opts.cpu:
-            for side in ("vllm", "mmserve"):
+            for side in rounds[-1]:
                 for c in levels:
                     run = rounds[-1][side][c]
                     spent = run["cpu_s"]
@@ -179,13 +191,20 @@ def main() -> None:
                     for name, s in list(spent.items())[:CPU_LISTED]:
                         print(f"  {s:7.2f}  {name[:70]}")
 
-    print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} rounds, "
-          f"{opts.input_len} in / {opts.output_len} out tokens, vllm bench serve (--ignore-eos)")
+    for side in sides:
+        print(f"\n{side}: {model.model_id}, placement {model.deployment.placement}, {opts.rounds} "
+              f"rounds, {opts.input_len} in / {opts.output_len} out tokens, vllm bench serve "
+              "(--ignore-eos), each against the round's vLLM run")
+        table(rounds, side, levels)
+
+
+def table(rounds: list[dict], side: str, levels: list[int]) -> None:
+    """Medians over the rounds of ``side`` against vLLM's runs."""
     print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio (median)':>14} | "
           f"{'TTFT p50 +ms':>12} | {'TTFT p99 x':>10} | failed")
     for c in levels:
         own = [r["vllm"][c] for r in rounds]
-        ours = [r["mmserve"][c] for r in rounds]
+        ours = [r[side][c] for r in rounds]
         ratio = statistics.median(o["tok_s"] / v["tok_s"] for o, v in zip(ours, own))
         ttft = statistics.median(o["ttft_p50_ms"] - v["ttft_p50_ms"] for o, v in zip(ours, own))
         p99 = statistics.median(o["ttft_p99_ms"] / v["ttft_p99_ms"] for o, v in zip(ours, own))

@@ -7,7 +7,8 @@ dashboard's agent, the log monitor), each waking many times a second; wherever L
 the worker's core they stall a decoding step. So the launcher starts such a Ray on
 :func:`ray_cpus` (its processes, and the workers it forks, inherit the mask), and each process
 that then runs a model's work (the ingress, a model's replicas, a vLLM engine core's actor)
-takes every CPU back with :func:`for_models`. BENCHMARKS.md ("Ray's processes beside vLLM's
+takes every CPU back with :func:`for_models`; so does HAProxy, which every request and streamed
+chunk passes through (the launcher moves it once Serve has started it). BENCHMARKS.md ("Ray's processes beside vLLM's
 worker") has the measurement.
 """
 
@@ -82,11 +83,37 @@ def for_models() -> set[int] | None:
     if not value or not hasattr(os, "sched_setaffinity"):
         return None
     cpus = {int(c) for c in value.split(",")}
-    for tid in os.listdir("/proc/self/task"):
+    move(os.getpid(), cpus)
+    return cpus
+
+
+def move(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` onto ``cpus`` (what it starts afterwards inherits them)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # the process ended
+        return
+    for tid in tids:
         try:
             os.sched_setaffinity(int(tid), cpus)
         except (ProcessLookupError, PermissionError):  # the thread ended meanwhile
             pass
         except OSError as err:  # a CPU gone offline: keep the mask Ray gave
-            logger.warning("cpus: cannot move thread %s to CPUs %s: %s", tid, value, err)
-    return cpus
+            logger.warning("cpus: cannot move thread %s of %s to CPUs %s: %s", tid, pid, encode(cpus), err)
+
+
+def processes(*names: str) -> list[int]:
+    """Pids of this machine's processes titled ``name...`` (``ray::HAProxyManager``) or whose
+    program is ``name`` (``haproxy``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if any(argv0.startswith(n) if "::" in n else os.path.basename(argv0) == n for n in names):
+            found.append(int(entry))
+    return found

@@ -512,6 +512,42 @@ def test_openai_client_on_both_routes(serve_app):
     assert streamed == comp.choices[0].text
 
 
+def test_rays_own_processes_keep_off_the_core_vllms_worker_binds(serve_app):
+    """With server.ray_cpus: auto on a host without GPUs, Ray's own processes run on the last
+    CPU only, which vLLM's CPU worker leaves free; the ingress (vLLM's frontend), the engine
+    core's actor, the embedding model's replica and HAProxy run on every CPU."""
+    import os
+
+    import psutil
+
+    from apps.serving import local_gpu_count
+
+    machine = set(os.sched_getaffinity(0))
+    if local_gpu_count() or len(machine) < 2:
+        pytest.skip("auto confines Ray only on a host without GPUs with two CPUs or more")
+    last = {max(machine)}
+
+    def masks(name: str) -> list[set[int]]:
+        """CPUs of each process titled ``name...`` (``ray::...``, ``VLLM::...``) or whose
+        program is ``name``."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            argv0 = (p.info["cmdline"] or [""])[0]
+            if argv0.startswith(name) if "::" in name else os.path.basename(argv0) == name:
+                found.append(set(p.cpu_affinity()))
+        assert found, f"no process {name}"
+        return found
+
+    for name in ("gcs_server", "raylet", "ray::ServeController", "ray::ProxyActor"):
+        assert all(m == last for m in masks(name)), name
+    for name in ("ray::ServeReplica:mmserve:ingress", "ray::CoreHost",
+                 "ray::ServeReplica:mmserve.",  # the embedding model's engine
+                 "haproxy", "ray::HAProxyManager"):  # on the path of every request
+        assert all(m == machine for m in masks(name)), name
+    for worker in masks("VLLM::Worker"):  # it binds its threads where Ray is not
+        assert worker and not worker & last
+
+
 def test_model_is_listed_ready(http):
     one = http.get(f"/v1/models/{MODEL}").json()
     assert one["status"] == "ready" and one["engine"] == "vllm"

@@ -1,0 +1,75 @@
+"""Which CPUs a local Ray's own processes get (core.cpus, server.ray_cpus), and how a model's
+process takes every CPU back."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from core import cpus
+
+
+@pytest.mark.parametrize(("setting", "machine", "gpus", "binds", "want"), [
+    ("auto", {0, 1}, 0, True, {1}),            # vLLM's CPU worker binds core 0, leaves core 1
+    ("auto", {0, 1, 2, 3}, 0, True, {3}),
+    ("auto", {0, 1}, 1, True, None),           # a GPU host: the worker is on the GPU
+    ("auto", {0, 1}, 0, False, None),          # nothing binds cores: no reason to confine
+    ("auto", {0}, 0, True, None),              # one CPU: nothing to spare
+    ("all", {0, 1}, 0, True, None),
+    ([0], {0, 1}, 0, False, {0}),
+    ([0, 1], {0, 1}, 0, True, None),           # every CPU is no confinement
+])
+def test_ray_cpus(setting, machine, gpus, binds, want):
+    assert cpus.ray_cpus(setting, machine, gpus, binds) == want
+
+
+def test_a_listed_cpu_the_process_cannot_use_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"CPUs \[5\] are not among this machine's \[0, 1\]"):
+        cpus.ray_cpus([1, 5], {0, 1}, 0, True)
+
+
+def test_the_launcher_refuses_it_as_a_config_error_under_its_key():
+    from apps.config import compose
+    from apps.serving import local_ray_cpus
+    from core.validate import ConfigError
+
+    cfg = compose(["model=[tiny_llama]", f"server.ray_cpus=[{max(cpus.allowed()) + 1}]"])
+    with pytest.raises(ConfigError) as err:
+        local_ray_cpus(cfg.server, cfg)
+    assert err.value.problems[0][0] == "server.ray_cpus"
+
+
+def test_auto_confines_only_where_a_model_binds_cores():
+    from apps.config import compose
+    from apps.serving import local_gpu_count, local_ray_cpus
+
+    text, echo = compose(["model=[tiny_llama]"]), compose(["model=[echo]"])
+    assert local_ray_cpus(echo.server, echo) is None
+    machine = cpus.allowed()
+    assert local_ray_cpus(text.server, text) == (None if local_gpu_count() or len(machine) < 2
+                                                 else {max(machine)})
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(cpus.allowed()) < 2,
+                    reason="needs Linux and two CPUs")
+def test_for_models_gives_every_thread_back_the_cpus_the_ray_started_without(monkeypatch):
+    machine = cpus.allowed()
+    one = {min(machine)}
+    done = threading.Event()
+    with cpus.confined(one):  # as the launcher starts a local Ray: what starts now inherits it
+        thread = threading.Thread(target=done.wait)
+        thread.start()
+    try:
+        assert cpus.allowed() == machine  # the caller's mask came back
+        assert os.sched_getaffinity(thread.native_id) == one
+        monkeypatch.delenv(cpus.MODEL_CPUS_ENV, raising=False)
+        assert cpus.for_models() is None  # not started by a confining launcher: unchanged
+        assert os.sched_getaffinity(thread.native_id) == one
+        monkeypatch.setenv(cpus.MODEL_CPUS_ENV, cpus.encode(machine))
+        assert cpus.for_models() == machine
+        assert os.sched_getaffinity(thread.native_id) == machine
+    finally:
+        done.set()
+        thread.join()
