@@ -203,7 +203,7 @@ class RaySession:
             if self.model_cpus:
                 # HAProxy carries every request and chunk: it runs where the models do (its
                 # manager too, which starts it again on each reload)
-                for pid in cpus.processes("ray::HAProxyManager", "haproxy"):
+                for pid in cpus.processes("ray::HAProxyManager", "haproxy", under=os.getpid()):
                     cpus.move(pid, self.model_cpus)
             yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self)
         finally:

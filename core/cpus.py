@@ -8,8 +8,8 @@ the worker's core they stall a decoding step. So the launcher starts such a Ray 
 :func:`ray_cpus` (its processes, and the workers it forks, inherit the mask), and each process
 that then runs a model's work (the ingress, a model's replicas, a vLLM engine core's actor)
 takes every CPU back with :func:`for_models`; so does HAProxy, which every request and streamed
-chunk passes through (the launcher moves it once Serve has started it). BENCHMARKS.md ("Ray's processes beside vLLM's
-worker") has the measurement.
+chunk passes through (the launcher moves it once Serve has started it). BENCHMARKS.md ("Ray's
+processes beside vLLM's worker") has the measurement.
 """
 
 from __future__ import annotations
@@ -102,18 +102,34 @@ def move(pid: int, cpus: set[int]) -> None:
             logger.warning("cpus: cannot move thread %s of %s to CPUs %s: %s", tid, pid, encode(cpus), err)
 
 
-def processes(*names: str) -> list[int]:
-    """Pids of this machine's processes titled ``name...`` (``ray::HAProxyManager``) or whose
-    program is ``name`` (``haproxy``)."""
+def processes(*names: str, under: int | None = None) -> list[int]:
+    """Pids of the processes titled ``name...`` (``ray::HAProxyManager``) or whose program is
+    ``name`` (``haproxy``); with ``under``, only descendants of that process (the Ray this
+    process started, not another one on the machine)."""
+    parents: dict[int, int] = {}
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
-        except OSError:
+        except (OSError, IndexError, ValueError):  # it ended meanwhile
             continue
         if any(argv0.startswith(n) if "::" in n else os.path.basename(argv0) == n for n in names):
             found.append(int(entry))
-    return found
+    if under is None:
+        return found
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid in parents and pid not in seen:
+            seen.add(pid)
+            pid = parents[pid]
+            if pid == under:
+                return True
+        return False
+
+    return [pid for pid in found if descends(pid)]

@@ -73,3 +73,17 @@ def test_for_models_gives_every_thread_back_the_cpus_the_ray_started_without(mon
     finally:
         done.set()
         thread.join()
+
+
+def test_processes_finds_a_program_by_name_and_only_below_the_process_given():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        name = os.path.basename(sys.executable)
+        assert child.pid in cpus.processes(name, under=os.getpid())
+        assert child.pid not in cpus.processes(name, under=child.pid)  # not below itself
+        assert os.getpid() not in cpus.processes(name, under=os.getpid())
+    finally:
+        child.communicate(b"")
