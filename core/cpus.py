@@ -4,7 +4,7 @@ vLLM's CPU worker binds its threads to every core but the last, which it leaves 
 the engine (``vllm serve``: the API server and the engine core). A local Ray started next to it
 runs a dozen processes of its own (raylet, GCS, Serve's controller, proxies, HAProxy, the
 dashboard's agent, the log monitor), each waking many times a second; wherever Linux puts them on
-the worker's core they stall a decoding step. So the launcher starts such a Ray on
+the worker's core they can stall a decoding step. So the launcher starts such a Ray on
 :func:`ray_cpus` (its processes, and the workers it forks, inherit the mask), and each process
 that then runs a model's work (the ingress, a model's replicas, a vLLM engine core's actor)
 takes every CPU back with :func:`for_models`; so does HAProxy, which every request and streamed
