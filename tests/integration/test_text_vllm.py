@@ -518,9 +518,8 @@ def test_rays_own_processes_keep_off_the_core_vllms_worker_binds(serve_app):
     core's actor, the embedding model's replica and HAProxy run on every CPU."""
     import os
 
-    import psutil
-
     from apps.serving import local_gpu_count
+    from core import cpus
 
     machine = set(os.sched_getaffinity(0))
     if local_gpu_count() or len(machine) < 2:
@@ -528,13 +527,8 @@ def test_rays_own_processes_keep_off_the_core_vllms_worker_binds(serve_app):
     last = {max(machine)}
 
     def masks(name: str) -> list[set[int]]:
-        """CPUs of each process titled ``name...`` (``ray::...``, ``VLLM::...``) or whose
-        program is ``name``."""
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            argv0 = (p.info["cmdline"] or [""])[0]
-            if argv0.startswith(name) if "::" in name else os.path.basename(argv0) == name:
-                found.append(set(p.cpu_affinity()))
+        """CPUs of each process of this module's Ray named ``name`` (``cpus.processes``)."""
+        found = [os.sched_getaffinity(pid) for pid in cpus.processes(name, under=os.getpid())]
         assert found, f"no process {name}"
         return found
 
