@@ -201,10 +201,11 @@ class RaySession:
         try:
             _run(targets, ready_timeout_s)
             if self.model_cpus:
-                # HAProxy carries every request and chunk: it runs where the models do (its
-                # manager too, which starts it again on each reload)
-                for pid in cpus.processes("ray::HAProxyManager", "haproxy", under=os.getpid()):
-                    cpus.move(pid, self.model_cpus)
+                # HAProxy carries every request and chunk: it runs where the models do, and so
+                # does its manager, which starts a new haproxy on each reload (one often comes
+                # just as the applications turn running)
+                cpus.move_with_what_it_starts("ray::HAProxyManager", "haproxy", self.model_cpus,
+                                              under=os.getpid())
             yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self)
         finally:
             if self.handles_signals:

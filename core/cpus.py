@@ -88,18 +88,38 @@ def for_models() -> set[int] | None:
 
 
 def move(pid: int, cpus: set[int]) -> None:
-    """Every thread of process ``pid`` onto ``cpus`` (what it starts afterwards inherits them)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:  # the process ended
-        return
-    for tid in tids:
+    """Every thread of process ``pid`` onto ``cpus`` (what it starts afterwards inherits them).
+
+    The threads are listed again until no new one shows up: one started meanwhile by a thread
+    not yet moved has the old mask."""
+    moved: set[str] = set()
+    while True:
         try:
-            os.sched_setaffinity(int(tid), cpus)
-        except (ProcessLookupError, PermissionError):  # the thread ended meanwhile
-            pass
-        except OSError as err:  # a CPU gone offline: keep the mask Ray gave
-            logger.warning("cpus: cannot move thread %s of %s to CPUs %s: %s", tid, pid, encode(cpus), err)
+            tids = set(os.listdir(f"/proc/{pid}/task")) - moved
+        except OSError:  # the process ended
+            return
+        if not tids:
+            return
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except (ProcessLookupError, PermissionError):  # the thread ended meanwhile
+                pass
+            except OSError as err:  # a CPU gone offline: keep the mask Ray gave
+                logger.warning("cpus: cannot move thread %s of %s to CPUs %s: %s", tid, pid, encode(cpus), err)
+        moved |= tids
+
+
+def move_with_what_it_starts(starter: str, program: str, cpus: set[int], *, under: int) -> None:
+    """The processes ``starter`` below ``under`` onto ``cpus``, then every ``program`` below it.
+
+    In that order: a ``program`` started after its starter moved inherits ``cpus``; one started
+    before is there to be found when the programs are looked for.
+    """
+    for pid in processes(starter, under=under):
+        move(pid, cpus)
+    for pid in processes(program, under=under):
+        move(pid, cpus)
 
 
 def processes(*names: str, under: int | None = None) -> list[int]:

@@ -87,3 +87,46 @@ def test_processes_finds_a_program_by_name_and_only_below_the_process_given():
         assert os.getpid() not in cpus.processes(name, under=os.getpid())
     finally:
         child.communicate(b"")
+
+
+def test_what_a_moved_process_starts_runs_on_the_new_cpus_too():
+    """As HAProxy's manager starts a new haproxy on each reload: a starter on one CPU keeps
+    starting programs; once moved with them, none of them is left on the one CPU."""
+    import subprocess
+    import sys
+    import time
+
+    machine = cpus.allowed()
+    if len(machine) < 2:
+        pytest.skip("needs two CPUs")
+    starter = "mmserve-test-starter"
+    code = ("import subprocess, time\n"
+            "started = []\n"
+            "while True:\n"
+            "    started.append(subprocess.Popen(['sleep', '30']))\n"
+            "    if len(started) > 4:\n"
+            "        started.pop(0).kill()\n"
+            "    time.sleep(0.02)\n")
+    with cpus.confined({max(machine)}):
+        proc = subprocess.Popen([starter, "-c", code], executable=sys.executable)
+    try:
+        def started() -> list[int]:
+            return cpus.processes("sleep", under=proc.pid)
+
+        deadline = time.monotonic() + 30
+        while not started():
+            assert time.monotonic() < deadline, "the starter started nothing"
+            time.sleep(0.01)
+        cpus.move_with_what_it_starts(starter, "sleep", machine, under=os.getpid())
+        assert os.sched_getaffinity(proc.pid) == machine
+        before = set(started())
+        for pid in before:
+            assert os.sched_getaffinity(pid) == machine
+        while not set(started()) - before:  # one started after the move
+            assert time.monotonic() < deadline, "the starter started nothing more"
+            time.sleep(0.01)
+        for pid in started():
+            assert os.sched_getaffinity(pid) == machine
+    finally:
+        proc.kill()
+        proc.wait()
