@@ -1,21 +1,27 @@
 """Dynamic batching for engines whose model runs a batch as cheaply as one item (torch models).
 
-Concurrent requests are gathered with Ray Serve's ``@serve.batch`` (up to ``max_batch_size``,
-waiting at most ``batch_wait_timeout_s`` for more), and each batch runs in a worker thread so
-the replica's event loop keeps accepting requests meanwhile. The same object batches inside its
-own engine deployment or inline in the ingress replica. For batching to happen across a handle,
-the engine deployment's ``max_ongoing_requests`` must be at least ``max_batch_size``.
+Concurrent requests queue in the engine; one loop takes the oldest ``max_batch_size`` of them
+each time the model is free (waiting at most ``batch_wait_timeout_s`` from the first for a batch
+to fill) and runs them in a worker thread, so the replica's event loop keeps accepting requests
+meanwhile. A batch is formed only when the model is free: everything that arrived while the last
+one ran is there to fill it. (Ray Serve's ``@serve.batch`` forms the next batch while the last
+still runs; under a closed loop at twice the batch size that settled into a cycle of batches of
+16, 3, 3 and 10 for the vision engine, BENCHMARKS.md "Media throughput with batching".) A request
+cancelled while it waits (its client gone, its deadline passed) leaves the queue unrun. The same
+object batches inside its own engine deployment or inline in the ingress replica. For batching
+to happen across a handle, the engine deployment's ``max_ongoing_requests`` must be at least
+``max_batch_size``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from abc import abstractmethod
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray import serve
 
 from core import metrics
 from core.errors import MMServeError
@@ -55,15 +61,10 @@ class BatchedEngine(Engine):
         super().__init__(model)
         self.batches = 0
         self.items = 0
-        # Decorated per instance: @serve.batch on the class would give every engine in a process
-        # (inline placements) one shared queue, mixing models in a batch.
-        self._batch = serve.batch(max_batch_size=self.kwargs.max_batch_size,
-                                  batch_wait_timeout_s=self.kwargs.batch_wait_timeout_s)(self._run_async)
-        # Set while no batch runs. serve.batch (Ray 2.60) forms the next batch while the last one
-        # still runs (it then waits for its turn), so under load it would form many small ones;
-        # requests wait here while the model is busy, and form one full batch when it is free.
-        self._model_free = asyncio.Event()
-        self._model_free.set()
+        # One queue per engine object: engines inline in one process never share a batch.
+        self._queue: collections.deque[tuple[MediaPayload, BaseModel, float, asyncio.Future]] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.kwargs.torch_threads:
@@ -82,31 +83,71 @@ class BatchedEngine(Engine):
         An item's output may be an ``MMServeError`` to fail that request alone."""
 
     async def infer(self, inputs: MediaPayload, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
-        arrived = time.perf_counter()
-        await self._model_free.wait()
-        output = await self._batch((inputs, params, arrived))
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append((inputs, params, time.perf_counter(), done))
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        self._arrived.set()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._batches())
+        output = await done  # cancelled with this request: the loop then skips it
         if isinstance(output, MMServeError):
             raise output
         yield EngineResult(output=output, finish_reason="stop", info=inputs.info)
 
-    async def _run_async(self, items: list[tuple[MediaPayload, BaseModel, float]]) -> list[Any]:
-        self._model_free.clear()
+    def _waiting(self) -> int:
+        """Requests queued and still wanted (cancelled ones are dropped)."""
+        while self._queue and self._queue[0][3].done():
+            self._queue.popleft()
+        return sum(not done.done() for *_, done in self._queue)
+
+    async def _batches(self) -> None:
+        """Run batches while requests wait; ends when the queue is empty (``infer`` starts it
+        again)."""
+        size, wait_s = self.kwargs.max_batch_size, self.kwargs.batch_wait_timeout_s
+        while self._waiting():
+            if wait_s and self._waiting() < size:  # the model is free: a short wait to fill it
+                deadline = time.perf_counter() + wait_s
+                while (left := deadline - time.perf_counter()) > 0 and self._waiting() < size:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+            batch = []
+            while self._queue and len(batch) < size:
+                item = self._queue.popleft()
+                if not item[3].done():
+                    batch.append(item)
+            if batch:
+                await self._run_one(batch)
+
+    async def _run_one(self, batch: list[tuple[MediaPayload, BaseModel, float, asyncio.Future]]) -> None:
+        """One batch in a worker thread; each request's future gets its output, or the error
+        that failed the whole batch."""
         if metrics.ENABLED:
             now = time.perf_counter()
             model_id = self.model.model_id
-            metrics.series(metrics.BATCH_SIZE, model_id).observe(len(items))
+            metrics.series(metrics.BATCH_SIZE, model_id).observe(len(batch))
             wait = metrics.series(metrics.BATCH_WAIT, model_id)
-            for *_, arrived in items:
+            for _, _, arrived, _ in batch:
                 wait.observe(now - arrived)
         try:
-            return await asyncio.to_thread(self._run, [(payload, params) for payload, params, _ in items])
-        finally:
-            self._model_free.set()
+            outputs = await asyncio.to_thread(self._run, [(payload, params) for payload, params, _, _ in batch])
+        except Exception as err:  # the model failed the batch: each of its requests gets the error
+            outputs = [err] * len(batch)
+        for (*_, done), output in zip(batch, outputs):
+            if done.done():  # cancelled while its batch ran
+                continue
+            if isinstance(output, Exception) and not isinstance(output, MMServeError):
+                done.set_exception(output)
+            else:
+                done.set_result(output)
 
     def _run(self, items):
         import torch
 
-        with torch.inference_mode():  # one batch at a time: serve.batch's max_concurrent_batches=1
+        with torch.inference_mode():  # one batch at a time (the loop of _batches)
             outputs = self.run_batch(items)
         self.batches += 1
         self.items += len(items)

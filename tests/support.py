@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import AsyncIterator
 
 from core.config import ModelConfig, NodeSpec, ServerConfig
@@ -153,18 +151,5 @@ def engine_core_processes(model_id: str) -> list:
     return [p for p in psutil.process_iter(["name", "cmdline"]) if of_model(p)]
 
 
-@contextmanager
-def serve_batch_outside_serve(max_ongoing_requests: int = 1000):
-    """Let ``@serve.batch`` run without Ray: it asks the replica context for the deployment's
-    ``max_ongoing_requests`` (to warn when batches cannot fill), which only exists in a replica."""
-    import pytest
-    from ray import serve
-
-    ctx = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=max_ongoing_requests))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serve, "get_replica_context", lambda: ctx)
-        yield
-
-
 __all__ = ["engine_core_processes", "metric_families", "FailingEngine", "ScriptedOpenAIEngine", "VLLMProtocolEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
-           "inline_router", "local_pipeline", "serve_batch_outside_serve", "local_router", "model"]
+           "inline_router", "local_pipeline", "local_router", "model"]

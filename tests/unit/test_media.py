@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from apps.config import compose
 from api.app import create_app
 from tests import media
-from tests.support import inline_router, serve_batch_outside_serve
+from tests.support import inline_router
 
 OVERRIDES = [
     "model=[silero_vad,tiny_asr,tiny_resnet,tiny_video]",
@@ -28,11 +28,10 @@ OVERRIDES = [
 def client():
     cfg = compose(OVERRIDES)
     router = inline_router(cfg)
-    with serve_batch_outside_serve():
-        asyncio.run(router.start())
-        with TestClient(create_app(router, cfg.server), raise_server_exceptions=False) as c:
-            c.router = router
-            yield c
+    asyncio.run(router.start())
+    with TestClient(create_app(router, cfg.server), raise_server_exceptions=False) as c:
+        c.router = router
+        yield c
 
 
 def infer(client, model_id, data: bytes, fmt: str | None = None, **params):
@@ -271,7 +270,6 @@ def test_concurrent_requests_are_batched():
 
         return engine, await asyncio.gather(*(one(p) for p in payloads))
 
-    with serve_batch_outside_serve():
-        engine, results = asyncio.run(run())
+    engine, results = asyncio.run(run())
     assert len(results) == 8 and all(len(r.output) == 1 for r in results)
     assert engine.stats() == {"batches": 1, "items": 8, "mean_batch_size": 8.0}
