@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,11 +32,26 @@ class Transforms(BaseModel):
     def build(self):
         """``(geometry, finish)``: resize + crop on uint8 here; scale + normalize where the
         model runs (:attr:`core.protocol.MediaPayload.finish`)."""
-        import torch
         from torchvision.transforms import v2
 
         return (v2.Compose([v2.Resize(self.resize, antialias=True), v2.CenterCrop(self.crop)]),
-                v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]))
+                ScaleNormalize(tuple(self.mean), tuple(self.std)))
+
+
+@dataclass(frozen=True)
+class ScaleNormalize:
+    """uint8 pixels to a model's float input, as torchvision's ``ToDtype(float32, scale=True)``
+    then ``Normalize(mean, std)``; plain numbers, so that it crosses a handle hop with each
+    payload in a few bytes (the two transforms are modules, which pickle far larger)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, pixels):
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(self.mean), list(self.std))
 
 
 class ImageKwargs(MediaKwargs):

@@ -273,3 +273,28 @@ def test_concurrent_requests_are_batched():
     engine, results = asyncio.run(run())
     assert len(results) == 8 and all(len(r.output) == 1 for r in results)
     assert engine.stats() == {"batches": 1, "items": 8, "mean_batch_size": 8.0}
+
+
+def test_a_decoded_image_crosses_a_hop_as_the_same_pixels_and_finishes_as_torchvisions_transforms():
+    """What the vision node hands an engine in another replica: pickled (as Ray does across a
+    handle hop), the cropped view comes back as the same pixels in a tensor of its own, and the
+    finishing transform, a few bytes, gives what torchvision's ToDtype + Normalize give."""
+    import pickle
+
+    import torch
+    from torchvision.transforms import v2
+
+    from core.protocol import MediaPayload
+    from nodes.vision import Transforms
+
+    geometry, finish = Transforms().build()
+    pixels = geometry(torch.randint(0, 256, (3, 240, 320), dtype=torch.uint8))
+    assert not pixels.is_contiguous()  # a crop of the resized image
+    wire = pickle.dumps(MediaPayload(data=pixels, info={"width": 320}, finish=finish), protocol=5)
+    got = pickle.loads(wire)
+    assert got.data.dtype == torch.uint8 and torch.equal(got.data, pixels) and got.info == {"width": 320}
+    got.data[0, 0, 0] = 7  # writable, and not the sender's memory
+    assert len(pickle.dumps(finish)) < 512
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(Transforms().mean, Transforms().std)])
+    assert torch.equal(got.finish(pixels), reference(pixels))
+    assert torch.equal(got.finish(pixels.unsqueeze(0))[0], reference(pixels))  # frames of a video too
