@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 
-import pytest
 
 from core.errors import InvalidField
 from core.protocol import MediaPayload, RequestContext
