@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 
-
 from core.errors import InvalidField
 from core.protocol import MediaPayload, RequestContext
 from engines.batching import BatchedEngine
