@@ -63,7 +63,7 @@ class BatchedEngine(Engine):
         self.items = 0
         # One queue per engine object: engines inline in one process never share a batch.
         self._queue: collections.deque[tuple[MediaPayload, BaseModel, float, asyncio.Future]] = collections.deque()
-        self._arrived: asyncio.Event | None = None
+        self._arrived = asyncio.Event()  # set by each request queued
         self._runner: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -85,8 +85,6 @@ class BatchedEngine(Engine):
     async def infer(self, inputs: MediaPayload, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         done = asyncio.get_running_loop().create_future()
         self._queue.append((inputs, params, time.perf_counter(), done))
-        if self._arrived is None:
-            self._arrived = asyncio.Event()
         self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._batches())
@@ -105,8 +103,8 @@ class BatchedEngine(Engine):
         """Run batches while requests wait; ends when the queue is empty (``infer`` starts it
         again)."""
         size, wait_s = self.kwargs.max_batch_size, self.kwargs.batch_wait_timeout_s
-        while self._waiting():
-            if wait_s and self._waiting() < size:  # the model is free: a short wait to fill it
+        while waiting := self._waiting():
+            if wait_s and waiting < size:  # the model is free: a short wait to fill it
                 deadline = time.perf_counter() + wait_s
                 while (left := deadline - time.perf_counter()) > 0 and self._waiting() < size:
                     self._arrived.clear()
