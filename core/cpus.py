@@ -114,18 +114,24 @@ def move_with_what_it_starts(starter: str, program: str, cpus: set[int], *, unde
     """The processes ``starter`` below ``under`` onto ``cpus``, then every ``program`` below it.
 
     In that order: a ``program`` started after its starter moved inherits ``cpus``; one started
-    before is there to be found when the programs are looked for.
+    before is there to be found when the programs are looked for. Every process below a starter
+    moves too, whatever its name: a child forked before the starter moved that has not yet
+    become ``program`` (it still bears the starter's title) keeps the mask it gets across its
+    ``exec``.
     """
-    for pid in processes(starter, under=under):
+    starters = processes(starter, under=under)
+    for pid in starters:
         move(pid, cpus)
-    for pid in processes(program, under=under):
+    below = {pid for s in starters for pid in processes(under=s)}
+    for pid in below | set(processes(program, under=under)):
         move(pid, cpus)
 
 
 def processes(*names: str, under: int | None = None) -> list[int]:
     """Pids of the processes titled ``name...`` (``ray::HAProxyManager``) or whose program is
-    ``name`` (``haproxy``); with ``under``, only descendants of that process (the Ray this
-    process started, not another one on the machine)."""
+    ``name`` (``haproxy``), every process when no name is given; with ``under``, only
+    descendants of that process (the Ray this process started, not another one on the
+    machine)."""
     parents: dict[int, int] = {}
     found = []
     for entry in os.listdir("/proc"):
@@ -138,7 +144,8 @@ def processes(*names: str, under: int | None = None) -> list[int]:
                 argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
         except (OSError, IndexError, ValueError):  # it ended meanwhile
             continue
-        if any(argv0.startswith(n) if "::" in n else os.path.basename(argv0) == n for n in names):
+        if not names or any(argv0.startswith(n) if "::" in n else os.path.basename(argv0) == n
+                            for n in names):
             found.append(int(entry))
     if under is None:
         return found

@@ -91,7 +91,8 @@ def test_processes_finds_a_program_by_name_and_only_below_the_process_given():
 
 def test_what_a_moved_process_starts_runs_on_the_new_cpus_too():
     """As HAProxy's manager starts a new haproxy on each reload: a starter on one CPU keeps
-    starting programs; once moved with them, none of them is left on the one CPU."""
+    starting programs; once moved with them, none of them is left on the one CPU, nor is a
+    child of the starter by another name (as a child forked but not yet the program is)."""
     import subprocess
     import sys
     import time
@@ -101,6 +102,7 @@ def test_what_a_moved_process_starts_runs_on_the_new_cpus_too():
         pytest.skip("needs two CPUs")
     starter = "mmserve-test-starter"
     code = ("import subprocess, time\n"
+            "other = subprocess.Popen(['mmserve-test-child', '60'], executable='sleep')\n"
             "started = []\n"
             "while True:\n"
             "    started.append(subprocess.Popen(['sleep', '30']))\n"
@@ -119,6 +121,8 @@ def test_what_a_moved_process_starts_runs_on_the_new_cpus_too():
             time.sleep(0.01)
         cpus.move_with_what_it_starts(starter, "sleep", machine, under=os.getpid())
         assert os.sched_getaffinity(proc.pid) == machine
+        others = cpus.processes("mmserve-test-child", under=proc.pid)
+        assert others and all(os.sched_getaffinity(pid) == machine for pid in others)
         before = set(started())
         for pid in before:
             assert os.sched_getaffinity(pid) == machine
