@@ -537,9 +537,30 @@ def test_rays_own_processes_keep_off_the_core_vllms_worker_binds(serve_app):
     for name in ("ray::ServeReplica:mmserve:ingress", "ray::CoreHost",
                  "ray::ServeReplica:mmserve.",  # the embedding model's engine
                  "haproxy", "ray::HAProxyManager"):  # on the path of every request
-        assert all(m == machine for m in masks(name)), name
+        found = masks(name)
+        assert all(m == machine for m in found), f"{name} on {found}"
     for worker in masks("VLLM::Worker"):  # it binds its threads where Ray is not
         assert worker and not worker & last
+
+
+def test_the_models_processes_run_at_niceness_0_as_under_vllms_own_server(serve_app):
+    """server.serve_env's RAY_worker_niceness: 0 reaches Ray's workers: every thread of the
+    ingress (vLLM's frontend), the engine core's actor and vLLM's CPU worker runs at 0, where Ray
+    would start them at 15."""
+    import contextlib
+    import os
+
+    from core import cpus
+
+    for name in ("ray::ServeReplica:mmserve:ingress", "ray::CoreHost", "VLLM::Worker"):
+        pids = cpus.processes(name, under=os.getpid())
+        assert pids, f"no process {name}"
+        for pid in pids:
+            nices = set()
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                    nices.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+            assert nices == {0}, f"{name} ({pid}) runs at {sorted(nices)}"
 
 
 def test_model_is_listed_ready(http):
