@@ -3,7 +3,9 @@ process takes every CPU back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 
 import pytest
@@ -132,5 +134,9 @@ def test_what_a_moved_process_starts_runs_on_the_new_cpus_too():
         for pid in started():
             assert os.sched_getaffinity(pid) == machine
     finally:
+        below = cpus.processes(under=proc.pid)
         proc.kill()
         proc.wait()
+        for pid in below:  # its sleeps, left to no one
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
