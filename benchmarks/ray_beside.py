@@ -19,7 +19,8 @@ import contextlib
 import os
 import statistics
 
-from benchmarks.vllm_serve import bench, vllm_server
+from benchmarks.sides import vllm_server
+from benchmarks.vllm_serve import bench
 
 SIDES = ("alone", "Ray on every CPU", "Ray on the last CPU")
 

@@ -76,23 +76,12 @@ async def load(url: str, model_id: str, wav: bytes, concurrency: int, requests: 
 
 
 def run_vllm(model, wav: bytes, opts) -> dict:
-    from apps.serving import free_port
-    from benchmarks.vllm_serve import engine_flags, wait_healthy
-    from engines.checkpoints import resolve_source
+    from benchmarks.sides import vllm_server
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_source(model.source),
-           "--served-model-name", model.model_id, "--host", "127.0.0.1", "--port", str(port),
-           *engine_flags(model)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(opts.soundfile_dir),
-                                                                     os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        wait_healthy(server, port, cmd)
-        return asyncio.run(load(f"http://127.0.0.1:{port}", model.model_id, wav, opts.c, opts.requests))
-    finally:
-        server.terminate()
-        server.wait(60)
+    # vLLM's server decodes uploads with soundfile, installed beside it by this script
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(opts.soundfile_dir), os.environ.get("PYTHONPATH")]))}
+    with vllm_server(model, env=env) as url:
+        return asyncio.run(load(url, model.model_id, wav, opts.c, opts.requests))
 
 
 def run_mmserve(cfg, model, wav: bytes, opts) -> dict:

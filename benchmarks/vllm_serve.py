@@ -1,56 +1,40 @@
 """mmserve's default config against vLLM's own OpenAI server, measured with vLLM's own client.
 
-Each round serves the same model with the same engine arguments twice, one after the other:
-vLLM's server (``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs),
-then mmserve (``apps.serving.served`` of ``model=[<model>]`` and any overrides, the default
-placement unless an override says otherwise). At each concurrency, vLLM's benchmark client
-(``vllm bench serve``: ``vllm.benchmarks.serve``, random dataset, ``--ignore-eos``) streams
-``/v1/completions`` from each. Rounds go vllm, mmserve, vllm, mmserve...; each mmserve run is
-compared with the vLLM run before it, and a level is summed up by the median of its rounds.
+Both serve the same model with the same engine arguments: vLLM's server (``python -m
+vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs) and mmserve (``apps.serving.served``
+of ``model=[<model>]`` and any overrides, the default placement unless an override says
+otherwise), each in a process tree of its own (``benchmarks.sides``). They are started one
+after the other and then stay up, every side frozen but the one being measured, so that runs
+compared with each other are seconds apart, each with the machine to itself. At each
+concurrency, in each round, vLLM's benchmark client (``vllm bench serve``:
+``vllm.benchmarks.serve``, random dataset, ``--ignore-eos``) streams ``/v1/completions`` from
+each side in turn (the order reverses from round to round); each mmserve run is compared with
+the vLLM run of its round and level, and a level is summed up by the median of its rounds.
+Each run also records the share of CPU time the hypervisor stole meanwhile (``/proc/stat``),
+which moves figures on this machine more than anything else: a run during which it stole more
+than ``--max-stolen`` is run again, up to ``--retries`` times (the table counts them), and
+the run it stole least from counts.
 
-``python -m benchmarks.vllm_serve [--model tiny_llama] [--concurrency 1,8,32] [--rounds 3]
-[--output-len 256] [--cpu] [--also "OVERRIDES"]... [overrides...]``
+``python -m benchmarks.vllm_serve [--model tiny_llama] [--concurrency 1,8,32] [--rounds 5]
+[--output-len 256] [--max-stolen 0.02] [--retries 1] [--cpu] [--also "OVERRIDES"]... [overrides...]``
 
-``--also`` adds a side to each round, mmserve with more overrides, compared with the same vLLM
-run as the default side (the mmserve sides swap order from round to round): an A/B of a
-setting within one run.
+``--also`` adds a side, mmserve with more overrides, compared with the same vLLM runs as the
+default side: an A/B of a setting within one run.
 
 ``--cpu`` also prints, for each run, the CPU seconds each process of the machine spent during it
-(psutil; the benchmark client included), to see where each side's CPU goes.
+(psutil; the benchmark client included), to see where each side's CPU goes (a frozen side's
+processes spend none).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
-from typing import Iterator
-
-import httpx
 
 from benchmarks.idle import cpu_seconds
-
-
-def engine_flags(model) -> list[str]:
-    """``vllm serve`` flags for the model's engine arguments (as mmserve's engine passes them)."""
-    from engines.vllm import VLLMKwargs
-
-    kw = model.options(VLLMKwargs)
-    flags = []
-    for key, value in kw.engine_args(cpu=True).items():
-        if key == "structured_outputs_config":
-            continue  # unused by plain completions
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags += [flag] if value else []
-        else:
-            flags += [flag, str(value)]
-    return flags + kw.server_args()
+from benchmarks.sides import all_up, mmserve_side, steal, steal_share, vllm_side
 
 
 #: the busiest processes ``--cpu`` prints per run (its total counts them all)
@@ -85,132 +69,101 @@ def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_
         "--ignore-eos", "--disable-tqdm", "--seed", "0", "--num-warmups", "2",
         "--percentile-metrics", "ttft", "--metric-percentiles", "50,99"])
     before = cpu_seconds() if cpu else {}
+    stolen = steal()
     r = main(args)
-    out = {"tok_s": r["output_throughput"], "failed": r["failed"],
-           "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"]}
+    out = {"tok_s": r["output_throughput"], "failed": r["failed"], "ttft_p50_ms": r["median_ttft_ms"],
+           "ttft_p99_ms": r["p99_ttft_ms"], "stolen": steal_share(stolen, steal())}
     if cpu:
         out["duration_s"] = r["duration"]
         out["cpu_s"] = dict(cpu_spent(before))
     return out
 
 
-def wait_healthy(server: subprocess.Popen, port: int, cmd: list[str], timeout_s: float = 600) -> None:
-    """Until vLLM's server on ``port`` answers its own ``/health``; raises if it exits first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited ({server.returncode}): {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM's server not ready in {timeout_s:g} s")
-        time.sleep(1)  # polling vLLM's readiness endpoint
-
-
-@contextlib.contextmanager
-def vllm_server(model) -> Iterator[str]:
-    """vLLM's own OpenAI server for ``model`` (its engine arguments as mmserve passes them) on
-    a free port, for the ``with`` block: yields its base URL once it is healthy."""
-    from apps.serving import free_port
-    from engines.checkpoints import resolve_source
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           resolve_source(model.source), "--served-model-name", model.model_id, "--host", "127.0.0.1",
-           "--port", str(port), *engine_flags(model)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(server, port, cmd)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(60)
-
-
-def run_vllm(cfg, model, levels, opts) -> dict[int, dict]:
-    """vLLM's own server, benchmarked at each level, then stopped."""
-    from engines.checkpoints import resolve_source
-
-    with vllm_server(model) as url:
-        return {c: bench(url, model.model_id, resolve_source(model.source), c, opts.input_len,
-                         opts.output_len, opts.per_slot, opts.cpu) for c in levels}
-
-
-def run_mmserve(cfg, model, levels, opts) -> dict[int, dict]:
-    from apps.serving import served
-    from engines.checkpoints import resolve_source
-
-    with served(cfg, log_to_driver=False) as server:
-        return {c: bench(server.url, model.model_id, resolve_source(model.source), c, opts.input_len,
-                         opts.output_len, opts.per_slot, opts.cpu) for c in levels}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny_llama", help="conf/model key (default tiny_llama)")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
+    parser.add_argument("--max-stolen", type=float, default=0.02, help=(
+        "a run during which the hypervisor stole more than this share of the CPU time is run "
+        "again (default 0.02)"))
+    parser.add_argument("--retries", type=int, default=1, help=(
+        "most runs again per run (default 1; 0 when the machine is stolen from all along)"))
     parser.add_argument("--cpu", action="store_true", help="print each process's CPU seconds per run")
     parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
-                        help="one more mmserve side in each round, with these overrides (space-"
-                             "separated) on top: an A/B within one run; repeatable")
+                        help="one more mmserve side, with these overrides (space-separated) on top: "
+                             "an A/B within one run; repeatable")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
     from apps.config import compose
-    from apps.serving import free_port
+    from engines.checkpoints import resolve_source
 
-    cfg = compose([f"model=[{opts.model}]", f"server.port={free_port()}", *opts.overrides])
-    model = cfg.model[opts.model]
+    base = [f"model=[{opts.model}]", *opts.overrides]
+    model = compose(base).model[opts.model]
+    tokenizer = resolve_source(model.source)
     levels = [int(c) for c in opts.concurrency.split(",")]
-    sides = {"mmserve": cfg}
-    for extra in opts.also:
-        sides[f"mmserve {extra}"] = compose([f"model=[{opts.model}]", f"server.port={free_port()}",
-                                             *opts.overrides, *extra.split()])
-    rounds = []
-    for i in range(opts.rounds):
-        rounds.append({"vllm": run_vllm(cfg, model, levels, opts)})
-        order = list(sides.items())
-        for side, side_cfg in order[::-1] if i % 2 else order:  # neither always nearer vLLM's run
-            rounds[-1][side] = run_mmserve(side_cfg, side_cfg.model[opts.model], levels, opts)
-        print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
-        if opts.cpu:
-            for side in rounds[-1]:
-                for c in levels:
-                    run = rounds[-1][side][c]
-                    spent = run["cpu_s"]
-                    print(f"CPU seconds, round {i + 1}, {side}, c={c}: {sum(spent.values()):.1f} in "
-                          f"{run['duration_s']:.1f} s")
-                    for name, s in list(spent.items())[:CPU_LISTED]:
-                        print(f"  {s:7.2f}  {name[:70]}")
+    sides = [vllm_side(model), mmserve_side(base)]
+    sides += [mmserve_side([*base, *extra.split()], name=f"mmserve {extra}") for extra in opts.also]
+    runs: dict[str, dict[int, list[dict]]] = {side.name: {c: [] for c in levels} for side in sides}
+    with all_up(sides):
+        for i in range(opts.rounds):
+            for c in levels:
+                for side in sides if i % 2 == 0 else sides[::-1]:
+                    attempts = []
+                    while len(attempts) <= opts.retries:
+                        with side.running() as url:
+                            attempts.append(bench(url, model.model_id, tokenizer, c, opts.input_len,
+                                                  opts.output_len, opts.per_slot, opts.cpu))
+                        if attempts[-1]["stolen"] <= opts.max_stolen:
+                            break
+                    run = min(attempts, key=lambda r: r["stolen"])
+                    run["attempts"] = len(attempts)
+                    runs[side.name][c].append(run)
+            print(json.dumps({"round": i + 1, **{name: {c: r[c][-1] for c in levels}
+                                                 for name, r in runs.items()}}), flush=True)
+            if opts.cpu:
+                print_cpu(runs, i, levels)
 
-    for side in sides:
-        print(f"\n{side}: {model.model_id}, placement {model.deployment.placement}, {opts.rounds} "
+    for side in sides[1:]:
+        print(f"\n{side.name}: {model.model_id}, placement {model.deployment.placement}, {opts.rounds} "
               f"rounds, {opts.input_len} in / {opts.output_len} out tokens, vllm bench serve "
-              "(--ignore-eos), each against the round's vLLM run")
-        table(rounds, side, levels)
+              "(--ignore-eos), each run against the vLLM run of its round")
+        table(runs["vllm"], runs[side.name], levels)
 
 
-def table(rounds: list[dict], side: str, levels: list[int]) -> None:
-    """Medians over the rounds of ``side`` against vLLM's runs."""
-    print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio (median)':>14} | "
-          f"{'TTFT p50 +ms':>12} | {'TTFT p99 x':>10} | failed")
+def print_cpu(runs: dict[str, dict[int, list[dict]]], i: int, levels: list[int]) -> None:
+    """The CPU seconds of each process during each side's runs of round ``i``."""
+    for name, by_level in runs.items():
+        for c in levels:
+            run = by_level[c][i]
+            spent = run["cpu_s"]
+            print(f"CPU seconds, round {i + 1}, {name}, c={c}: {sum(spent.values()):.1f} in "
+                  f"{run['duration_s']:.1f} s")
+            for proc, s in list(spent.items())[:CPU_LISTED]:
+                print(f"  {s:7.2f}  {proc[:70]}")
+
+
+def table(own: dict[int, list[dict]], ours: dict[int, list[dict]], levels: list[int]) -> None:
+    """Medians over the rounds of one mmserve side against vLLM's runs."""
+    print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio, median (rounds)':<40} | "
+          f"{'TTFT p50 +ms':>12} | {'TTFT p99 x':>10} | {'stolen':>11} | {'runs again':>10} | failed")
     for c in levels:
-        own = [r["vllm"][c] for r in rounds]
-        ours = [r[side][c] for r in rounds]
-        ratio = statistics.median(o["tok_s"] / v["tok_s"] for o, v in zip(ours, own))
-        ttft = statistics.median(o["ttft_p50_ms"] - v["ttft_p50_ms"] for o, v in zip(ours, own))
-        p99 = statistics.median(o["ttft_p99_ms"] / v["ttft_p99_ms"] for o, v in zip(ours, own))
-        print(f"{c:>3} | {statistics.median(v['tok_s'] for v in own):>11,.0f} | "
-              f"{statistics.median(o['tok_s'] for o in ours):>13,.0f} | {ratio:>14.2f} | "
-              f"{ttft:>+12.1f} | {p99:>10.2f} | {sum(o['failed'] for o in ours)}")
+        pairs = list(zip(ours[c], own[c]))
+        ratios = [o["tok_s"] / v["tok_s"] for o, v in pairs]
+        ttft = statistics.median(o["ttft_p50_ms"] - v["ttft_p50_ms"] for o, v in pairs)
+        p99 = statistics.median(o["ttft_p99_ms"] / v["ttft_p99_ms"] for o, v in pairs)
+        stolen = (f"{100 * statistics.median(v['stolen'] for v in own[c]):.1f}/"
+                  f"{100 * statistics.median(o['stolen'] for o in ours[c]):.1f}%")
+        ratio = f"{statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})"
+        again = f"{sum(v['attempts'] - 1 for v in own[c])}/{sum(o['attempts'] - 1 for o in ours[c])}"
+        print(f"{c:>3} | {statistics.median(v['tok_s'] for v in own[c]):>11,.0f} | "
+              f"{statistics.median(o['tok_s'] for o in ours[c]):>13,.0f} | {ratio:<40} | "
+              f"{ttft:>+12.1f} | {p99:>10.2f} | {stolen:>11} | {again:>10} | {sum(o['failed'] for o in ours[c])}")
 
 
 if __name__ == "__main__":
