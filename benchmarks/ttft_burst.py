@@ -6,8 +6,10 @@ first tokens are those of the run's first 32 requests, which arrive together; la
 arriving one at a time as others finish, get theirs sooner than on vLLM's server. This measures
 that case alone: bursts of ``-c`` streamed ``/v1/completions`` sent at once (greedy,
 ``ignore_eos``, ``--max-tokens`` tokens, distinct prompts), one burst after the other, after a
-warm-up; each request's TTFT is the time to its first event. Rounds go vllm, mmserve, ...; a
-round's figures are the medians over its bursts of each burst's median and slowest TTFT.
+warm-up; each request's TTFT is the time to its first event. Both servers stay up, each frozen
+while the other is measured (``benchmarks.sides``); rounds go vllm, mmserve, then mmserve,
+vllm, ...; a round's figures are the medians over its bursts of each burst's median and
+slowest TTFT.
 
 ``python -m benchmarks.ttft_burst [--model tiny_llama] [-c 32] [--bursts 8] [--max-tokens 32]
 [--rounds 1] [overrides...]`` (overrides: Hydra overrides for the mmserve side).
@@ -24,7 +26,7 @@ import time
 
 import httpx
 
-from benchmarks.vllm_serve import vllm_server
+from benchmarks.sides import all_up, mmserve_side, vllm_side
 
 
 async def first_token_s(client: httpx.AsyncClient, url: str, model_id: str, prompt: str,
@@ -71,19 +73,19 @@ def main() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
     from apps.config import compose
-    from apps.serving import free_port, served
 
-    cfg = compose([f"model=[{opts.model}]", f"server.port={free_port()}", *opts.overrides])
-    model = cfg.model[opts.model]
+    base = [f"model=[{opts.model}]", *opts.overrides]
+    model = compose(base).model[opts.model]
     args = (model.model_id, opts.c, opts.bursts, opts.max_tokens)
+    sides = [vllm_side(model), mmserve_side(base)]
     rounds = []
-    for i in range(opts.rounds):
-        with vllm_server(model) as url:
-            own = asyncio.run(bursts(url, *args))
-        with served(cfg, log_to_driver=False) as server:
-            ours = asyncio.run(bursts(server.url, *args))
-        rounds.append({"vllm": own, "mmserve": ours})
-        print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
+    with all_up(sides):
+        for i in range(opts.rounds):
+            rounds.append({})
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                with side.running() as url:
+                    rounds[-1][side.name] = asyncio.run(bursts(url, *args))
+            print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
 
     print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} round(s) of "
           f"{opts.bursts} bursts of {opts.c} streamed completions ({opts.max_tokens} tokens)")
