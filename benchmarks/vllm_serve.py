@@ -150,7 +150,8 @@ def print_cpu(runs: dict[str, dict[int, list[dict]]], i: int, levels: list[int])
 
 def table(own: dict[int, list[dict]], ours: dict[int, list[dict]], levels: list[int]) -> None:
     """Medians over the rounds of one mmserve side against vLLM's runs."""
-    print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio, median (rounds)':<40} | "
+    width = max(22, 5 + 6 * len(own[levels[0]]))  # "0.96 (" and "0.80, " per round, less 1
+    print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio, median (rounds)':<{width}} | "
           f"{'TTFT p50 +ms':>12} | {'TTFT p99 x':>10} | {'stolen':>11} | {'runs again':>10} | failed")
     for c in levels:
         pairs = list(zip(ours[c], own[c]))
@@ -162,7 +163,7 @@ def table(own: dict[int, list[dict]], ours: dict[int, list[dict]], levels: list[
         ratio = f"{statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})"
         again = f"{sum(v['attempts'] - 1 for v in own[c])}/{sum(o['attempts'] - 1 for o in ours[c])}"
         print(f"{c:>3} | {statistics.median(v['tok_s'] for v in own[c]):>11,.0f} | "
-              f"{statistics.median(o['tok_s'] for o in ours[c]):>13,.0f} | {ratio:<40} | "
+              f"{statistics.median(o['tok_s'] for o in ours[c]):>13,.0f} | {ratio:<{width}} | "
               f"{ttft:>+12.1f} | {p99:>10.2f} | {stolen:>11} | {again:>10} | {sum(o['failed'] for o in ours[c])}")
 
 
