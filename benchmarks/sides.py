@@ -137,13 +137,13 @@ class Side:
             self.freeze()
 
     def stop(self) -> None:
-        """Thaw the side and stop it (SIGTERM, then SIGKILL to whatever of it is left after two
-        minutes, or once its root has exited)."""
+        """Let the side's processes run and stop them (SIGTERM, then SIGKILL to whatever of it
+        is left after two minutes, or once its root has exited), healthy or not."""
         if self.proc is None:
             return
-        if self.frozen:
-            self.thaw()
         tree = self.pids()
+        self._signal_all(signal.SIGCONT)  # a stopped process does not act on SIGTERM
+        self.frozen = False
         self.proc.terminate()
         try:
             self.proc.wait(120)
