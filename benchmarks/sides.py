@@ -55,7 +55,6 @@ class Side:
         self.url = url
         self.url_file = url_file
         self.proc: subprocess.Popen | None = None
-        self.frozen = False
         workdir = url_file.parent if url_file is not None else Path(tempfile.mkdtemp(prefix="mmserve-side-"))
         self.log = workdir / "output.log"
 
@@ -114,13 +113,11 @@ class Side:
     def freeze(self) -> None:
         """Stop every process of the side (SIGSTOP) until :meth:`thaw`."""
         self._signal_all(signal.SIGSTOP)
-        self.frozen = True
 
     def thaw(self, timeout_s: float = 30) -> None:
         """Let the side's processes run again; raises RuntimeError if it then does not answer
         ``/health`` within ``timeout_s``."""
         self._signal_all(signal.SIGCONT)
-        self.frozen = False
         deadline = time.monotonic() + timeout_s
         while not self._healthy():
             if time.monotonic() > deadline:
@@ -143,7 +140,6 @@ class Side:
             return
         tree = self.pids()
         self._signal_all(signal.SIGCONT)  # a stopped process does not act on SIGTERM
-        self.frozen = False
         self.proc.terminate()
         try:
             self.proc.wait(120)
