@@ -6,13 +6,16 @@ first tokens are those of the run's first 32 requests, which arrive together; la
 arriving one at a time as others finish, get theirs sooner than on vLLM's server. This measures
 that case alone: bursts of ``-c`` streamed ``/v1/completions`` sent at once (greedy,
 ``ignore_eos``, ``--max-tokens`` tokens, distinct prompts), one burst after the other, after a
-warm-up; each request's TTFT is the time to its first event. Both servers stay up, each frozen
-while the other is measured (``benchmarks.sides``); rounds go vllm, mmserve, then mmserve,
-vllm, ...; a round's figures are the medians over its bursts of each burst's median and
-slowest TTFT.
+warm-up; each request's TTFT is the time to its first event. Each burst opens connections of
+its own, as ``vllm bench serve`` does for its first requests (it starts a new client session per
+run); ``--keep-connections`` sends every burst over the connections the warm-up opened instead.
+Both servers stay up, each frozen while the other is measured (``benchmarks.sides``); rounds go
+vllm, mmserve, then mmserve, vllm, ...; a round's figures are the medians over its bursts of each
+burst's median and slowest TTFT.
 
 ``python -m benchmarks.ttft_burst [--model tiny_llama] [-c 32] [--bursts 8] [--max-tokens 32]
-[--rounds 1] [overrides...]`` (overrides: Hydra overrides for the mmserve side).
+[--rounds 1] [--keep-connections] [overrides...]`` (overrides: Hydra overrides for the mmserve
+side).
 """
 
 from __future__ import annotations
@@ -47,16 +50,26 @@ async def first_token_s(client: httpx.AsyncClient, url: str, model_id: str, prom
     return first
 
 
-async def bursts(url: str, model_id: str, c: int, n: int, max_tokens: int) -> dict:
-    """``n`` bursts of ``c`` requests at once after a warm-up; TTFT figures in ms."""
+async def bursts(url: str, model_id: str, c: int, n: int, max_tokens: int,
+                 keep_connections: bool = False) -> dict:
+    """``n`` bursts of ``c`` requests at once after a warm-up, each burst on new connections
+    unless ``keep_connections``; TTFT figures in ms."""
     limits = httpx.Limits(max_connections=2 * c)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        def burst(k: int):
-            return asyncio.gather(*(first_token_s(client, url, model_id, f"Request {k}-{i}: tell me more. " * 4,
-                                                  max_tokens) for i in range(c)))
 
-        await burst(-1)  # warm-up
-        runs = [sorted(await burst(k)) for k in range(n)]
+    async def burst(client: httpx.AsyncClient, k: int) -> list[float]:
+        return sorted(await asyncio.gather(*(
+            first_token_s(client, url, model_id, f"Request {k}-{i}: tell me more. " * 4, max_tokens)
+            for i in range(c))))
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as warm:
+        await burst(warm, -1)  # warm-up
+        runs = []
+        for k in range(n):
+            if keep_connections:
+                runs.append(await burst(warm, k))
+            else:
+                async with httpx.AsyncClient(timeout=120, limits=limits) as fresh:
+                    runs.append(await burst(fresh, k))
     return {"ttft_median_ms": 1000 * statistics.median(r[len(r) // 2] for r in runs),
             "ttft_max_ms": 1000 * statistics.median(r[-1] for r in runs)}
 
@@ -68,6 +81,8 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--keep-connections", action="store_true",
+                        help="send every burst over the warm-up's connections (default: new ones per burst)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -76,7 +91,7 @@ def main() -> None:
 
     base = [f"model=[{opts.model}]", *opts.overrides]
     model = compose(base).model[opts.model]
-    args = (model.model_id, opts.c, opts.bursts, opts.max_tokens)
+    args = (model.model_id, opts.c, opts.bursts, opts.max_tokens, opts.keep_connections)
     sides = [vllm_side(model), mmserve_side(base)]
     rounds = []
     with all_up(sides):
@@ -87,13 +102,17 @@ def main() -> None:
                     rounds[-1][side.name] = asyncio.run(bursts(url, *args))
             print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
 
+    connections = "over the warm-up's connections" if opts.keep_connections else "each on new connections"
     print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} round(s) of "
-          f"{opts.bursts} bursts of {opts.c} streamed completions ({opts.max_tokens} tokens)")
+          f"{opts.bursts} bursts of {opts.c} streamed completions ({opts.max_tokens} tokens), {connections}")
     print(f"{'':>8} | {'TTFT median ms':>14} | {'TTFT slowest ms':>15}")
     for side in ("vllm", "mmserve"):
         runs = [r[side] for r in rounds]
         print(f"{side:>8} | {statistics.median(r['ttft_median_ms'] for r in runs):>14.0f} | "
               f"{statistics.median(r['ttft_max_ms'] for r in runs):>15.0f}")
+    ratios = [r["mmserve"]["ttft_max_ms"] / r["vllm"]["ttft_max_ms"] for r in rounds]
+    print(f"slowest TTFT, mmserve over vLLM in the same round: {statistics.median(ratios):.2f} "
+          f"({', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
