@@ -34,7 +34,7 @@ import os
 import statistics
 
 from benchmarks.idle import cpu_seconds
-from benchmarks.sides import all_up, mmserve_side, steal, steal_share, vllm_side
+from benchmarks.sides import all_up, least_stolen, mmserve_side, steal, steal_share, vllm_side
 
 
 #: the busiest processes ``--cpu`` prints per run (its total counts them all)
@@ -107,33 +107,29 @@ def main() -> None:
     model = compose(base).model[opts.model]
     tokenizer = resolve_source(model.source)
     levels = [int(c) for c in opts.concurrency.split(",")]
-    sides = [vllm_side(model), mmserve_side(base)]
-    sides += [mmserve_side([*base, *extra.split()], name=f"mmserve {extra}") for extra in opts.also]
+    configs = {"mmserve": base, **{f"mmserve {extra}": [*base, *extra.split()] for extra in opts.also}}
+    sides = [vllm_side(model), *(mmserve_side(overrides, name=name) for name, overrides in configs.items())]
     runs: dict[str, dict[int, list[dict]]] = {side.name: {c: [] for c in levels} for side in sides}
     with all_up(sides):
         for i in range(opts.rounds):
             for c in levels:
                 for side in sides if i % 2 == 0 else sides[::-1]:
-                    attempts = []
-                    while len(attempts) <= opts.retries:
-                        with side.running() as url:
-                            attempts.append(bench(url, model.model_id, tokenizer, c, opts.input_len,
-                                                  opts.output_len, opts.per_slot, opts.cpu))
-                        if attempts[-1]["stolen"] <= opts.max_stolen:
-                            break
-                    run = min(attempts, key=lambda r: r["stolen"])
-                    run["attempts"] = len(attempts)
+                    with side.running() as url:
+                        run = least_stolen(lambda: bench(url, model.model_id, tokenizer, c, opts.input_len,
+                                                         opts.output_len, opts.per_slot, opts.cpu),
+                                           opts.max_stolen, opts.retries)
                     runs[side.name][c].append(run)
             print(json.dumps({"round": i + 1, **{name: {c: r[c][-1] for c in levels}
                                                  for name, r in runs.items()}}), flush=True)
             if opts.cpu:
                 print_cpu(runs, i, levels)
 
-    for side in sides[1:]:
-        print(f"\n{side.name}: {model.model_id}, placement {model.deployment.placement}, {opts.rounds} "
+    for name, overrides in configs.items():
+        placement = compose(overrides).model[opts.model].deployment.placement
+        print(f"\n{name}: {model.model_id}, placement {placement}, {opts.rounds} "
               f"rounds, {opts.input_len} in / {opts.output_len} out tokens, vllm bench serve "
               "(--ignore-eos), each run against the vLLM run of its round")
-        table(runs["vllm"], runs[side.name], levels)
+        table(runs["vllm"], runs[name], levels)
 
 
 def print_cpu(runs: dict[str, dict[int, list[dict]]], i: int, levels: list[int]) -> None:
@@ -151,20 +147,23 @@ def print_cpu(runs: dict[str, dict[int, list[dict]]], i: int, levels: list[int])
 def table(own: dict[int, list[dict]], ours: dict[int, list[dict]], levels: list[int]) -> None:
     """Medians over the rounds of one mmserve side against vLLM's runs."""
     width = max(22, 5 + 6 * len(own[levels[0]]))  # "0.96 (" and "0.80, " per round, less 1
+    p99_width = max(27, width)
     print(f"{'c':>3} | {'vLLM tok/s':>11} | {'mmserve tok/s':>13} | {'ratio, median (rounds)':<{width}} | "
-          f"{'TTFT p50 +ms':>12} | {'TTFT p99 x':>10} | {'stolen':>11} | {'runs again':>10} | failed")
+          f"{'TTFT p50 +ms':>12} | {'TTFT p99 x, median (rounds)':<{p99_width}} | {'stolen':>11} | "
+          f"{'runs again':>10} | failed")
     for c in levels:
         pairs = list(zip(ours[c], own[c]))
         ratios = [o["tok_s"] / v["tok_s"] for o, v in pairs]
         ttft = statistics.median(o["ttft_p50_ms"] - v["ttft_p50_ms"] for o, v in pairs)
-        p99 = statistics.median(o["ttft_p99_ms"] / v["ttft_p99_ms"] for o, v in pairs)
+        p99s = [o["ttft_p99_ms"] / v["ttft_p99_ms"] for o, v in pairs]
+        p99 = f"{statistics.median(p99s):.2f} ({', '.join(f'{r:.2f}' for r in p99s)})"
         stolen = (f"{100 * statistics.median(v['stolen'] for v in own[c]):.1f}/"
                   f"{100 * statistics.median(o['stolen'] for o in ours[c]):.1f}%")
         ratio = f"{statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})"
         again = f"{sum(v['attempts'] - 1 for v in own[c])}/{sum(o['attempts'] - 1 for o in ours[c])}"
         print(f"{c:>3} | {statistics.median(v['tok_s'] for v in own[c]):>11,.0f} | "
               f"{statistics.median(o['tok_s'] for o in ours[c]):>13,.0f} | {ratio:<{width}} | "
-              f"{ttft:>+12.1f} | {p99:>10.2f} | {stolen:>11} | {again:>10} | {sum(o['failed'] for o in ours[c])}")
+              f"{ttft:>+12.1f} | {p99:<{p99_width}} | {stolen:>11} | {again:>10} | {sum(o['failed'] for o in ours[c])}")
 
 
 if __name__ == "__main__":
