@@ -1,16 +1,27 @@
 """Media throughput: /v1/infer with dynamic batching vs ``max_batch_size: 1`` vs a plain torch loop.
 
-In one run, per modality (``vision``: the tiny resnet18 on 320x240 JPEGs; ``audio``: the tiny
-wav2vec2 recognizer on 4 s WAV clips):
+Per modality (``vision``: the tiny resnet18 on 320x240 JPEGs; ``audio``: the tiny wav2vec2
+recognizer on 4 s WAV clips), three sides:
 
-- ``plain``: the ceiling on this machine, no server: decode + transforms + the model, in a
-  loop over batches of ``--batch`` items (the same code our nodes and engines run);
-- ``batched``: the pipeline on Ray Serve (engine in its own deployment), closed loop at
-  concurrency ``-c`` through HTTP, ``max_batch_size: --batch``;
+- ``plain``: the ceiling on this machine, no server: decode + transforms + the model, in this
+  process, in a loop over batches of ``--batch`` items (the same code the nodes and engines run);
+- ``batched``: the model served by mmserve (engine in its own deployment unless ``--placement
+  inline``), closed loop at concurrency ``-c`` through HTTP (base64 JSON), ``max_batch_size:
+  --batch``;
 - ``unbatched``: the same with ``max_batch_size: 1``.
 
-``python -m benchmarks.media [--modality vision audio] [-c 32] [-d 20] [--batch 16]``
-prints items/s and the ratios to ``plain``.
+The two served configs run as sides (``benchmarks.sides``): each on a local Ray of its own,
+started once and frozen while anything else is measured, so that a round's three runs are
+seconds apart, each with the machine to itself (the plain loop runs with both frozen). The order
+reverses from round to round; each served run is compared with the plain run of its round, and
+a side is summed up by the median of its rounds. As in ``benchmarks.vllm_serve``, a run during
+which the hypervisor stole more than ``--max-stolen`` of the CPU time is run again, up to
+``--retries`` times, and the least stolen run counts. The mean batch comes from the served
+side's ``/metrics`` (``mmserve_batch_size``) before and after its run.
+
+``python -m benchmarks.media [--modality vision audio] [--rounds 3] [-c 32] [-d 20] [--batch 16]
+[--placement engine|inline] [--max-stolen 0.02] [--retries 1] [overrides...]`` prints items/s and
+the ratios to ``plain``.
 """
 
 from __future__ import annotations
@@ -19,10 +30,15 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 
-PORT = 8013
+import httpx
+
+from benchmarks.sides import all_up, least_stolen, mmserve_side, steal, steal_share
+
 MODELS = {"vision": ("tiny_resnet", "vision"), "audio": ("tiny_asr", "asr")}
+SERVED = ("batched", "unbatched")
 
 
 def sample(modality: str) -> tuple[bytes, str]:
@@ -33,64 +49,142 @@ def sample(modality: str) -> tuple[bytes, str]:
     return media.encode_audio(media.clip_with_speech(before_s=1.0, speech_s=1.5, after_s=1.5)), "wav"
 
 
-def plain_loop(modality: str, data: bytes, batch: int, seconds: float, threads: int) -> float:
-    """Items/s of decode + preprocess + model over batches of ``batch``, for ``seconds``."""
-    import torch
+class PlainLoop:
+    """The modality's preprocess node and engine, loaded once in this process."""
 
-    from apps.config import compose
-    from core.registry import engine_class, node_class
+    def __init__(self, modality: str, data: bytes, batch: int, threads: int) -> None:
+        import torch
 
-    torch.set_num_threads(threads)
-    key, pipe = MODELS[modality]
-    cfg = compose([f"model=[{key}]", f"pipeline=[{pipe}]"])
-    model, spec = cfg.model[key], cfg.pipeline[pipe].preprocess
-    node = node_class(spec.name)(spec.kwargs, model)
-    engine = engine_class(model.engine)(model)
-    asyncio.run(node.start())
-    engine.load()
-    params = engine.Params()
-    items, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        payloads = [node.decode(data, model.model_id) for _ in range(batch)]
+        from apps.config import compose
+        from core.registry import engine_class, node_class
+
+        torch.set_num_threads(threads)
+        key, pipe = MODELS[modality]
+        cfg = compose([f"model=[{key}]", f"pipeline=[{pipe}]"])
+        self.model, spec = cfg.model[key], cfg.pipeline[pipe].preprocess
+        self.node = node_class(spec.name)(spec.kwargs, self.model)
+        self.engine = engine_class(self.model.engine)(self.model)
+        asyncio.run(self.node.start())
+        self.engine.load()
+        self.params = self.engine.Params()
+        self.data, self.batch = data, batch
+
+    def _one_batch(self) -> None:
+        import torch
+
+        payloads = [self.node.decode(self.data, self.model.model_id) for _ in range(self.batch)]
         with torch.inference_mode():
-            engine.run_batch([(p, params) for p in payloads])
-        items += batch
-    return items / (time.perf_counter() - t0)
+            self.engine.run_batch([(p, self.params) for p in payloads])
+
+    def run(self, seconds: float) -> dict:
+        """Items/s of decode + preprocess + model over batches, for ``seconds`` after one
+        batch of warm-up."""
+        self._one_batch()
+        stolen = steal()
+        items, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            self._one_batch()
+            items += self.batch
+        return {"rps": items / (time.perf_counter() - t0), "stolen": steal_share(stolen, steal())}
 
 
-def measure_served(session, modality: str, data: bytes, max_batch: int, args) -> dict:
-    """Serve the modality's model into ``session`` with ``max_batch_size: max_batch``, drive
-    it, and read its engine's mean batch size."""
-    from ray import serve
+def served_overrides(modality: str, max_batch: int, args) -> list[str]:
+    """The Hydra overrides of a served side."""
+    key, pipe = MODELS[modality]
+    return [f"model=[{key}]", f"pipeline=[{pipe}]",
+            f"model.{key}.engine_kwargs.max_batch_size={max_batch}",
+            f"++model.{key}.engine_kwargs.torch_threads={args.engine_threads or args.threads}",
+            f"model.{key}.deployment.engine.ray_actor_options.num_cpus=1",
+            f"model.{key}.deployment.engine.max_ongoing_requests={max(args.concurrency, max_batch)}",
+            f"model.{key}.deployment.placement={args.placement}", *args.overrides]
 
-    from apps.config import compose
+
+def batch_totals(url: str, model_id: str) -> tuple[float, float]:
+    """(items, batches) the model's engine has run, from the side's ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    items = batches = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        if family.name != "mmserve_batch_size":
+            continue
+        for s in family.samples:
+            if s.labels.get("model_id") == model_id:
+                if s.name.endswith("_sum"):
+                    items += s.value
+                elif s.name.endswith("_count"):
+                    batches += s.value
+    return items, batches
+
+
+def served_run(url: str, model_id: str, data: bytes, args) -> dict:
+    """One closed-loop run against a served side, with its mean batch and the steal meanwhile."""
     from apps.loadgen import run_load
-    from apps.serving import served
-    from pipelines.deployments import deployment_name, step_app_name
     from tests.media import b64
 
-    key, pipe = MODELS[modality]
-    cfg = compose([f"model=[{key}]", f"pipeline=[{pipe}]", f"server.port={PORT}",
-                   f"model.{key}.engine_kwargs.max_batch_size={max_batch}",
-                   f"++model.{key}.engine_kwargs.torch_threads={args.engine_threads or args.threads}",
-                   f"model.{key}.deployment.engine.ray_actor_options.num_cpus=1",
-                   f"model.{key}.deployment.engine.max_ongoing_requests={max(args.concurrency, max_batch)}",
-                   f"model.{key}.deployment.placement={args.placement}", *args.overrides])
-    model_id = cfg.model[key].model_id
-    with served(cfg, session=session, app_name="bench") as app:
-        body = {"model_id": model_id, "input": {"data": b64(data)}}
-        res = asyncio.run(run_load(f"{app.url}/v1/infer", body, concurrency=args.concurrency,
-                                   duration_s=args.duration, warmup_s=args.warmup))
-        stats = (serve.get_deployment_handle(deployment_name(model_id, "engine"),
-                                             step_app_name(app.app_name, model_id, "engine"))
-                 .stats.remote().result()
-                 if args.placement == "engine" else {"mean_batch_size": float("nan")})
-    return {**res.as_dict(), "mean_batch_size": stats["mean_batch_size"]}
+    items, batches = batch_totals(url, model_id)
+    stolen = steal()
+    res = asyncio.run(run_load(f"{url}/v1/infer", {"model_id": model_id, "input": {"data": b64(data)}},
+                               concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup))
+    out = {**res.as_dict(), "stolen": steal_share(stolen, steal())}
+    items2, batches2 = batch_totals(url, model_id)
+    out["mean_batch_size"] = (items2 - items) / (batches2 - batches) if batches2 > batches else float("nan")
+    return out
+
+
+def measure(modality: str, args) -> dict[str, list[dict]]:
+    """Every round's runs of the three sides of one modality."""
+    data, _ = sample(modality)
+    plain = PlainLoop(modality, data, args.batch, args.threads)
+    model_id = plain.model.model_id
+    sides = [mmserve_side(served_overrides(modality, size, args), name=name)
+             for name, size in zip(SERVED, (args.batch, 1))]
+    runs: dict[str, list[dict]] = {"plain": [], **{name: [] for name in SERVED}}
+    with all_up(sides):
+        order = [None, *sides]
+        for i in range(args.rounds):
+            for side in order if i % 2 == 0 else order[::-1]:
+                if side is None:
+                    run = least_stolen(lambda: plain.run(args.duration), args.max_stolen, args.retries)
+                    runs["plain"].append(run)
+                    continue
+                with side.running() as url:
+                    run = least_stolen(lambda: served_run(url, model_id, data, args), args.max_stolen,
+                                       args.retries)
+                runs[side.name].append(run)
+            print(json.dumps({"modality": modality, "round": i + 1,
+                              **{name: {k: r[-1][k] for k in ("rps", "stolen", "attempts")}
+                                 for name, r in runs.items()}}, default=float), flush=True)
+    return runs
+
+
+def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
+    plain = runs["plain"]
+    print(f"\n{modality}: {size} bytes per item, concurrency {args.concurrency}, batch {args.batch}, "
+          f"placement {args.placement}, {args.rounds} rounds, each served run against the plain run "
+          "of its round")
+    print(f"{'':10} | {'items/s':>8} | {'vs plain, median (rounds)':<28} | {'p50 ms':>7} | {'p99 ms':>7} | "
+          f"{'mean batch':>10} | {'stolen':>6} | {'runs again':>10} | statuses")
+    for name, rr in runs.items():
+        ratios = [r["rps"] / p["rps"] for r, p in zip(rr, plain)]
+        ratio = f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
+        if name == "plain":
+            served = f"{'':>7} | {'':>7} | {args.batch:>10}"
+        else:
+            served = " | ".join(f"{statistics.median(r[key] for r in rr):>{w}{f}}" for key, w, f in (
+                ("p50_ms", 7, ".0f"), ("p99_ms", 7, ".0f"), ("mean_batch_size", 10, ".1f")))
+        statuses: dict[str, int] = {}
+        for r in rr:
+            for status, n in r.get("statuses", {}).items():
+                statuses[status] = statuses.get(status, 0) + n
+        print(f"{name:10} | {statistics.median(r['rps'] for r in rr):>8.1f} | {ratio:<28} | {served} | "
+              f"{100 * statistics.median(r['stolen'] for r in rr):>5.1f}% | "
+              f"{sum(r['attempts'] - 1 for r in rr):>10} | {statuses or ''}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modality", nargs="+", default=["vision", "audio"], choices=sorted(MODELS))
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-c", "--concurrency", type=int, default=32)
     ap.add_argument("-d", "--duration", type=float, default=20.0)
     ap.add_argument("-w", "--warmup", type=float, default=5.0)
@@ -100,28 +194,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the served engine (default: --threads)")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served config")
+    ap.add_argument("--max-stolen", type=float, default=0.02, help=(
+        "a run during which the hypervisor stole more than this share of the CPU time is run "
+        "again (default 0.02)"))
+    ap.add_argument("--retries", type=int, default=1, help="most runs again per run (default 1)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served configs")
     args = ap.parse_args()
 
-    from apps.config import compose
-    from apps.serving import ray_serve
-
-    server = compose([f"server.port={PORT}", *args.overrides]).server
-    results: dict[str, dict] = {}
-    for modality in args.modality:
-        data, _ = sample(modality)
-        plain = plain_loop(modality, data, args.batch, args.duration, args.threads)
-        results[modality] = {"plain": {"rps": plain}}
-        with ray_serve(server, logging_level="ERROR", log_to_driver=False) as session:
-            for name, size in (("batched", args.batch), ("unbatched", 1)):
-                results[modality][name] = measure_served(session, modality, data, size, args)
-        row = results[modality]
-        print(f"\n{modality}: {len(data)} bytes per item, concurrency {args.concurrency}, batch {args.batch}")
-        print(f"{'':12}{'items/s':>10}{'vs plain':>10}{'p50 ms':>10}{'p99 ms':>10}{'mean batch':>12}  statuses")
-        for name, r in row.items():
-            print(f"{name:12}{r['rps']:>10.1f}{r['rps'] / plain:>10.2f}{r.get('p50_ms', float('nan')):>10.1f}"
-                  f"{r.get('p99_ms', float('nan')):>10.1f}{r.get('mean_batch_size', args.batch):>12}  "
-                  f"{r.get('statuses', '')}")
+    results = {modality: measure(modality, args) for modality in args.modality}
+    for modality, runs in results.items():
+        table(modality, len(sample(modality)[0]), runs, args)
     print("\n" + json.dumps(results, default=float))
 
 
