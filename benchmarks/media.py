@@ -20,8 +20,9 @@ which the hypervisor stole more than ``--max-stolen`` of the CPU time is run aga
 side's ``/metrics`` (``mmserve_batch_size``) before and after its run.
 
 ``python -m benchmarks.media [--modality vision audio] [--rounds 3] [-c 32] [-d 20] [--batch 16]
-[--placement engine|inline] [--max-stolen 0.02] [--retries 1] [overrides...]`` prints items/s and
-the ratios to ``plain``.
+[--placement engine|inline] [--max-stolen 0.02] [--retries 1] [--also "OVERRIDES"]...
+[-- overrides...]`` prints items/s and the ratios to ``plain``; ``--also`` adds a batched side
+with more overrides, compared with the same plain runs: an A/B of a setting within one run.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def measure(modality: str, args) -> dict[str, list[dict]]:
     model_id = plain.model.model_id
     sides = [mmserve_side(served_overrides(modality, size, args), name=name)
              for name, size in zip(SERVED, (args.batch, 1))]
-    runs: dict[str, list[dict]] = {"plain": [], **{name: [] for name in SERVED}}
+    sides += [mmserve_side([*served_overrides(modality, args.batch, args), *extra.split()], name=f"also {i}")
+              for i, extra in enumerate(args.also, 1)]
+    runs: dict[str, list[dict]] = {"plain": [], **{side.name: [] for side in sides}}
     with all_up(sides):
         order = [None, *sides]
         for i in range(args.rounds):
@@ -179,6 +182,8 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
         print(f"{name:10} | {statistics.median(r['rps'] for r in rr):>8.1f} | {ratio:<28} | {served} | "
               f"{100 * statistics.median(r['stolen'] for r in rr):>5.1f}% | "
               f"{sum(r['attempts'] - 1 for r in rr):>10} | {statuses or ''}")
+    for i, extra in enumerate(args.also, 1):
+        print(f"also {i}: batched with {extra}")
 
 
 def main() -> None:
@@ -198,6 +203,9 @@ def main() -> None:
         "a run during which the hypervisor stole more than this share of the CPU time is run "
         "again (default 0.02)"))
     ap.add_argument("--retries", type=int, default=1, help="most runs again per run (default 1)")
+    ap.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                    help="one more batched side, with these overrides (space-separated) on top: an A/B "
+                         "within one run; repeatable")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served configs")
     args = ap.parse_args()
 
