@@ -133,7 +133,7 @@ def served_run(url: str, model_id: str, data: bytes, args) -> dict:
 
 
 def measure(modality: str, args) -> dict[str, list[dict]]:
-    """Every round's runs of the three sides of one modality."""
+    """Every round's runs of the plain loop and the served sides of one modality."""
     data, _ = sample(modality)
     plain = PlainLoop(modality, data, args.batch, args.threads)
     model_id = plain.model.model_id
@@ -165,7 +165,8 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
     print(f"\n{modality}: {size} bytes per item, concurrency {args.concurrency}, batch {args.batch}, "
           f"placement {args.placement}, {args.rounds} rounds, each served run against the plain run "
           "of its round")
-    print(f"{'':10} | {'items/s':>8} | {'vs plain, median (rounds)':<28} | {'p50 ms':>7} | {'p99 ms':>7} | "
+    width = max(25, 5 + 6 * len(plain))  # "0.96 (" and "0.80, " per round, less 1
+    print(f"{'':10} | {'items/s':>8} | {'vs plain, median (rounds)':<{width}} | {'p50 ms':>7} | {'p99 ms':>7} | "
           f"{'mean batch':>10} | {'stolen':>6} | {'runs again':>10} | statuses")
     for name, rr in runs.items():
         ratios = [r["rps"] / p["rps"] for r, p in zip(rr, plain)]
@@ -179,7 +180,7 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
         for r in rr:
             for status, n in r.get("statuses", {}).items():
                 statuses[status] = statuses.get(status, 0) + n
-        print(f"{name:10} | {statistics.median(r['rps'] for r in rr):>8.1f} | {ratio:<28} | {served} | "
+        print(f"{name:10} | {statistics.median(r['rps'] for r in rr):>8.1f} | {ratio:<{width}} | {served} | "
               f"{100 * statistics.median(r['stolen'] for r in rr):>5.1f}% | "
               f"{sum(r['attempts'] - 1 for r in rr):>10} | {statuses or ''}")
     for i, extra in enumerate(args.also, 1):
