@@ -36,7 +36,7 @@ import time
 
 import httpx
 
-from benchmarks.sides import all_up, least_stolen, mmserve_side, steal, steal_share
+from benchmarks.sides import add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share
 
 MODELS = {"vision": ("tiny_resnet", "vision"), "audio": ("tiny_asr", "asr")}
 SERVED = ("batched", "unbatched")
@@ -132,9 +132,8 @@ def served_run(url: str, model_id: str, data: bytes, args) -> dict:
     return out
 
 
-def measure(modality: str, args) -> dict[str, list[dict]]:
-    """Every round's runs of the plain loop and the served sides of one modality."""
-    data, _ = sample(modality)
+def measure(modality: str, data: bytes, args) -> dict[str, list[dict]]:
+    """Every round's runs of the plain loop and the served sides of one modality, on ``data``."""
     plain = PlainLoop(modality, data, args.batch, args.threads)
     model_id = plain.model.model_id
     sides = [mmserve_side(served_overrides(modality, size, args), name=name)
@@ -200,19 +199,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the served engine (default: --threads)")
-    ap.add_argument("--max-stolen", type=float, default=0.02, help=(
-        "a run during which the hypervisor stole more than this share of the CPU time is run "
-        "again (default 0.02)"))
-    ap.add_argument("--retries", type=int, default=1, help="most runs again per run (default 1)")
+    add_steal_args(ap)
     ap.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
                     help="one more batched side, with these overrides (space-separated) on top: an A/B "
                          "within one run; repeatable")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served configs")
     args = ap.parse_args()
 
-    results = {modality: measure(modality, args) for modality in args.modality}
+    data = {modality: sample(modality)[0] for modality in args.modality}
+    results = {modality: measure(modality, data[modality], args) for modality in args.modality}
     for modality, runs in results.items():
-        table(modality, len(sample(modality)[0]), runs, args)
+        table(modality, len(data[modality]), runs, args)
     print("\n" + json.dumps(results, default=float))
 
 

@@ -16,6 +16,7 @@ serves ``apps.serving.served`` of the config on a local Ray of its own and write
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -41,6 +42,15 @@ def steal() -> tuple[int, int]:
 def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     """Share of the CPU time between two :func:`steal` readings that the hypervisor took."""
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
+
+
+def add_steal_args(parser: argparse.ArgumentParser) -> None:
+    """``--max-stolen`` and ``--retries``, the arguments of :func:`least_stolen`."""
+    parser.add_argument("--max-stolen", type=float, default=0.02, help=(
+        "a run during which the hypervisor stole more than this share of the CPU time is run "
+        "again (default 0.02)"))
+    parser.add_argument("--retries", type=int, default=1, help=(
+        "most runs again per run (default 1; 0 when the machine is stolen from all along)"))
 
 
 def least_stolen(run: Callable[[], dict], max_stolen: float, retries: int) -> dict:

@@ -34,7 +34,7 @@ import os
 import statistics
 
 from benchmarks.idle import cpu_seconds
-from benchmarks.sides import all_up, least_stolen, mmserve_side, steal, steal_share, vllm_side
+from benchmarks.sides import add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share, vllm_side
 
 
 #: the busiest processes ``--cpu`` prints per run (its total counts them all)
@@ -87,11 +87,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
-    parser.add_argument("--max-stolen", type=float, default=0.02, help=(
-        "a run during which the hypervisor stole more than this share of the CPU time is run "
-        "again (default 0.02)"))
-    parser.add_argument("--retries", type=int, default=1, help=(
-        "most runs again per run (default 1; 0 when the machine is stolen from all along)"))
+    add_steal_args(parser)
     parser.add_argument("--cpu", action="store_true", help="print each process's CPU seconds per run")
     parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
                         help="one more mmserve side, with these overrides (space-separated) on top: "
