@@ -11,6 +11,12 @@ cancelled while it waits (its client gone, its deadline passed) leaves the queue
 object batches inside its own engine deployment or inline in the ingress replica. For batching
 to happen across a handle, the engine deployment's ``max_ongoing_requests`` must be at least
 ``max_batch_size``.
+
+``instances`` (Triton's instance count) lets that many batches run at once, each in a worker
+thread of its own, over the same weights; the model is "free" when one of them is. On a CPU,
+instances of one torch thread each keep the cores busier than one batch split over as many
+threads: the threads of a split batch wait for each other at every layer, so whenever another
+process (the ingress, Ray, a client) takes one core, the batch on the other waits too.
 """
 
 from __future__ import annotations
@@ -37,25 +43,36 @@ class BatchKwargs(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=1024, description="Requests run together at most.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10,
                                         description="Longest wait for a batch to fill.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: "
-                                      "torch's, which Ray sets from the replica's num_cpus).")
+    instances: int = Field(1, ge=1, le=64, description="Batches run at once, each in a worker "
+                           "thread of its own (Triton's instance count).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads, shared by "
+                                      "the instances (default: torch's, which Ray sets from the "
+                                      "replica's num_cpus, divided among the instances).")
 
 
 class BatchedEngine(Engine):
     """Base of batched engines: subclasses implement :meth:`load` and :meth:`run_batch`."""
 
     Kwargs = BatchKwargs
+    #: Most ``instances`` the model allows: 1 for a model that keeps state between calls.
+    max_instances: int | None = None
 
     @classmethod
     def check_config(cls, model) -> list[tuple[str, str]]:
-        """A replica must take ``max_batch_size`` requests at once, or no batch ever fills."""
-        batch = model.options(cls.Kwargs).max_batch_size
+        """A replica must take ``max_batch_size`` requests at once, or no batch ever fills; a
+        model with state between calls runs one batch at a time."""
+        kw = model.options(cls.Kwargs)
+        problems = []
         ongoing = model.deployment.engine.max_ongoing_requests
-        if ongoing < batch:
-            return [("deployment.engine.max_ongoing_requests",
-                     f"{ongoing} is below engine_kwargs.max_batch_size ({batch}): a replica would "
-                     f"never hold a full batch; set it to {batch} or more")]
-        return []
+        if ongoing < kw.max_batch_size:
+            problems.append(("deployment.engine.max_ongoing_requests",
+                             f"{ongoing} is below engine_kwargs.max_batch_size ({kw.max_batch_size}): a "
+                             f"replica would never hold a full batch; set it to {kw.max_batch_size} or more"))
+        if cls.max_instances is not None and kw.instances > cls.max_instances:
+            problems.append(("engine_kwargs.instances",
+                             f"{kw.instances}: engine {model.engine!r} runs at most {cls.max_instances} "
+                             "batch at a time (its model keeps state between calls)"))
+        return problems
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -65,12 +82,14 @@ class BatchedEngine(Engine):
         self._queue: collections.deque[tuple[MediaPayload, BaseModel, float, asyncio.Future]] = collections.deque()
         self._arrived = asyncio.Event()  # set by each request queued
         self._runner: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()  # batches running, at most kwargs.instances
 
     async def start(self) -> None:
-        if self.kwargs.torch_threads:
+        threads, instances = self.kwargs.torch_threads, self.kwargs.instances
+        if threads or instances > 1:
             import torch
 
-            torch.set_num_threads(self.kwargs.torch_threads)
+            torch.set_num_threads(threads or max(1, torch.get_num_threads() // instances))
         await asyncio.to_thread(self.load)
 
     @abstractmethod
@@ -100,10 +119,13 @@ class BatchedEngine(Engine):
         return sum(not done.done() for *_, done in self._queue)
 
     async def _batches(self) -> None:
-        """Run batches while requests wait; ends when the queue is empty (``infer`` starts it
-        again)."""
+        """Start batches while requests wait, each when an instance is free; ends when the
+        queue is empty (``infer`` starts it again; batches still running finish by themselves)."""
         size, wait_s = self.kwargs.max_batch_size, self.kwargs.batch_wait_timeout_s
         while waiting := self._waiting():
+            if len(self._running) >= self.kwargs.instances:
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if wait_s and waiting < size:  # the model is free: a short wait to fill it
                 deadline = time.perf_counter() + wait_s
                 while (left := deadline - time.perf_counter()) > 0 and self._waiting() < size:
@@ -118,7 +140,9 @@ class BatchedEngine(Engine):
                 if not item[3].done():
                     batch.append(item)
             if batch:
-                await self._run_one(batch)
+                task = asyncio.create_task(self._run_one(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
 
     async def _run_one(self, batch: list[tuple[MediaPayload, BaseModel, float, asyncio.Future]]) -> None:
         """One batch in a worker thread; each request's future gets its output, or the error
@@ -132,6 +156,8 @@ class BatchedEngine(Engine):
                 wait.observe(now - arrived)
         try:
             outputs = await asyncio.to_thread(self._run, [(payload, params) for payload, params, _, _ in batch])
+            self.batches += 1
+            self.items += len(batch)
         except Exception as err:  # the model failed the batch: each of its requests gets the error
             outputs = [err] * len(batch)
         for (*_, done), output in zip(batch, outputs):
@@ -145,11 +171,8 @@ class BatchedEngine(Engine):
     def _run(self, items):
         import torch
 
-        with torch.inference_mode():  # one batch at a time (the loop of _batches)
-            outputs = self.run_batch(items)
-        self.batches += 1
-        self.items += len(items)
-        return outputs
+        with torch.inference_mode():  # at most kwargs.instances batches at a time (_batches)
+            return self.run_batch(items)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": self.batches, "items": self.items,

@@ -39,10 +39,12 @@ class SileroVAD(BatchedEngine):
     """``{"segments": [{"start_s", "end_s"}, ...]}`` of the speech in a 8 or 16 kHz waveform.
 
     Silero keeps state across the windows of one clip, so a batch runs its clips one after the
-    other on the one model (batching still saves the per-request hops and thread switches).
+    other on the one model (batching still saves the per-request hops and thread switches), and
+    one batch runs at a time.
     """
 
     requires = ("torch", "silero_vad")
+    max_instances = 1
 
     Params = VADParams
 

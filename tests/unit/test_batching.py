@@ -1,5 +1,6 @@
 """The batched engines' queue (engines.batching): full batches under a closed loop, requests
-cancelled while they wait left unrun, a failed batch failing its own requests only."""
+cancelled while they wait left unrun, a failed batch failing its own requests only, and
+``instances`` batches at once."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ class Recorder(BatchedEngine):
         super().__init__(m)
         self.run_s, self.ran, self.gate = run_s, [], threading.Event()
         self.gate.set()
+        self.lock, self.now, self.most = threading.Lock(), 0, 0  # batches running, at most
+
+    def _run(self, items):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return super()._run(items)
+        finally:
+            with self.lock:
+                self.now -= 1
 
     def load(self) -> None:
         pass
@@ -36,8 +48,9 @@ class Recorder(BatchedEngine):
         return [InvalidField("bad item", field="input") if d == "bad" else d * 2 for d in data]
 
 
-def engine(run_s: float = 0.0, size: int = 4, wait_s: float = 0.05) -> Recorder:
-    return Recorder(model("m", engine_kwargs={"max_batch_size": size, "batch_wait_timeout_s": wait_s}), run_s)
+def engine(run_s: float = 0.0, size: int = 4, wait_s: float = 0.05, instances: int = 1) -> Recorder:
+    return Recorder(model("m", engine_kwargs={"max_batch_size": size, "batch_wait_timeout_s": wait_s,
+                                              "instances": instances}), run_s)
 
 
 async def one(e: Recorder, data):
@@ -60,6 +73,28 @@ def test_a_closed_loop_of_more_than_twice_the_batch_size_runs_full_batches():
     assert answers == [[(i * 100 + k) * 2 for k in range(6)] for i in range(10)]
     sizes = [len(b) for b in e.ran]
     assert sizes == [4] * 15, sizes
+    assert e.most == 1 and e.stats() == {"batches": 15, "items": 60, "mean_batch_size": 4.0}
+
+
+def test_instances_run_that_many_batches_at_once_and_no_more():
+    """Two instances over batches of two: while both hold a batch, the requests after them wait
+    in the queue, and each answer goes to its own request."""
+    e = engine(size=2, wait_s=0, instances=2)
+
+    async def run():
+        e.gate.clear()  # every batch holds its instance until the gate opens
+        tasks = [asyncio.create_task(one(e, i)) for i in range(7)]
+        while e.now < 2:  # both instances took a batch
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # time enough for a third batch to start, were one allowed to
+        held = (e.now, len(e._queue))
+        e.gate.set()
+        return held, await asyncio.gather(*tasks)
+
+    (running, queued), answers = asyncio.run(run())
+    assert (running, queued) == (2, 3)
+    assert answers == [i * 2 for i in range(7)]
+    assert e.most == 2 and sorted(len(b) for b in e.ran) == [1, 2, 2, 2]
 
 
 def test_a_request_cancelled_while_it_waits_is_not_run():

@@ -80,6 +80,9 @@ def test_rules_across_keys_are_validated_with_dotted_paths():
     assert "below engine_kwargs.max_num_seqs (64)" in msg["model.tiny_llama.deployment.engine.max_ongoing_requests"]
     msg = problems(["model=[silero_vad]", "pipeline=[vad]", "model.silero_vad.deployment.engine.max_ongoing_requests=4"])
     assert "below engine_kwargs.max_batch_size (8)" in msg["model.silero_vad.deployment.engine.max_ongoing_requests"]
+    msg = problems(["model=[silero_vad]", "pipeline=[vad]", "+model.silero_vad.engine_kwargs.instances=2"])
+    assert "runs at most 1 batch at a time" in msg["model.silero_vad.engine_kwargs.instances"]
+    assert compose(["model=[tiny_resnet]", "pipeline=[vision]", "++model.tiny_resnet.engine_kwargs.instances=4"])
     msg = problems(["model=[tiny_llama]", "model.tiny_llama.modality=vision"])
     assert msg["model.tiny_llama.modality"] == "'vision', but pipeline 'text' serves 'text' models"
 
