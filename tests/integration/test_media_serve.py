@@ -58,6 +58,7 @@ def scrape(serve_app) -> list:
 
 
 def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
+    """32 images at once through the vision engine (``instances: 2``, so two batches at a time)."""
     from ray import serve
 
     from core.metrics import sample_value
@@ -72,11 +73,11 @@ def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
         async with httpx.AsyncClient(base_url=serve_app, timeout=60) as c:
             return await asyncio.gather(*(c.post("/v1/infer", json=b) for b in bodies))
 
-    assert {r.status_code for r in asyncio.run(burst())} == {200}
+    answers = asyncio.run(burst())
+    assert {r.status_code for r in answers} == {200}
     after = engine.stats.remote().result()
     items, batches = after["items"] - before["items"], after["batches"] - before["batches"]
     assert items == 32 and batches < 32, (items, batches)
-
     # the engine replica's batch metrics, through the ingress's /metrics, agree with its stats
     now = scrape(serve_app)
 
@@ -87,3 +88,11 @@ def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
     assert delta("mmserve_batch_size_count") == batches
     assert delta("mmserve_batch_size_sum") == items
     assert delta("mmserve_batch_wait_seconds_count") == items
+    # batched, over two instances, each request still gets its own image's labels
+    outputs = [r.json()["output"] for r in answers]
+    assert len({str(o) for o in outputs}) > 1
+    with httpx.Client(base_url=serve_app, timeout=60) as c:
+        for i in (0, 13, 31):  # alone, as the same image in a batch (scores to float32's rounding)
+            alone = c.post("/v1/infer", json=bodies[i]).json()["output"]
+            assert [x["label"] for x in alone] == [x["label"] for x in outputs[i]]
+            assert [x["score"] for x in alone] == pytest.approx([x["score"] for x in outputs[i]], abs=1e-4)
