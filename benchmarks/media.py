@@ -1,26 +1,29 @@
 """Media throughput: /v1/infer with dynamic batching vs ``max_batch_size: 1`` vs a plain torch loop.
 
 Per modality (``vision``: the tiny resnet18 on 320x240 JPEGs; ``audio``: the tiny wav2vec2
-recognizer on 4 s WAV clips), three sides:
+recognizer on 4 s WAV clips), these sides:
 
 - ``plain``: the ceiling on this machine, no server: decode + transforms + the model, in this
-  process, in a loop over batches of ``--batch`` items (the same code the nodes and engines run);
+  process, in a loop over batches of ``--batch`` items (the same code the nodes and engines run)
+  with ``--threads`` torch threads;
+- ``plain xN`` (``--plain-instances``, default 2): the same loop in N threads at once, with the
+  torch threads divided among them, as an engine with ``instances: N`` runs its batches;
 - ``batched``: the model served by mmserve (engine in its own deployment unless ``--placement
   inline``), closed loop at concurrency ``-c`` through HTTP (base64 JSON), ``max_batch_size:
-  --batch``;
+  --batch``, the model config's ``instances`` and torch threads (``--engine-threads`` sets them);
 - ``unbatched``: the same with ``max_batch_size: 1``.
 
 The two served configs run as sides (``benchmarks.sides``): each on a local Ray of its own,
-started once and frozen while anything else is measured, so that a round's three runs are
-seconds apart, each with the machine to itself (the plain loop runs with both frozen). The order
-reverses from round to round; each served run is compared with the plain run of its round, and
+started once and frozen while anything else is measured, so that a round's runs are
+seconds apart, each with the machine to itself (the plain loops run with both frozen). The order
+reverses from round to round; each run is compared with the ``plain`` run of its round, and
 a side is summed up by the median of its rounds. As in ``benchmarks.vllm_serve``, a run during
 which the hypervisor stole more than ``--max-stolen`` of the CPU time is run again, up to
 ``--retries`` times, and the least stolen run counts. The mean batch comes from the served
 side's ``/metrics`` (``mmserve_batch_size``) before and after its run.
 
 ``python -m benchmarks.media [--modality vision audio] [--rounds 3] [-c 32] [-d 20] [--batch 16]
-[--placement engine|inline] [--max-stolen 0.02] [--retries 1] [--also "OVERRIDES"]...
+[--plain-instances 2] [--placement engine|inline] [--max-stolen 0.02] [--retries 1] [--also "OVERRIDES"]...
 [-- overrides...]`` prints items/s and the ratios to ``plain``; ``--also`` adds a batched side
 with more overrides, compared with the same plain runs: an A/B of a setting within one run.
 """
@@ -54,12 +57,9 @@ class PlainLoop:
     """The modality's preprocess node and engine, loaded once in this process."""
 
     def __init__(self, modality: str, data: bytes, batch: int, threads: int) -> None:
-        import torch
-
         from apps.config import compose
         from core.registry import engine_class, node_class
 
-        torch.set_num_threads(threads)
         key, pipe = MODELS[modality]
         cfg = compose([f"model=[{key}]", f"pipeline=[{pipe}]"])
         self.model, spec = cfg.model[key], cfg.pipeline[pipe].preprocess
@@ -68,7 +68,7 @@ class PlainLoop:
         asyncio.run(self.node.start())
         self.engine.load()
         self.params = self.engine.Params()
-        self.data, self.batch = data, batch
+        self.data, self.batch, self.threads = data, batch, threads
 
     def _one_batch(self) -> None:
         import torch
@@ -77,16 +77,31 @@ class PlainLoop:
         with torch.inference_mode():
             self.engine.run_batch([(p, self.params) for p in payloads])
 
-    def run(self, seconds: float) -> dict:
+    def run(self, seconds: float, instances: int = 1) -> dict:
         """Items/s of decode + preprocess + model over batches, for ``seconds`` after one
-        batch of warm-up."""
+        batch of warm-up: ``instances`` threads, each looping over batches of its own, with
+        torch's threads divided among them (as an engine's ``instances``)."""
+        import threading
+
+        import torch
+
+        torch.set_num_threads(max(1, self.threads // instances))
         self._one_batch()
+        done = [0] * instances
         stolen = steal()
-        items, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            self._one_batch()
-            items += self.batch
-        return {"rps": items / (time.perf_counter() - t0), "stolen": steal_share(stolen, steal())}
+        t0 = time.perf_counter()
+
+        def loop(i: int) -> None:
+            while time.perf_counter() - t0 < seconds:
+                self._one_batch()
+                done[i] += self.batch
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return {"rps": sum(done) / (time.perf_counter() - t0), "stolen": steal_share(stolen, steal())}
 
 
 def served_overrides(modality: str, max_batch: int, args) -> list[str]:
@@ -94,7 +109,7 @@ def served_overrides(modality: str, max_batch: int, args) -> list[str]:
     key, pipe = MODELS[modality]
     return [f"model=[{key}]", f"pipeline=[{pipe}]",
             f"model.{key}.engine_kwargs.max_batch_size={max_batch}",
-            f"++model.{key}.engine_kwargs.torch_threads={args.engine_threads or args.threads}",
+            *([f"++model.{key}.engine_kwargs.torch_threads={args.engine_threads}"] if args.engine_threads else []),
             f"model.{key}.deployment.engine.ray_actor_options.num_cpus=1",
             f"model.{key}.deployment.engine.max_ongoing_requests={max(args.concurrency, max_batch)}",
             f"model.{key}.deployment.placement={args.placement}", *args.overrides]
@@ -140,14 +155,16 @@ def measure(modality: str, data: bytes, args) -> dict[str, list[dict]]:
              for name, size in zip(SERVED, (args.batch, 1))]
     sides += [mmserve_side([*served_overrides(modality, args.batch, args), *extra.split()], name=f"also {i}")
               for i, extra in enumerate(args.also, 1)]
-    runs: dict[str, list[dict]] = {"plain": [], **{side.name: [] for side in sides}}
+    loops = {"plain": 1, **{f"plain x{n}": n for n in args.plain_instances if n > 1}}
+    runs: dict[str, list[dict]] = {**{name: [] for name in loops}, **{side.name: [] for side in sides}}
     with all_up(sides):
-        order = [None, *sides]
+        order = [*loops, *sides]
         for i in range(args.rounds):
             for side in order if i % 2 == 0 else order[::-1]:
-                if side is None:
-                    run = least_stolen(lambda: plain.run(args.duration), args.max_stolen, args.retries)
-                    runs["plain"].append(run)
+                if isinstance(side, str):
+                    run = least_stolen(lambda: plain.run(args.duration, loops[side]), args.max_stolen,
+                                       args.retries)
+                    runs[side].append(run)
                     continue
                 with side.running() as url:
                     run = least_stolen(lambda: served_run(url, model_id, data, args), args.max_stolen,
@@ -170,7 +187,7 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
     for name, rr in runs.items():
         ratios = [r["rps"] / p["rps"] for r, p in zip(rr, plain)]
         ratio = f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
-        if name == "plain":
+        if name.startswith("plain"):
             served = f"{'':>7} | {'':>7} | {args.batch:>10}"
         else:
             served = " | ".join(f"{statistics.median(r[key] for r in rr):>{w}{f}}" for key, w, f in (
@@ -197,8 +214,11 @@ def main() -> None:
     ap.add_argument("--placement", default="engine", choices=["inline", "engine"],
                     help="engine: its own deployment (the default of these models); inline: in the ingress")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
+    ap.add_argument("--plain-instances", type=int, nargs="*", default=[2], metavar="N", help=(
+        "also run the plain loop in N threads at once, each over batches of its own, with the "
+        "torch threads divided among them (an engine's `instances`): side 'plain xN' (default 2)"))
     ap.add_argument("--engine-threads", type=int, default=None,
-                    help="torch threads of the served engine (default: --threads)")
+                    help="torch threads of the served engine (default: the model config's)")
     add_steal_args(ap)
     ap.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
                     help="one more batched side, with these overrides (space-separated) on top: an A/B "
