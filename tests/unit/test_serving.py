@@ -15,7 +15,7 @@ from core.validate import ConfigError
 # conf/server/default.yaml's serve_env: what the printed config shows is what Serve gets
 DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
             "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-            "RAY_worker_niceness": "0"}
+            "RAY_worker_niceness": "0", "RAY_max_direct_call_object_size": "1048576"}
 
 
 def test_the_config_shows_the_serve_env_defaults_it_applies():
