@@ -15,7 +15,7 @@ recognizer on 4 s WAV clips), these sides:
 
 The two served configs run as sides (``benchmarks.sides``): each on a local Ray of its own,
 started once and frozen while anything else is measured, so that a round's runs are
-seconds apart, each with the machine to itself (the plain loops run with both frozen). The order
+seconds apart, each with the machine to itself (the plain loops run with every side frozen). The order
 reverses from round to round; each run is compared with the ``plain`` run of its round, and
 a side is summed up by the median of its rounds. As in ``benchmarks.vllm_serve``, a run during
 which the hypervisor stole more than ``--max-stolen`` of the CPU time is run again, up to

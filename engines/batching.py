@@ -45,9 +45,9 @@ class BatchKwargs(BaseModel):
                                         description="Longest wait for a batch to fill.")
     instances: int = Field(1, ge=1, le=64, description="Batches run at once, each in a worker "
                            "thread of its own (Triton's instance count).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads, shared by "
-                                      "the instances (default: torch's, which Ray sets from the "
-                                      "replica's num_cpus, divided among the instances).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads of each "
+                                      "instance's batch (default: torch's, which Ray sets from the "
+                                      "replica's num_cpus, divided by instances).")
 
 
 class BatchedEngine(Engine):
