@@ -24,7 +24,7 @@ side's ``/metrics`` (``mmserve_batch_size``) before and after its run.
 
 ``python -m benchmarks.media [--modality vision audio] [--rounds 3] [-c 32] [-d 20] [--batch 16]
 [--plain-instances 2] [--placement engine|inline] [--max-stolen 0.02] [--retries 1] [--also "OVERRIDES"]...
-[-- overrides...]`` prints items/s and the ratios to ``plain``; ``--also`` adds a batched side
+[-- overrides...]`` prints items/s, the ratios to ``plain`` and to each ``plain xN``; ``--also`` adds a batched side
 with more overrides, compared with the same plain runs: an A/B of a setting within one run.
 """
 
@@ -182,7 +182,11 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
           f"placement {args.placement}, {args.rounds} rounds, each served run against the plain run "
           "of its round")
     width = max(25, 5 + 6 * len(plain))  # "0.96 (" and "0.80, " per round, less 1
-    print(f"{'':10} | {'items/s':>8} | {'vs plain, median (rounds)':<{width}} | {'p50 ms':>7} | {'p99 ms':>7} | "
+    rps = {name: statistics.median(r["rps"] for r in rr) for name, rr in runs.items()}
+    # the loop in the engines' form: items/s over its median items/s
+    forms = [name for name in runs if name.startswith("plain x")]
+    print(f"{'':10} | {'items/s':>8} | {'vs plain, median (rounds)':<{width}} | "
+          f"{''.join(f'vs {form} | ' for form in forms)}{'p50 ms':>7} | {'p99 ms':>7} | "
           f"{'mean batch':>10} | {'stolen':>6} | {'runs again':>10} | statuses")
     for name, rr in runs.items():
         ratios = [r["rps"] / p["rps"] for r, p in zip(rr, plain)]
@@ -196,7 +200,8 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
         for r in rr:
             for status, n in r.get("statuses", {}).items():
                 statuses[status] = statuses.get(status, 0) + n
-        print(f"{name:10} | {statistics.median(r['rps'] for r in rr):>8.1f} | {ratio:<{width}} | {served} | "
+        vs_forms = "".join(f"{rps[name] / rps[form]:>{len(form) + 3}.2f} | " for form in forms)
+        print(f"{name:10} | {rps[name]:>8.1f} | {ratio:<{width}} | {vs_forms}{served} | "
               f"{100 * statistics.median(r['stolen'] for r in rr):>5.1f}% | "
               f"{sum(r['attempts'] - 1 for r in rr):>10} | {statuses or ''}")
     for i, extra in enumerate(args.also, 1):
