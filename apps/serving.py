@@ -21,6 +21,7 @@ import contextlib
 import glob
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -91,11 +92,32 @@ def serve_env(server: ServerConfig, local: bool) -> dict[str, str]:
     return {**env, **server.serve_env}
 
 
+# Ports that free_port() hands out: above Ray's worker ports (10002-19999 by default), below
+# the ports Serve's replicas take for direct ingress (30000-31000) and below the kernel's
+# ephemeral range, so that nothing Ray starts (an outgoing connection, a replica) can take the
+# port before the server binds it. CI saw that race when ports came from the ephemeral range.
+FREE_PORTS = range(20000, 30000)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_rng = random.SystemRandom()  # not the global generator, which a caller may have seeded
+
+
 def free_port() -> int:
-    """A TCP port free on this machine right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on this machine right now, outside the kernel's ephemeral range where
+    it can (otherwise one the kernel picks)."""
+    try:
+        below = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        below = FREE_PORTS.start
+    ports = range(FREE_PORTS.start, min(FREE_PORTS.stop, below))
+    candidates = _rng.sample(ports, min(64, len(ports)))
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 @contextlib.contextmanager

@@ -4,11 +4,12 @@ secrets from the environment (no Ray started)."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 from apps.config import compose, with_env_api_keys
-from apps.serving import HAPROXY_MODE_ENV, HAPROXY_PORTS, RaySession, environ, serve_env
+from apps.serving import HAPROXY_MODE_ENV, HAPROXY_PORTS, RaySession, environ, free_port, serve_env
 from core.config import ServerConfig
 from core.validate import ConfigError
 
@@ -33,6 +34,31 @@ def test_haproxy_is_the_default_mode_and_a_local_ray_gets_free_ports():
     assert len(set(ports)) == len(ports) and all(p > 0 for p in ports)
     # on a cluster the ports are the cluster's business
     assert not set(HAPROXY_PORTS) & set(serve_env(server, local=False))
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_bindable():
+    from apps.serving import EPHEMERAL_RANGE, FREE_PORTS
+
+    below = int(EPHEMERAL_RANGE.read_text().split()[0])
+    for _ in range(20):
+        port = free_port()
+        assert port in FREE_PORTS and port < below  # an outgoing connection cannot take it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_a_taken_port_is_never_handed_out(monkeypatch, tmp_path):
+    from apps import serving
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the only candidate below the "ephemeral range" is the taken port
+        (tmp_path / "range").write_text(f"{port + 1}\t60999\n")
+        monkeypatch.setattr(serving, "FREE_PORTS", range(port, port + 10))
+        monkeypatch.setattr(serving, "EPHEMERAL_RANGE", tmp_path / "range")
+        assert free_port() != port  # the kernel's pick instead
 
 
 def test_ports_already_in_the_environment_or_the_config_are_kept(monkeypatch):
