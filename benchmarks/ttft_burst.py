@@ -13,15 +13,21 @@ Both servers stay up, each frozen while the other is measured (``benchmarks.side
 vllm, mmserve, then mmserve, vllm, ...; a round's figures are the medians over its bursts of each
 burst's median and slowest TTFT.
 
+``--beside-ray`` adds a third case: vLLM's own server measured while an idle local Ray Serve
+(the echo model, Ray's processes on the last CPU as mmserve's default puts them beside a vLLM
+CPU worker) runs next to it, thawed with it. What that costs vLLM's own bursts is what Ray's
+presence alone costs, before mmserve does anything.
+
 ``python -m benchmarks.ttft_burst [--model tiny_llama] [-c 32] [--bursts 8] [--max-tokens 32]
-[--rounds 1] [--keep-connections] [overrides...]`` (overrides: Hydra overrides for the mmserve
-side).
+[--rounds 1] [--keep-connections] [--beside-ray] [overrides...]`` (overrides: Hydra overrides for
+the mmserve side).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -83,36 +89,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep-connections", action="store_true",
                         help="send every burst over the warm-up's connections (default: new ones per burst)")
+    parser.add_argument("--beside-ray", action="store_true",
+                        help="also measure vLLM's own server beside an idle local Ray Serve")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
     from apps.config import compose
+    from core import cpus
 
     base = [f"model=[{opts.model}]", *opts.overrides]
     model = compose(base).model[opts.model]
     args = (model.model_id, opts.c, opts.bursts, opts.max_tokens, opts.keep_connections)
-    sides = [vllm_side(model), mmserve_side(base)]
+    vllm, mmserve = vllm_side(model), mmserve_side(base)
+    cases = {"vllm": [vllm], "mmserve": [mmserve]}  # the sides thawed for each case, its server last
+    sides = [vllm, mmserve]
+    if opts.beside_ray:
+        ray = mmserve_side(["model=[echo]", f"server.ray_cpus=[{max(cpus.allowed())}]"], name="idle Ray")
+        cases["vllm beside Ray"] = [ray, vllm]
+        sides.append(ray)
     rounds = []
     with all_up(sides):
         for i in range(opts.rounds):
             rounds.append({})
-            for side in sides if i % 2 == 0 else sides[::-1]:
-                with side.running() as url:
-                    rounds[-1][side.name] = asyncio.run(bursts(url, *args))
+            for name in cases if i % 2 == 0 else reversed(cases):
+                with contextlib.ExitStack() as thawed:
+                    url = [thawed.enter_context(side.running()) for side in cases[name]][-1]
+                    rounds[-1][name] = asyncio.run(bursts(url, *args))
             print(json.dumps({"round": i + 1, **rounds[-1]}), flush=True)
 
     connections = "over the warm-up's connections" if opts.keep_connections else "each on new connections"
     print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} round(s) of "
           f"{opts.bursts} bursts of {opts.c} streamed completions ({opts.max_tokens} tokens), {connections}")
-    print(f"{'':>8} | {'TTFT median ms':>14} | {'TTFT slowest ms':>15}")
-    for side in ("vllm", "mmserve"):
-        runs = [r[side] for r in rounds]
-        print(f"{side:>8} | {statistics.median(r['ttft_median_ms'] for r in runs):>14.0f} | "
-              f"{statistics.median(r['ttft_max_ms'] for r in runs):>15.0f}")
-    ratios = [r["mmserve"]["ttft_max_ms"] / r["vllm"]["ttft_max_ms"] for r in rounds]
-    print(f"slowest TTFT, mmserve over vLLM in the same round: {statistics.median(ratios):.2f} "
-          f"({', '.join(f'{x:.2f}' for x in ratios)})")
+    print(f"{'':>15} | {'TTFT median ms':>14} | {'TTFT slowest ms':>15} | slowest over vLLM's alone, same round")
+    for name in cases:
+        runs = [r[name] for r in rounds]
+        ratios = [r[name]["ttft_max_ms"] / r["vllm"]["ttft_max_ms"] for r in rounds]
+        versus = "" if name == "vllm" else (f"{statistics.median(ratios):.2f} "
+                                            f"({', '.join(f'{x:.2f}' for x in ratios)})")
+        print(f"{name:>15} | {statistics.median(r['ttft_median_ms'] for r in runs):>14.0f} | "
+              f"{statistics.median(r['ttft_max_ms'] for r in runs):>15.0f} | {versus}")
 
 
 if __name__ == "__main__":
