@@ -127,6 +127,20 @@ def test_a_closed_loop_of_n_requests_over_any_call_counts_what_raises():
         asyncio.run(closed_loop(call, concurrency=1))
 
 
+def test_a_closed_loop_counts_the_answers_of_its_window_whatever_their_start():
+    # 4 slots of 0.3 s requests: 13.3 answers a second. With a 0.2 s warm-up, the warm-up's
+    # requests end at 0.3 s, inside the window (0.2-0.8 s): counting requests by their start
+    # would give 8 answers over 0.7 s (11.4 a second), left out the first 0.1 s of the window.
+    async def call(i):
+        await asyncio.sleep(0.3)
+        return Sample("200", 0.3)
+
+    samples, elapsed = asyncio.run(closed_loop(call, concurrency=4, duration_s=0.6, warmup_s=0.2))
+    assert elapsed == pytest.approx(0.6, abs=0.01)  # the window, not the last answer
+    assert len(samples) == 8  # those ending at 0.3 s and at 0.6 s; not those at 0.9 s
+    assert summarize(samples, elapsed, stream=False).rps == pytest.approx(4 / 0.3, rel=0.05)
+
+
 def test_the_open_loop_caps_what_is_in_flight():
     in_flight, most = 0, 0
 
