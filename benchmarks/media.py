@@ -1,10 +1,12 @@
 """Media throughput: /v1/infer with dynamic batching vs ``max_batch_size: 1`` vs a plain torch loop.
 
 Per modality (``vision``: the tiny resnet18 on 320x240 JPEGs; ``audio``: the tiny wav2vec2
-recognizer on 4 s WAV clips), these sides:
+recognizer on 4 s WAV clips; ``video``: the tiny resnet18 on the 8 frames the video node samples
+from 4 s 240x240 MP4 clips), these sides:
 
 - ``plain``: the ceiling on this machine, no server: decode + transforms + the model, in this
-  process, in a loop over batches of ``--batch`` items (the same code the nodes and engines run)
+  process, in a loop over batches of ``--batch`` items (default: 16 images or clips of audio, 4
+  videos, each model config's ``max_batch_size``; the same code the nodes and engines run)
   with ``--threads`` torch threads;
 - ``plain xN`` (``--plain-instances``, default 2): the same loop in N threads at once, with the
   torch threads divided among them, as an engine with ``instances: N`` runs its batches;
@@ -22,7 +24,7 @@ which the hypervisor stole more than ``--max-stolen`` of the CPU time is run aga
 ``--retries`` times, and the least stolen run counts. The mean batch comes from the served
 side's ``/metrics`` (``mmserve_batch_size``) before and after its run.
 
-``python -m benchmarks.media [--modality vision audio] [--rounds 3] [-c 32] [-d 20] [--batch 16]
+``python -m benchmarks.media [--modality vision audio video] [--rounds 3] [-c 32] [-d 20] [--batch N]
 [--plain-instances 2] [--placement engine|inline] [--max-stolen 0.02] [--retries 1] [--also "OVERRIDES"]...
 [-- overrides...]`` prints items/s, the ratios to ``plain`` and to each ``plain xN``; ``--also`` adds a batched side
 with more overrides, compared with the same plain runs: an A/B of a setting within one run.
@@ -41,7 +43,8 @@ import httpx
 
 from benchmarks.sides import add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share
 
-MODELS = {"vision": ("tiny_resnet", "vision"), "audio": ("tiny_asr", "asr")}
+MODELS = {"vision": ("tiny_resnet", "vision"), "audio": ("tiny_asr", "asr"), "video": ("tiny_video", "video")}
+BATCH = {"vision": 16, "audio": 16, "video": 4}  # items per batch unless --batch says
 SERVED = ("batched", "unbatched")
 
 
@@ -50,6 +53,8 @@ def sample(modality: str) -> tuple[bytes, str]:
 
     if modality == "vision":
         return media.encode_image(media.image(320, 240), "jpeg"), "jpeg"
+    if modality == "video":
+        return media.encode_video(frames=40, fps=10, size=240), "mp4"
     return media.encode_audio(media.clip_with_speech(before_s=1.0, speech_s=1.5, after_s=1.5)), "wav"
 
 
@@ -68,12 +73,17 @@ class PlainLoop:
         asyncio.run(self.node.start())
         self.engine.load()
         self.params = self.engine.Params()
-        self.data, self.batch, self.threads = data, batch, threads
+        self.data, self.batch, self.threads, self.modality = data, batch, threads, modality
+
+    def _decode(self):
+        if self.modality == "video":  # the frames the node samples when a request names none
+            return self.node.decode(self.data, None, self.node.kwargs.num_frames, self.model.model_id)
+        return self.node.decode(self.data, self.model.model_id)
 
     def _one_batch(self) -> None:
         import torch
 
-        payloads = [self.node.decode(self.data, self.model.model_id) for _ in range(self.batch)]
+        payloads = [self._decode() for _ in range(self.batch)]
         with torch.inference_mode():
             self.engine.run_batch([(p, self.params) for p in payloads])
 
@@ -149,11 +159,12 @@ def served_run(url: str, model_id: str, data: bytes, args) -> dict:
 
 def measure(modality: str, data: bytes, args) -> dict[str, list[dict]]:
     """Every round's runs of the plain loop and the served sides of one modality, on ``data``."""
-    plain = PlainLoop(modality, data, args.batch, args.threads)
+    batch = args.batch or BATCH[modality]
+    plain = PlainLoop(modality, data, batch, args.threads)
     model_id = plain.model.model_id
     sides = [mmserve_side(served_overrides(modality, size, args), name=name)
-             for name, size in zip(SERVED, (args.batch, 1))]
-    sides += [mmserve_side([*served_overrides(modality, args.batch, args), *extra.split()], name=f"also {i}")
+             for name, size in zip(SERVED, (batch, 1))]
+    sides += [mmserve_side([*served_overrides(modality, batch, args), *extra.split()], name=f"also {i}")
               for i, extra in enumerate(args.also, 1)]
     loops = {"plain": 1, **{f"plain x{n}": n for n in args.plain_instances if n > 1}}
     runs: dict[str, list[dict]] = {**{name: [] for name in loops}, **{side.name: [] for side in sides}}
@@ -178,7 +189,8 @@ def measure(modality: str, data: bytes, args) -> dict[str, list[dict]]:
 
 def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
     plain = runs["plain"]
-    print(f"\n{modality}: {size} bytes per item, concurrency {args.concurrency}, batch {args.batch}, "
+    batch = args.batch or BATCH[modality]
+    print(f"\n{modality}: {size} bytes per item, concurrency {args.concurrency}, batch {batch}, "
           f"placement {args.placement}, {args.rounds} rounds, each served run against the plain run "
           "of its round")
     width = max(25, 5 + 6 * len(plain))  # "0.96 (" and "0.80, " per round, less 1
@@ -192,7 +204,7 @@ def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
         ratios = [r["rps"] / p["rps"] for r, p in zip(rr, plain)]
         ratio = f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
         if name.startswith("plain"):
-            served = f"{'':>7} | {'':>7} | {args.batch:>10}"
+            served = f"{'':>7} | {'':>7} | {batch:>10}"
         else:
             served = " | ".join(f"{statistics.median(r[key] for r in rr):>{w}{f}}" for key, w, f in (
                 ("p50_ms", 7, ".0f"), ("p99_ms", 7, ".0f"), ("mean_batch_size", 10, ".1f")))
@@ -215,7 +227,8 @@ def main() -> None:
     ap.add_argument("-c", "--concurrency", type=int, default=32)
     ap.add_argument("-d", "--duration", type=float, default=20.0)
     ap.add_argument("-w", "--warmup", type=float, default=5.0)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="items per batch (default: 16 for vision and audio, 4 for video)")
     ap.add_argument("--placement", default="engine", choices=["inline", "engine"],
                     help="engine: its own deployment (the default of these models); inline: in the ingress")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
