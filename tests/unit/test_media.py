@@ -298,3 +298,32 @@ def test_a_decoded_image_crosses_a_hop_as_the_same_pixels_and_finishes_as_torchv
     reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(Transforms().mean, Transforms().std)])
     assert torch.equal(got.finish(pixels), reference(pixels))
     assert torch.equal(got.finish(pixels.unsqueeze(0))[0], reference(pixels))  # frames of a video too
+
+
+def test_the_classifier_answers_the_same_whatever_the_layout_its_input_arrives_in():
+    """The engine runs its network in channels_last (faster convolutions on a CPU); its
+    probabilities are those of the network as loaded, for a decoded batch as the node hands it
+    over (a view of the decoder's channels-last frame) and for the same batch after a pickle
+    (contiguous, as it arrives across a handle hop)."""
+    import pickle
+
+    import torch
+
+    from core.protocol import MediaPayload
+    from engines.classifier import ImageClassifier, load_classifier
+    from nodes.vision import ImageDecode
+
+    cfg = compose(["model=[tiny_resnet]", "pipeline=[vision]"])
+    m = cfg.model["tiny_resnet"]
+    engine, decode = ImageClassifier(m), ImageDecode(cfg.pipeline["vision"].preprocess.kwargs, m)
+    engine.load()
+    asyncio.run(decode.start())
+    payloads = [decode.decode(media.encode_image(media.image(seed=i)), m.model_id) for i in range(4)]
+    hopped = [pickle.loads(pickle.dumps(p)) for p in payloads]
+    assert payloads[0].data.stride()[0] == 1 and hopped[0].data.is_contiguous()  # the two layouts
+    reference, _ = load_classifier(m.source)
+    with torch.inference_mode():
+        expected = reference.eval()(torch.stack([p.finish(p.data).contiguous() for p in payloads])).softmax(-1)
+        for batch in (payloads, hopped):
+            got = torch.stack(engine.forward([(p, None) for p in batch]))
+            assert torch.allclose(got, expected, atol=1e-5)
