@@ -3,9 +3,9 @@ arrivals at a rate), over any ``call(i) -> Sample``; :func:`run_load` drives HTT
 
 Used by every benchmark (``benchmarks/``), ``apps.bench`` sweeps and the tests. Latency is
 measured per request from send to full response; throughput counts the requests that ended in
-the measured window (after the warm-up, for the run's duration) over its length. With ``stream=True`` (text pipelines) each request is
-read as Server-Sent Events and also yields time to first token and time per output token,
-defined as ``vllm bench serve`` defines them.
+the measured window (after the warm-up, for the run's duration) over its length. With
+``stream=True`` (text pipelines) each request is read as Server-Sent Events and also yields time
+to first token and time per output token, defined as ``vllm bench serve`` defines them.
 ``python -m apps.loadgen --url ... --body '{...}' -c 32 -d 10``.
 """
 
@@ -145,9 +145,9 @@ def summarize(samples: list[Sample], elapsed: float, stream: bool) -> LoadResult
 # driven in-process, for comparison). A call that raises is a sample whose status is the
 # exception's name. A request is measured when it ends within the window, which runs from
 # ``warmup_s`` after the start for ``duration_s`` (for a number of requests alone, until the last
-# answer); requests still in flight when it closes are awaited, not counted. Counting by start
-# instead (this loop's rule until 2026-12-04) left out the answers that the warm-up's requests
-# took of the window, a latency's worth: 40% of the throughput when a request takes 14 s.
+# answer); requests still in flight when it closes are awaited, not counted. Counting requests
+# by their start instead would leave out the answers that the warm-up's requests take of the
+# window, a latency's worth (40% of the throughput when a request takes 14 s of a 20 s window).
 
 Call = Callable[[int], Awaitable[Sample]]
 
