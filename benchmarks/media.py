@@ -44,7 +44,6 @@ import httpx
 from benchmarks.sides import add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share
 
 MODELS = {"vision": ("tiny_resnet", "vision"), "audio": ("tiny_asr", "asr"), "video": ("tiny_video", "video")}
-BATCH = {"vision": 16, "audio": 16, "video": 4}  # items per batch unless --batch says
 SERVED = ("batched", "unbatched")
 
 
@@ -61,7 +60,7 @@ def sample(modality: str) -> tuple[bytes, str]:
 class PlainLoop:
     """The modality's preprocess node and engine, loaded once in this process."""
 
-    def __init__(self, modality: str, data: bytes, batch: int, threads: int) -> None:
+    def __init__(self, modality: str, data: bytes, batch: int | None, threads: int) -> None:
         from apps.config import compose
         from core.registry import engine_class, node_class
 
@@ -73,7 +72,8 @@ class PlainLoop:
         asyncio.run(self.node.start())
         self.engine.load()
         self.params = self.engine.Params()
-        self.data, self.batch, self.threads, self.modality = data, batch, threads, modality
+        self.data, self.threads, self.modality = data, threads, modality
+        self.batch = batch or self.engine.kwargs.max_batch_size  # the model config's by default
 
     def _decode(self):
         if self.modality == "video":  # the frames the node samples when a request names none
@@ -157,10 +157,11 @@ def served_run(url: str, model_id: str, data: bytes, args) -> dict:
     return out
 
 
-def measure(modality: str, data: bytes, args) -> dict[str, list[dict]]:
-    """Every round's runs of the plain loop and the served sides of one modality, on ``data``."""
-    batch = args.batch or BATCH[modality]
-    plain = PlainLoop(modality, data, batch, args.threads)
+def measure(modality: str, data: bytes, args) -> tuple[int, dict[str, list[dict]]]:
+    """The batch size, and every round's runs of the plain loop and the served sides of one
+    modality, on ``data``."""
+    plain = PlainLoop(modality, data, args.batch, args.threads)
+    batch = plain.batch
     model_id = plain.model.model_id
     sides = [mmserve_side(served_overrides(modality, size, args), name=name)
              for name, size in zip(SERVED, (batch, 1))]
@@ -184,12 +185,11 @@ def measure(modality: str, data: bytes, args) -> dict[str, list[dict]]:
             print(json.dumps({"modality": modality, "round": i + 1,
                               **{name: {k: r[-1][k] for k in ("rps", "stolen", "attempts")}
                                  for name, r in runs.items()}}, default=float), flush=True)
-    return runs
+    return batch, runs
 
 
-def table(modality: str, size: int, runs: dict[str, list[dict]], args) -> None:
+def table(modality: str, size: int, batch: int, runs: dict[str, list[dict]], args) -> None:
     plain = runs["plain"]
-    batch = args.batch or BATCH[modality]
     print(f"\n{modality}: {size} bytes per item, concurrency {args.concurrency}, batch {batch}, "
           f"placement {args.placement}, {args.rounds} rounds, each served run against the plain run "
           "of its round")
@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("-d", "--duration", type=float, default=20.0)
     ap.add_argument("-w", "--warmup", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=None,
-                    help="items per batch (default: 16 for vision and audio, 4 for video)")
+                    help="items per batch (default: the model config's max_batch_size)")
     ap.add_argument("--placement", default="engine", choices=["inline", "engine"],
                     help="engine: its own deployment (the default of these models); inline: in the ingress")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the plain loop")
@@ -246,9 +246,9 @@ def main() -> None:
 
     data = {modality: sample(modality)[0] for modality in args.modality}
     results = {modality: measure(modality, data[modality], args) for modality in args.modality}
-    for modality, runs in results.items():
-        table(modality, len(data[modality]), runs, args)
-    print("\n" + json.dumps(results, default=float))
+    for modality, (batch, runs) in results.items():
+        table(modality, len(data[modality]), batch, runs, args)
+    print("\n" + json.dumps({modality: runs for modality, (_, runs) in results.items()}, default=float))
 
 
 if __name__ == "__main__":
