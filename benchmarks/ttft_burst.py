@@ -18,9 +18,12 @@ burst's median and slowest TTFT.
 CPU worker) runs next to it, thawed with it. What that costs vLLM's own bursts is what Ray's
 presence alone costs, before mmserve does anything.
 
+``--also "OVERRIDES"`` adds a side, mmserve with more Hydra overrides, measured in the same
+rounds: an A/B of a setting within one run.
+
 ``python -m benchmarks.ttft_burst [--model tiny_llama] [-c 32] [--bursts 8] [--max-tokens 32]
-[--rounds 1] [--keep-connections] [--beside-ray] [overrides...]`` (overrides: Hydra overrides for
-the mmserve side).
+[--rounds 1] [--keep-connections] [--beside-ray] [--also "OVERRIDES"]... [overrides...]``
+(overrides: Hydra overrides for the mmserve side).
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ def main() -> None:
                         help="send every burst over the warm-up's connections (default: new ones per burst)")
     parser.add_argument("--beside-ray", action="store_true",
                         help="also measure vLLM's own server beside an idle local Ray Serve")
+    parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                        help="one more mmserve side, with these overrides (space-separated) on top: "
+                             "an A/B within one run; repeatable")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -103,7 +109,9 @@ def main() -> None:
     args = (model.model_id, opts.c, opts.bursts, opts.max_tokens, opts.keep_connections)
     vllm, mmserve = vllm_side(model), mmserve_side(base)
     cases = {"vllm": [vllm], "mmserve": [mmserve]}  # the sides thawed for each case, its server last
-    sides = [vllm, mmserve]
+    for extra in opts.also:
+        cases[f"mmserve {extra}"] = [mmserve_side([*base, *extra.split()], name=f"mmserve {extra}")]
+    sides = [side for case in cases.values() for side in case]
     if opts.beside_ray:
         ray = mmserve_side(["model=[echo]", f"server.ray_cpus=[{max(cpus.allowed())}]"], name="idle Ray")
         cases["vllm beside Ray"] = [ray, vllm]
@@ -121,13 +129,14 @@ def main() -> None:
     connections = "over the warm-up's connections" if opts.keep_connections else "each on new connections"
     print(f"\n{model.model_id}, placement {model.deployment.placement}, {opts.rounds} round(s) of "
           f"{opts.bursts} bursts of {opts.c} streamed completions ({opts.max_tokens} tokens), {connections}")
-    print(f"{'':>15} | {'TTFT median ms':>14} | {'TTFT slowest ms':>15} | slowest over vLLM's alone, same round")
+    width = max(15, *(len(name) for name in cases))
+    print(f"{'':>{width}} | {'TTFT median ms':>14} | {'TTFT slowest ms':>15} | slowest over vLLM's alone, same round")
     for name in cases:
         runs = [r[name] for r in rounds]
         ratios = [r[name]["ttft_max_ms"] / r["vllm"]["ttft_max_ms"] for r in rounds]
         versus = "" if name == "vllm" else (f"{statistics.median(ratios):.2f} "
                                             f"({', '.join(f'{x:.2f}' for x in ratios)})")
-        print(f"{name:>15} | {statistics.median(r['ttft_median_ms'] for r in runs):>14.0f} | "
+        print(f"{name:>{width}} | {statistics.median(r['ttft_median_ms'] for r in runs):>14.0f} | "
               f"{statistics.median(r['ttft_max_ms'] for r in runs):>15.0f} | {versus}")
 
 
