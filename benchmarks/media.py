@@ -41,7 +41,7 @@ import time
 
 import httpx
 
-from benchmarks.sides import add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share
+from benchmarks.sides import add_also_arg, add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share
 
 MODELS = {"vision": ("tiny_resnet", "vision"), "audio": ("tiny_asr", "asr"), "video": ("tiny_video", "video")}
 SERVED = ("batched", "unbatched")
@@ -238,9 +238,7 @@ def main() -> None:
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the served engine (default: the model config's)")
     add_steal_args(ap)
-    ap.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
-                    help="one more batched side, with these overrides (space-separated) on top: an A/B "
-                         "within one run; repeatable")
+    add_also_arg(ap, "batched side")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the served configs")
     args = ap.parse_args()
 

@@ -53,6 +53,14 @@ def add_steal_args(parser: argparse.ArgumentParser) -> None:
         "most runs again per run (default 1; 0 when the machine is stolen from all along)"))
 
 
+def add_also_arg(parser: argparse.ArgumentParser, side: str = "mmserve side") -> None:
+    """``--also "OVERRIDES"``, repeatable: one more ``side`` with these Hydra overrides
+    (space-separated) on top, measured in the same rounds."""
+    parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                        help=f"one more {side}, with these overrides (space-separated) on top: "
+                             "an A/B within one run; repeatable")
+
+
 def least_stolen(run: Callable[[], dict], max_stolen: float, retries: int) -> dict:
     """``run()``, a dict with the ``stolen`` share of its CPU time, done again while the
     hypervisor stole more than ``max_stolen`` of it, at most ``retries`` more times: the least

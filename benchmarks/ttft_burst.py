@@ -38,7 +38,7 @@ import time
 
 import httpx
 
-from benchmarks.sides import all_up, mmserve_side, vllm_side
+from benchmarks.sides import add_also_arg, all_up, mmserve_side, vllm_side
 
 
 async def first_token_s(client: httpx.AsyncClient, url: str, model_id: str, prompt: str,
@@ -94,9 +94,7 @@ def main() -> None:
                         help="send every burst over the warm-up's connections (default: new ones per burst)")
     parser.add_argument("--beside-ray", action="store_true",
                         help="also measure vLLM's own server beside an idle local Ray Serve")
-    parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
-                        help="one more mmserve side, with these overrides (space-separated) on top: "
-                             "an A/B within one run; repeatable")
+    add_also_arg(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")

@@ -34,7 +34,7 @@ import os
 import statistics
 
 from benchmarks.idle import cpu_seconds
-from benchmarks.sides import add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share, vllm_side
+from benchmarks.sides import add_also_arg, add_steal_args, all_up, least_stolen, mmserve_side, steal, steal_share, vllm_side
 
 
 #: the busiest processes ``--cpu`` prints per run (its total counts them all)
@@ -89,9 +89,7 @@ def main() -> None:
     parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
     add_steal_args(parser)
     parser.add_argument("--cpu", action="store_true", help="print each process's CPU seconds per run")
-    parser.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
-                        help="one more mmserve side, with these overrides (space-separated) on top: "
-                             "an A/B within one run; repeatable")
+    add_also_arg(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
