@@ -1,6 +1,7 @@
 # make run   - set up the environment if needed, then serve the embedded default config
 # make test  - set up the environment if needed, then run the test suite
 # make bench - the framework-overhead benchmark (BENCHMARKS.md)
+# make lock  - resolve pyproject.toml again into uv.lock and requirements/lock-{cpu,gpu}.txt
 # Variables: VENV (default .venv), PROFILE (cpu | gpu), ARGS (Hydra overrides for run),
 #            PYTEST_ARGS (extra pytest arguments).
 VENV ?= .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench lock clean
 
 setup:
 	@VENV=$(VENV) PROFILE=$(PROFILE) bash scripts/setup_env.sh
@@ -25,6 +26,9 @@ test-all: setup
 
 bench: setup
 	$(PY) -m benchmarks.overhead
+
+lock:
+	bash scripts/lock.sh
 
 clean:
 	rm -rf outputs multirun .pytest_cache
