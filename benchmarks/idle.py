@@ -22,7 +22,7 @@ RAY_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_METRICS_E
 
 def label(argv: list[str]) -> str:
     """A process's name as ``top`` would want it: ``ray::ServeController``, ``gcs_server``,
-    ``log_monitor.py``, ``vllm.entrypoints.openai.api_server`` (``python -m``)."""
+    ``log_monitor.py``, ``vllm.entrypoints.launchers.api_server.entry`` (``python -m``)."""
     if not argv:
         return "?"
     if argv[0].startswith("ray::"):  # Ray retitles an actor's process with the method it runs

@@ -223,13 +223,13 @@ def engine_flags(model) -> list[str]:
 
 
 def vllm_side(model, name: str = "vllm", env: dict[str, str] | None = None) -> Side:
-    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``, what ``vllm
+    """vLLM's own OpenAI server (``python -m vllm.entrypoints.launchers.api_server.entry``, what ``vllm
     serve`` runs) for ``model``, with its engine arguments as mmserve passes them."""
     from apps.serving import free_port
     from engines.checkpoints import resolve_source
 
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model",
            resolve_source(model.source), "--served-model-name", model.model_id, "--host", "127.0.0.1",
            "--port", str(port), *engine_flags(model)]
     return Side(name, cmd, url=f"http://127.0.0.1:{port}", env=env)

@@ -1,7 +1,7 @@
 """Speech to text: mmserve's Whisper pipeline against vLLM's own OpenAI server on the same model.
 
 Each round serves the same model with the same engine arguments twice, one after the other:
-vLLM's server (``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs),
+vLLM's server (``python -m vllm.entrypoints.launchers.api_server.entry``, what ``vllm serve`` runs),
 then mmserve (``apps.serving.served`` of ``model=[<model>]`` and any overrides). One client
 posts the same 4 s, 16 kHz WAV to ``/v1/audio/transcriptions`` of each (``language=en``,
 ``response_format=json``, ``temperature=0``, ``max_completion_tokens`` 32), closed loop at

@@ -1,7 +1,7 @@
 """mmserve's default config against vLLM's own OpenAI server, measured with vLLM's own client.
 
 Both serve the same model with the same engine arguments: vLLM's server (``python -m
-vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs) and mmserve (``apps.serving.served``
+vllm.entrypoints.launchers.api_server.entry``, what ``vllm serve`` runs) and mmserve (``apps.serving.served``
 of ``model=[<model>]`` and any overrides, the default placement unless an override says
 otherwise), each in a process tree of its own (``benchmarks.sides``). They are started one
 after the other and then stay up, every side frozen but the one being measured, so that runs

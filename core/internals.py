@@ -1,6 +1,6 @@
 """Every use of Ray Serve's and vLLM's non-public API, in one place.
 
-mmserve needs seven things neither offers publicly (Ray 2.60, vLLM 0.25.1):
+mmserve needs seven things neither offers publicly (Ray 2.60, vLLM 0.32.0):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
@@ -194,6 +194,11 @@ def check_vllm_remote_core() -> None:
     if "client_addresses" not in inspect.signature(AsyncLLM.from_vllm_config).parameters:
         raise RuntimeError(f"vLLM {_version('vllm')}: AsyncLLM takes no client_addresses; "
                            "use placement engine")
+    try:
+        from vllm.v1.engine.utils import CoreEngineLaunch  # noqa: F401 (0.32: the handshake's resources)
+    except ImportError:
+        raise RuntimeError(f"vLLM {_version('vllm')}: its engine handshake is not the one mmserve "
+                           "knows (vllm.v1.engine.utils.CoreEngineLaunch); use placement engine") from None
 
 
 def vllm_core_addresses(host: str) -> tuple[str, Any, dict[str, str]]:
@@ -216,23 +221,23 @@ def vllm_await_core(handshake: str, addresses, vllm_config, gone_fd: int) -> Non
     import copy
 
     import zmq
-    from vllm.v1.engine.utils import CoreEngine, wait_for_engine_startup
+    from vllm.v1.engine.utils import CoreEngine, CoreEngineLaunch, wait_for_engine_startup
 
-    class Gone:  # what vLLM's handshake watches of the engine processes it started itself
-        def sentinels(self) -> list[int]:
-            return [gone_fd]
-
-        def finished_procs(self) -> dict[str, str]:
-            return {"engine core actor": "exited"}
+    class Gone:  # what vLLM's handshake watches of a frontend process: readable once it is gone
+        name = "engine core actor"
+        sentinel = gone_fd
+        exitcode = None
 
     parallel = copy.copy(vllm_config.parallel_config)
     parallel.data_parallel_size_local = 0  # the one engine is remote
+    launch = CoreEngineLaunch(engine_manager=None, coordinator=None, addresses=addresses,
+                              tensor_queue=None, watched_frontend_processes=[Gone()])
     ctx = zmq.Context()
     socket = ctx.socket(zmq.ROUTER)
     try:
         socket.bind(handshake)
-        wait_for_engine_startup(socket, addresses, [CoreEngine(index=0, local=False)], parallel,
-                                False, vllm_config.cache_config, Gone(), None)
+        wait_for_engine_startup(socket, [CoreEngine(index=0, local=False)], parallel, False,
+                                vllm_config.cache_config, launch)
     finally:
         socket.close(linger=0)
         ctx.term()

@@ -107,10 +107,15 @@ def parse_request(route: str, body: dict[str, Any], model_id: str):
     field of OpenAI's API that vLLM does not declare is ignored, as vLLM's server ignores it,
     and logged once per field."""
     from pydantic import ValidationError
+    from vllm.exceptions import VLLMValidationError
 
     adapter, openai_fields = _reader(route)
     try:
         request = adapter.validate_python(body)
+    except VLLMValidationError as err:  # a model-level check of vLLM's (not a ValueError since 0.32)
+        field = err.parameter or "body"
+        raise InvalidParameter(f"{field}: {err.args[0] if err.args else err}", model_id=model_id,
+                               field=field) from None
     except ValidationError as err:
         e = err.errors()[0]
         loc = [str(p) for p in e["loc"]]
@@ -140,7 +145,7 @@ def error_of(err: BaseException | Any, model_id: str) -> MMServeError:
     if isinstance(err, MMServeError):
         return err
     if isinstance(err, BaseException):
-        from vllm.entrypoints.serve.utils.error_response import create_error_response
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(err, EngineDeadError):
@@ -161,7 +166,7 @@ def _event_error(event: str, model_id: str) -> MMServeError | None:
         info = json.loads(event[len("data: "):])["error"]
     except (ValueError, KeyError, TypeError):
         return None
-    from vllm.entrypoints.openai.engine.protocol import ErrorInfo, ErrorResponse
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
     return error_of(ErrorResponse(error=ErrorInfo(message=str(info.get("message")),
                                                   type=str(info.get("type", "BadRequestError")),
@@ -180,8 +185,8 @@ class OpenAIFrontend:
     async def start(self, llm, model_path: str, cli_args: list[str]) -> None:
         """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments."""
         from starlette.datastructures import State
-        from vllm.entrypoints.openai.api_server import init_app_state
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         parser = make_arg_parser(FlexibleArgumentParser(prog="mmserve"))
@@ -234,7 +239,7 @@ class OpenAIFrontend:
     async def _answer(self, result) -> AsyncIterator[Any]:
         from pydantic import BaseModel
         from starlette.responses import Response
-        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if isinstance(result, ErrorResponse):
             raise error_of(result, self.model_id)

@@ -60,9 +60,13 @@ class TranscriptionParams(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
 
 
-#: the fields vLLM's TranslationRequest lacks (a translation that sets one is refused)
-NOT_IN_TRANSLATION = ("timestamp_granularities", "top_p", "top_k", "min_p", "frequency_penalty",
-                      "presence_penalty", "repetition_penalty")
+def not_in_translation() -> frozenset[str]:
+    """The parameters the pinned vLLM's TranslationRequest lacks (a translation that sets one is
+    refused); read from vLLM's own models, so the set follows the pin (vLLM 0.32 translations
+    take the sampling parameters, 0.25 did not)."""
+    from vllm.entrypoints.speech_to_text.translation.protocol import TranslationRequest
+
+    return frozenset(TranscriptionParams.model_fields) - {"task"} - set(TranslationRequest.model_fields)
 
 
 class SpeechKwargs(VLLMKwargs):
@@ -157,7 +161,7 @@ class VLLMTranscriber(VLLMEngine):
         if params.task == "translate":
             from vllm.entrypoints.speech_to_text.translation.protocol import TranslationRequest as Request
 
-            for name in NOT_IN_TRANSLATION:
+            for name in sorted(not_in_translation()):
                 if name in params.model_fields_set:
                     raise InvalidParameter(f"{name}: not a translation parameter (vLLM's translations "
                                            f"do not take it)", model_id=model_id, field=name)
@@ -192,7 +196,7 @@ class VLLMTranscriber(VLLMEngine):
             raise error_of(err, ctx.model_id) from None
         finally:
             offsets = self._offsets.pop(id(audio), None)
-        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if isinstance(answer, ErrorResponse):
             raise error_of(answer, ctx.model_id)

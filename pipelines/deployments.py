@@ -52,7 +52,7 @@ def check_node(model_id: str, steps: list[type]) -> None:
         node = ray.util.get_node_ip_address() if ray.is_initialized() else "local"
         raise RuntimeError(f"node {node} ({socket.gethostname()}) cannot run model {model_id!r}: "
                            + "; ".join(f"{m} ({e})" for m, e in missing.items())
-                           + ". Install the locked stack there (requirements/lock-cpu.txt), "
+                           + ". Install the locked stack there (requirements/lock-cpu.txt or lock-gpu.txt), "
                              "and FFmpeg's libraries for media models")
 
 

@@ -27,8 +27,20 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _site() -> list[str]:
+    """The environment's own package folders (setuptools puts its vendored packages' metadata on
+    sys.path once imported: those are not the environment's)."""
+    import sysconfig
+
+    return sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
+def _dists() -> list:
+    return list(metadata.distributions(path=_site()))
+
+
 def _installed() -> dict[str, str]:
-    return {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    return {_norm(d.metadata["Name"]): d.version for d in _dists()}
 
 
 def _profile(installed: dict[str, str]) -> str:
@@ -75,7 +87,7 @@ def test_every_installed_requirement_is_met_but_the_overrides():
 
     installed, overridden = _installed(), _overridden()
     unmet = []
-    for dist in metadata.distributions():
+    for dist in _dists():
         for text in dist.requires or ():
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):

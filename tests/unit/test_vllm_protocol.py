@@ -23,11 +23,12 @@ def test_speech_params_are_vllms_fields_and_become_its_request_models():
     from vllm.entrypoints.speech_to_text.transcription.protocol import TranscriptionRequest
     from vllm.entrypoints.speech_to_text.translation.protocol import TranslationRequest
 
-    from engines.whisper import NOT_IN_TRANSLATION, TranscriptionParams, VLLMTranscriber
+    from engines.whisper import TranscriptionParams, VLLMTranscriber, not_in_translation
 
     mine = set(TranscriptionParams.model_fields) - {"task"}
     assert mine <= set(TranscriptionRequest.model_fields)
-    assert set(NOT_IN_TRANSLATION) == mine - set(TranslationRequest.model_fields)
+    assert not_in_translation() == mine - set(TranslationRequest.model_fields)
+    assert "timestamp_granularities" in not_in_translation()
     build = VLLMTranscriber._request  # needs no engine
     req = build(None, TranscriptionParams(language="de", response_format="srt", temperature=0.2), "m")
     assert type(req) is TranscriptionRequest and req.response_format == "verbose_json"  # srt is ours
@@ -35,8 +36,10 @@ def test_speech_params_are_vllms_fields_and_become_its_request_models():
     req = build(None, TranscriptionParams(task="translate", prompt="p"), "m")
     assert type(req) is TranslationRequest and req.prompt == "p"
     with pytest.raises(InvalidParameter) as e:
-        build(None, TranscriptionParams(task="translate", top_p=0.5), "m")
-    assert e.value.field == "top_p"
+        build(None, TranscriptionParams(task="translate", timestamp_granularities=["segment"]), "m")
+    assert e.value.field == "timestamp_granularities"
+    req = build(None, TranscriptionParams(task="translate", top_p=0.5), "m")  # vLLM 0.32 takes it
+    assert req.top_p == 0.5
 
 
 def test_every_route_names_a_vllm_request_model_and_handler():
