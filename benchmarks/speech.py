@@ -38,8 +38,9 @@ def soundfile_dir(path: Path) -> Path:
     """A directory holding ``soundfile`` for vLLM's server, installed there if missing."""
     if not (path / "soundfile.py").exists():
         print(f"installing soundfile into {path} for vLLM's server", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(path),
-                        "soundfile"], check=True)
+        uv = Path(__file__).resolve().parent.parent / "scripts" / "uv.sh"  # the venv has no pip
+        subprocess.run(["bash", str(uv), "pip", "install", "-q", "--no-deps", "--python", sys.executable,
+                        "--target", str(path), "soundfile"], check=True)
     return path
 
 

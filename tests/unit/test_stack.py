@@ -7,6 +7,7 @@
   before the tests), shown here on a copy of the inputs.
 - torchaudio's last release still does its jobs in mmserve beside the newer torch: resampling,
   saving and loading, the wav2vec2 recognizer.
+- The wheel that ``pip install .`` builds holds every layer, the config tree and the command.
 """
 
 from __future__ import annotations
@@ -167,3 +168,23 @@ def test_torchaudios_wav2vec2_recognizer_runs():
         logits, _ = model(torch.randn(1, 16_000))
     assert logits.shape == (1, 49, 29)  # 20 ms frames of 1 s, one score per character
     assert torch.isfinite(logits).all()
+
+
+# --- the package pip installs ----------------------------------------------------------------
+
+def test_the_wheel_holds_every_layer_the_config_tree_and_the_command(tmp_path, uv):
+    """What ``pip install .`` installs: every layer (api was once left out), ``conf/``'s YAML as
+    package data (the launcher finds it next to apps/), and the ``mmserve`` console script."""
+    import zipfile
+
+    built = subprocess.run([*uv, "build", "--wheel", "--out-dir", str(tmp_path), str(ROOT)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("mmserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for layer in ("api", "apps", "core", "engines", "nodes", "pipelines"):
+        assert any(n.startswith(f"{layer}/") and n.endswith(".py") for n in names), layer
+    assert {"conf/config.yaml", "conf/model/tiny_llama.yaml", "conf/server/default.yaml"} <= names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "mmserve = apps.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
