@@ -23,24 +23,20 @@ import json, time, torch, torchvision
 torch.set_num_threads(2)
 torch.manual_seed(0)
 out = {"torch": torch.__version__}
-net = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
-x = torch.randn(16, 3, 224, 224).to(memory_format=torch.channels_last)
-with torch.inference_mode():
-    net(x)
-    t = time.perf_counter(); n = 0
-    while time.perf_counter() - t < SECONDS:
-        net(x); n += 16
-    out["resnet18"] = n / (time.perf_counter() - t)
-try:
-    from torchaudio.models import wav2vec2_base
-    asr = wav2vec2_base(aux_num_out=32).eval()
-    a = torch.randn(16, 64000)
+
+def rate(model, batch):  # items a second over SECONDS, after one pass
     with torch.inference_mode():
-        asr(a)
+        model(batch)
         t = time.perf_counter(); n = 0
         while time.perf_counter() - t < SECONDS:
-            asr(a); n += 16
-        out["wav2vec2"] = n / (time.perf_counter() - t)
+            model(batch); n += len(batch)
+        return n / (time.perf_counter() - t)
+
+net = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
+out["resnet18"] = rate(net, torch.randn(16, 3, 224, 224).to(memory_format=torch.channels_last))
+try:
+    from torchaudio.models import wav2vec2_base
+    out["wav2vec2"] = rate(wav2vec2_base(aux_num_out=32).eval(), torch.randn(16, 64000))
 except Exception as err:
     out["wav2vec2_error"] = f"{type(err).__name__}: {err}"
 print(json.dumps(out))

@@ -60,6 +60,7 @@ class TranscriptionParams(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
 
 
+@functools.cache
 def not_in_translation() -> frozenset[str]:
     """The parameters the pinned vLLM's TranslationRequest lacks (a translation that sets one is
     refused); read from vLLM's own models, so the set follows the pin (vLLM 0.32 translations
