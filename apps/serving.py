@@ -27,7 +27,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Collection, Iterator
 
 from core import cpus
 from core.config import AppConfig, ServerConfig
@@ -87,8 +87,13 @@ def serve_env(server: ServerConfig, local: bool) -> dict[str, str]:
     if server.http_proxy == "haproxy":
         env.update(HAPROXY_MODE_ENV)
         if local:
-            env.update({k: str(free_port()) for k in HAPROXY_PORTS
-                        if k not in os.environ and k not in server.serve_env})
+            # server.port is not bound until HAProxy starts, so a free port can be it: CI saw
+            # the fallback proxy take server.port and HAProxy then fail to bind it.
+            taken = {server.port}
+            for k in HAPROXY_PORTS:
+                if k not in os.environ and k not in server.serve_env:
+                    taken.add(port := free_port(avoid=taken))
+                    env[k] = str(port)
     return {**env, **server.serve_env}
 
 
@@ -101,15 +106,16 @@ EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _rng = random.SystemRandom()  # not the global generator, which a caller may have seeded
 
 
-def free_port() -> int:
-    """A TCP port free on this machine right now, outside the kernel's ephemeral range where
-    it can (otherwise one the kernel picks)."""
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A TCP port free on this machine right now and not in ``avoid`` (ports handed out but not
+    yet bound), outside the kernel's ephemeral range where it can (otherwise one the kernel
+    picks)."""
     try:
         below = int(EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         below = FREE_PORTS.start
     ports = range(FREE_PORTS.start, min(FREE_PORTS.stop, below))
-    candidates = _rng.sample(ports, min(64, len(ports)))
+    candidates = [p for p in _rng.sample(ports, min(64, len(ports))) if p not in avoid]
     for port in [*candidates, 0]:
         with socket.socket() as s:
             try:

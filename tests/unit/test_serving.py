@@ -61,6 +61,21 @@ def test_a_taken_port_is_never_handed_out(monkeypatch, tmp_path):
         assert free_port() != port  # the kernel's pick instead
 
 
+def test_haproxy_ports_avoid_the_server_port_and_each_other(monkeypatch):
+    # server.port is not bound until HAProxy starts, so free_port() alone may hand it out: CI
+    # saw the fallback proxy take it and HAProxy fail to bind it. In a range of 4 ports with
+    # server.port among them, a pick that ignored it would take it 3 times in 4.
+    from apps import serving
+
+    start = free_port()
+    monkeypatch.setattr(serving, "FREE_PORTS", range(start, start + 4))
+    for _ in range(10):
+        server = compose([f"server.port={start + 1}"]).server
+        env = serve_env(server, local=True)
+        ports = {int(env[k]) for k in HAPROXY_PORTS}
+        assert len(ports) == 3 and start + 1 not in ports, env
+
+
 def test_ports_already_in_the_environment_or_the_config_are_kept(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in serve_env(compose().server, local=True)
