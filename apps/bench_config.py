@@ -54,7 +54,8 @@ class Goal(Strict):
     that succeeded and stay within every bound of ``max``."""
 
     objective: Metric = Field("rps", description="The metric to optimize.")
-    direction: Literal["maximize", "minimize"] = Field("maximize")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description=(
+        "Whether the best job has the highest or the lowest objective."))
     max: dict[Metric, float] = Field(default_factory=dict, description="Upper bounds, e.g. "  # type: ignore[valid-type]
                                      "{ttft_p99_ms: 500, error_rate: 0}.")
 
@@ -81,8 +82,8 @@ class Plot(Strict):
 class BenchConfig(Strict):
     """The ``bench`` section: how the sweep summary compares its jobs."""
 
-    goal: Goal = Field(default_factory=Goal)
-    plot: Plot = Field(default_factory=Plot)
+    goal: Goal = Field(default_factory=Goal, description="Which job is the best (★ in the summary).")
+    plot: Plot = Field(default_factory=Plot, description="The axes of pareto.png.")
     write_best: bool = Field(True, description="Write best.yaml (a config apps.launch serves).")
 
 

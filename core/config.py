@@ -2,18 +2,22 @@
 
 Each top-level section mirrors one config group in ``conf/``:
 
-=================  ==========================  =========================================
+=================  ==========================  ==============================================
 config group        schema                      what it builds
-=================  ==========================  =========================================
-``server/``         :class:`ServerConfig`       the HTTP ingress (``nodes.ingress``)
+=================  ==========================  ==============================================
+``server/``         :class:`ServerConfig`       the HTTP ingress (``api.ingress.Ingress``,
+                                                serving ``api.app``; bound by ``apps.builder``)
+                                                and the Ray and Serve it runs on (``apps.serving``)
 ``deployment/``     :class:`DeploymentProfile`  Ray Serve options of every deployment
+                                                (``pipelines.deployments``, ``apps.builder``)
 ``pipeline/``       :class:`PipelineConfig`     the node chain of a modality (``pipelines``)
 ``model/``          :class:`ModelConfig`        one served model (``engines``)
-=================  ==========================  =========================================
+=================  ==========================  ==============================================
 
 Every model is strict (unknown keys are errors) so that a typo in YAML fails at validation,
 with its dotted path, before anything starts. Cross references (a model naming a pipeline,
-a pipeline naming a node) are checked in :mod:`core.validate`.
+a pipeline naming a node) are checked in :mod:`core.validate`. Every field carries a
+``description``: ``python -m apps.config_reference`` turns them into docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class AutoscalingConfig(Strict):
     """Ray Serve autoscaling; replaces ``num_replicas`` when set."""
 
     min_replicas: int = Field(1, ge=0, description="Replicas kept at all times (0 scales to zero).")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas started first.")
+    initial_replicas: int | None = Field(None, ge=0, description=(
+        "Replicas started first; unset: min_replicas."))
     max_replicas: int = Field(1, ge=1, description="Upper bound of replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica to aim for.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Sustained load before scaling up.")
@@ -64,7 +69,9 @@ class RayActorOptions(Strict):
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica; light nodes use 0.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
     memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
+    resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Custom Ray resources per replica, e.g. {gpu_node: 1} to place it on the nodes started "
+        "with that resource."))
     env_vars: dict[str, str] = Field(default_factory=dict, description=(
         "Environment of the replica's process, set before it starts (e.g. OMP_WAIT_POLICY)."))
     jemalloc: bool = Field(False, description=(
@@ -98,14 +105,20 @@ class DeploymentOptions(Strict):
     """Options of one Ray Serve deployment (replicas, resources, queue limits, health checks)."""
 
     num_replicas: int = Field(1, ge=1, description="Fixed replica count, unless autoscaling is set.")
-    autoscaling_config: AutoscalingConfig | None = Field(None, description="Autoscale instead.")
-    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
-    max_ongoing_requests: int = Field(5, ge=1, description="Requests a replica runs at once.")
+    autoscaling_config: AutoscalingConfig | None = Field(None, description=(
+        "Ray Serve autoscaling instead of a fixed num_replicas."))
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions, description=(
+        "Resources and process environment of each replica."))
+    max_ongoing_requests: int = Field(5, ge=1, description=(
+        "Requests a replica runs at once. For an engine, at least what it can batch (vLLM's "
+        "max_num_seqs; instances x max_batch_size for the media engines), or Serve caps its "
+        "batches. With placement inline or engine_core, the engine's own admission limit."))
     max_queued_requests: int = Field(-1, ge=-1, description="Requests queued per caller before "
                                      "refusing with 503; -1 is unbounded.")
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="A check slower than this fails.")
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="In-flight grace on stop.")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description=(
+        "Seconds a stopping replica gives its requests in flight to finish."))
     access_log: bool = Field(True, description="Serve's one log line per request of this deployment.")
 
     def serve_options(self) -> dict[str, Any]:
@@ -154,7 +167,10 @@ class ModelDeployment(Strict):
     - ``split``: every node is its own deployment (most isolation, one hop per node).
     """
 
-    placement: Placement = Field("engine", description="inline | engine_core | engine | split (see above).")
+    placement: Placement = Field("engine", description=(
+        "Which of the model's steps get a Serve deployment of their own: inline (none), "
+        "engine_core (none; a vLLM engine's core runs in a Ray actor), engine (the engine), "
+        "split (every node)."))
     engine: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                       description=(
                                           "The engine deployment (placement engine/split); with "
@@ -189,15 +205,22 @@ class RetryAfter(Strict):
 class ServerConfig(Strict):
     """The HTTP side: where Serve listens and what it accepts."""
 
-    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
-    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
-    app_name: str = Field("mmserve", min_length=1, description="Ray Serve application name.")
+    host: str = Field("127.0.0.1", description=(
+        "Address HTTP is served on (HAProxy or Serve's proxy binds it); 0.0.0.0 for every interface."))
+    port: int = Field(8000, ge=1, le=65535, description="Port HTTP is served on.")
+    app_name: str = Field("mmserve", min_length=1, description=(
+        "Ray Serve application name of the ingress; a model step with a deployment of its own "
+        "is the application <app_name>.<model_id>.<step>."))
     route_prefix: str = Field("/", pattern=r"^/", description="Route prefix of the application.")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description=(
+        "Largest request body in bytes; a larger one gets 413 before it is read."))
     max_json_depth: int = Field(32, ge=2, description="Deeper nesting in a request body gets 422.")
     max_string_chars: int = Field(4 * 1024 * 1024, ge=1, description="A longer string in a body gets 422.")
-    ready_timeout_s: float = Field(900.0, gt=0, description="Launcher gives up waiting after this.")
-    status_timeout_s: float = Field(2.0, gt=0, description="Budget of one model status probe.")
+    ready_timeout_s: float = Field(900.0, gt=0, description=(
+        "Seconds the launcher waits for every deployment to run before it gives up (exit 1)."))
+    status_timeout_s: float = Field(2.0, gt=0, description=(
+        "Budget of one model status probe (/ready, /v1/models) and of reading one process's "
+        "metrics for GET /metrics."))
     request_timeout_s: float = Field(300.0, gt=0, description=(
         "Deadline of a request that names none (params.timeout_s or the x-request-timeout header)."))
     max_request_timeout_s: float = Field(600.0, gt=0, description="Cap on any request's deadline.")
@@ -250,19 +273,22 @@ class NodeSpec(Strict):
     """A registered pre/postprocess node and its keyword arguments."""
 
     name: str = Field(..., description="Registered node name (see core.registry.NODES).")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Checked by the node's Kwargs.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "The node's arguments (its limits, formats, transforms), checked by the node's Kwargs "
+        "schema at validation."))
 
 
 class PipelineConfig(Strict):
     """The chain of one modality: preprocess → engine → postprocess."""
 
-    description: str = ""
+    description: str = Field("", description="Free text for whoever reads the config; not served.")
     modality: Modality | None = Field(None, description=(
         "The modality of the models this pipeline serves; a model of another one fails "
         "validation. None: any (echo)."))
-    preprocess: NodeSpec
+    preprocess: NodeSpec = Field(..., description=(
+        "The node that turns a request's input into the engine's (decoding, tokenizing, checks)."))
     engine: str = Field(..., description="Default engine of models on this pipeline.")
-    postprocess: NodeSpec
+    postprocess: NodeSpec = Field(..., description="The node that shapes the engine's result into the response.")
 
 
 # --- model/ --------------------------------------------------------------------------------
@@ -273,13 +299,19 @@ class ModelConfig(Strict):
     model_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
                           description="The id clients send as model_id.")
     source: str | None = Field(None, description="Hub id or local path of the weights, if any.")
-    modality: Modality = Field(..., description="text | audio | vision | video.")
+    modality: Modality = Field(..., description=(
+        "What the model takes in; its pipeline must serve this modality (or any)."))
     pipeline: str = Field(..., description="Name of the pipeline config (conf/pipeline).")
     engine: str | None = Field(None, description="Engine name; defaults to the pipeline's.")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Checked by the engine.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Default request params.")
-    deployment: ModelDeployment = Field(default_factory=ModelDeployment)
-    description: str = ""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "The engine's arguments, checked by the engine's Kwargs schema at validation (for vLLM: "
+        "its engine arguments and server options)."))
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "Default request params, under what a request sends; checked by the engine's Params schema."))
+    deployment: ModelDeployment = Field(default_factory=ModelDeployment, description=(
+        "This model's placement and deployment options: the profile's (the deployment group), "
+        "with what this block sets merged over them."))
+    description: str = Field("", description="Free text for whoever reads the config; not served.")
 
     _options: Any = PrivateAttr(default=None)
 
@@ -297,7 +329,10 @@ class ModelConfig(Strict):
 class AppConfig(Strict):
     """The whole composed config, validated once by :func:`core.validate.validate_config`."""
 
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    deployment: DeploymentProfile = Field(default_factory=DeploymentProfile)
-    pipeline: dict[str, PipelineConfig] = Field(default_factory=dict)
+    server: ServerConfig = Field(default_factory=ServerConfig, description=(
+        "The HTTP side, and the Ray and Serve that mmserve starts."))
+    deployment: DeploymentProfile = Field(default_factory=DeploymentProfile, description=(
+        "Deployment options of every model, and of the ingress."))
+    pipeline: dict[str, PipelineConfig] = Field(default_factory=dict, description=(
+        "Node chains, by name; a model names one."))
     model: dict[str, ModelConfig] = Field(..., min_length=1, description="Served models, by key.")
