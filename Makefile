@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-all bench lock clean
+.PHONY: setup run test test-all bench lock docs clean
 
 setup:
 	@VENV=$(VENV) PROFILE=$(PROFILE) bash scripts/setup_env.sh
@@ -29,6 +29,10 @@ bench: setup
 
 lock:
 	bash scripts/lock.sh
+
+# docs/configuration.md from the schemas' field descriptions (tests/unit/test_docs.py checks it)
+docs: setup
+	$(PY) -m apps.config_reference
 
 clean:
 	rm -rf outputs multirun .pytest_cache
