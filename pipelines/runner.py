@@ -13,6 +13,7 @@ from core.config import ModelConfig
 from core.errors import InvalidField, Unsupported
 from core.protocol import InferRequest, OpenAIBody, RequestContext
 from core.registry import engine_class, node_class
+from pipelines.stages import EngineStep, NodeStep
 
 
 #: what each modality's pipelines take, as ``GET /v1/models`` lists it (``inputs``)
@@ -27,7 +28,8 @@ class Pipeline:
     each step takes, as seen from here, is ``mmserve_node_duration_seconds``.
     """
 
-    def __init__(self, model: ModelConfig, preprocess, engine, postprocess, spec: Any = None) -> None:
+    def __init__(self, model: ModelConfig, preprocess: NodeStep, engine: EngineStep, postprocess: NodeStep,
+                 spec: Any = None) -> None:
         self.model = model
         self.spec = spec  # the RouteSpec it was built from (the ingress compares them on updates)
         self.preprocess = preprocess
@@ -57,11 +59,10 @@ class Pipeline:
             await step.start()
 
     async def stop(self) -> None:
-        """Stop the steps that run in this process (a removed model's inline engine)."""
+        """Stop every step (:meth:`pipelines.stages.Step.stop`): a removed model's inline engine
+        is shut down, a remote engine's probe of a dead replica ends."""
         for step in (self.preprocess, self.engine, self.postprocess):
-            stop = getattr(step, "stop", None)
-            if stop is not None:
-                await stop()
+            await step.stop()
 
     def enter(self) -> None:
         """An HTTP request holds this pipeline until :meth:`leave` (its response is sent)."""

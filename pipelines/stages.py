@@ -1,7 +1,9 @@
 """One interface over a pipeline step, whether it runs in this process or in another deployment.
 
 :class:`~pipelines.runner.Pipeline` calls its steps through these adapters and never needs to
-know where a step runs: placement is configuration (``deployment.placement``).
+know where a step runs: placement is configuration (``deployment.placement``). What every
+adapter offers is :class:`Step` (start, stop); nodes are called as :class:`NodeStep`, engines
+as :class:`EngineStep`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from pydantic import BaseModel
 
@@ -77,6 +79,42 @@ def remote_error(err: BaseException, model_id: str) -> BaseException:
     return cause
 
 
+class Step(Protocol):
+    """What a pipeline does with each of its steps, wherever it runs: :meth:`start` before the
+    first request, :meth:`stop` once the model is removed (or its start failed)."""
+
+    async def start(self) -> None:
+        """Set the step up in this process (a remote step's deployment has started it)."""
+
+    async def stop(self) -> None:
+        """Release what the step holds in this process (inline engines, probe tasks)."""
+
+
+class NodeStep(Step, Protocol):
+    """A pre- or postprocess step: :class:`LocalNode` or :class:`RemoteNode`."""
+
+    async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
+        """The node's answer to one request's payload."""
+
+
+class EngineStep(Step, Protocol):
+    """An engine step: :class:`LocalEngine` or :class:`RemoteEngine`."""
+
+    async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult: ...
+
+    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]: ...
+
+    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]: ...
+
+    async def model_card(self) -> dict[str, Any]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def check_local(self) -> None: ...
+
+    async def status(self, timeout_s: float) -> str: ...
+
+
 class LocalNode:
     """A node object living in this process."""
 
@@ -85,6 +123,9 @@ class LocalNode:
 
     async def start(self) -> None:
         await self.node.start()
+
+    async def stop(self) -> None:
+        """Nothing to release: a node holds no task or backend of its own."""
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
         return await self.node(payload, ctx)
@@ -100,6 +141,9 @@ class RemoteNode:
 
     async def start(self) -> None:
         """Nothing to do: the deployment started the node."""
+
+    async def stop(self) -> None:
+        """Nothing to release here: the node's deployment goes with its application."""
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
         response = self.handle.remote(payload, ctx)
@@ -202,7 +246,8 @@ class RemoteEngine:
     When a call finds the engine's replica dead, in flight or (:func:`assigned`) in Serve's
     router before it, the model is marked recovering: requests get 503 with ``Retry-After`` at
     once rather than waiting in Serve's queue for the replacement, and a probe re-opens the
-    model as soon as a replica answers its status call again.
+    model as soon as a replica answers its status call again. :meth:`stop` (the model removed)
+    ends the probe: a removed model's engine may never answer again.
     """
 
     PROBE_TIMEOUT_S = 2.0
@@ -213,11 +258,26 @@ class RemoteEngine:
         self.model_id = model_id
         self.scales_to_zero = scales_to_zero
         self.down_since: float | None = None
+        self.stopped = False
         self._probe: asyncio.Task | None = None
         self._card: dict[str, Any] | None = None
 
     async def start(self) -> None:
         """Nothing to do: the deployment started the engine."""
+
+    async def stop(self) -> None:
+        """Stop probing (the model is removed): its engine's deployment goes with its
+        application, and a probe left running would ask it for its status forever."""
+        self.stopped = True
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.done():
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+
+    @property
+    def probing(self) -> bool:
+        """Whether a probe is waiting for the engine's replica to answer again."""
+        return self._probe is not None and not self._probe.done()
 
     def _check_up(self) -> None:
         if self.down_since is not None:
@@ -227,13 +287,15 @@ class RemoteEngine:
 
     def _failed(self, err: BaseException) -> BaseException:
         mapped = remote_error(err, self.model_id)
-        if isinstance(mapped, NotReady) and self.down_since is None:
+        if isinstance(mapped, NotReady) and self.down_since is None and not self.stopped:
             self.down_since = time.monotonic()
             self._probe = asyncio.create_task(self._probe_until_up())
         return mapped
 
     async def _probe_until_up(self) -> None:
-        while True:
+        # Checked each round, beside cancelling the task: Python 3.11's wait_for swallows a
+        # cancellation that arrives as the status call fails, and the loop would go on.
+        while not self.stopped:
             try:
                 if await asyncio.wait_for(self.handle.status.remote(), self.PROBE_TIMEOUT_S) == "ready":
                     self.down_since = None

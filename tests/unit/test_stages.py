@@ -63,7 +63,7 @@ def test_a_call_left_without_a_replica_is_503_and_marks_the_model_recovering():
         assert response.cancelled and engine.down_since is not None
         with pytest.raises(NotReady, match="recovering"):  # the next call, at once
             await engine.generate(None, None, ctx())
-        engine._probe.cancel()
+        await engine.stop()
 
     asyncio.run(scenario())
 
@@ -124,7 +124,68 @@ def test_a_refusal_from_across_the_hop_is_raised_here():
         with pytest.raises(NotReady):
             await engine.generate(None, None, ctx())
         assert engine.down_since is not None
-        engine._probe.cancel()
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def never_ready_handle(response: FakeResponse, statuses: list[str]):
+    """A handle of an engine whose replica is gone for good: no replica to route to, and every
+    status call (counted in ``statuses``) answers something other than ``ready``."""
+    async def status():
+        statuses.append("starting")
+        return "starting"
+
+    return SimpleNamespace(replicas=0, remote=lambda *args: response,
+                           generate=SimpleNamespace(remote=lambda *args: response),
+                           status=SimpleNamespace(remote=status))
+
+
+async def probing_engine(statuses: list[str]) -> RemoteEngine:
+    """A RemoteEngine that found its replica dead and probes it every 10 ms."""
+    engine = RemoteEngine(never_ready_handle(FakeResponse(), statuses), "m")
+    engine.PROBE_PERIOD_S = 0.01
+    with pytest.raises(NotReady):
+        await asyncio.wait_for(engine.generate(None, None, ctx()), 2)
+    await asyncio.sleep(0.05)
+    assert statuses, "the engine probes its replica"
+    return engine
+
+
+def test_stopping_a_remote_engine_ends_its_probe_of_a_replica_that_never_comes_back():
+    async def scenario():
+        statuses: list[str] = []
+        engine = await probing_engine(statuses)
+        await engine.stop()
+        assert not engine.probing
+        asked = len(statuses)
+        await asyncio.sleep(0.05)
+        assert len(statuses) == asked, "the probe still asks a removed model's engine"
+        with pytest.raises(NotReady):  # a call still in flight fails; no probe starts again
+            await asyncio.wait_for(engine.generate(None, None, ctx()), 2)
+        assert not engine.probing
+
+    asyncio.run(scenario())
+
+
+def test_removing_a_model_from_the_router_stops_its_remote_engines_probe():
+    """The ingress drops a removed model's pipeline in ``ModelRouter.update``, which stops
+    every step of it: a remote engine that was probing a dead replica stops asking."""
+    from pipelines.router import ModelRouter
+    from pipelines.runner import Pipeline
+    from pipelines.stages import LocalNode
+    from nodes.common import Identity, Result
+    from tests.support import model
+
+    async def scenario():
+        statuses: list[str] = []
+        engine = await probing_engine(statuses)
+        m = model("m")
+        router = ModelRouter([Pipeline(m, LocalNode(Identity({}, m)), engine, LocalNode(Result({}, m)))])
+        await router.update([], build=None, drain_timeout_s=1.0)
+        asked = len(statuses)
+        await asyncio.sleep(0.05)
+        assert len(statuses) == asked, "the probe outlived its model"
 
     asyncio.run(scenario())
 
