@@ -17,6 +17,7 @@ the ``transcript`` postprocess node.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import io
 import threading
@@ -32,6 +33,14 @@ from engines.vllm_openai import error_of
 
 #: response formats vLLM's layer renders itself; the others come from its verbose_json
 VLLM_FORMATS = ("json", "text", "verbose_json")
+
+#: Where the request being transcribed in this context gets its windows' offsets (each window's
+#: first sample): :meth:`VLLMTranscriber._transcribe` sets a list here before it calls vLLM, and
+#: :meth:`VLLMTranscriber._split`, which vLLM calls during that call, fills it. A task that vLLM
+#: starts meanwhile inherits the context, so it fills the same list. The offsets travel with the
+#: request, not with the array: vLLM may copy the samples on their way to the split.
+WINDOW_OFFSETS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "mmserve_whisper_window_offsets", default=None)
 
 
 class TranscriptionParams(BaseModel):
@@ -104,7 +113,6 @@ class VLLMTranscriber(VLLMEngine):
             from engines.vad import load_silero
 
             self._vad = load_silero()
-        self._offsets: dict[int, list[int]] = {}  # id(samples) -> each window's first sample
         await super().start()
 
     async def _opened(self) -> None:
@@ -115,8 +123,8 @@ class VLLMTranscriber(VLLMEngine):
             internals.vllm_speech_from_samples(serving, functools.partial(self._split, serving.asr_config))
 
     async def _split(self, config, audio) -> list:
-        """``audio`` cut into windows (:func:`engines.speech_windows.plan`); the offsets are kept
-        for the request's segments."""
+        """``audio`` cut into windows (:func:`engines.speech_windows.plan`); their offsets go to
+        the request's :data:`WINDOW_OFFSETS`, for its segments."""
         import numpy as np
 
         from engines.speech_windows import plan
@@ -124,7 +132,9 @@ class VLLMTranscriber(VLLMEngine):
         rate = int(config.sample_rate)
         speech = await asyncio.to_thread(self._speech, audio, rate) if self._vad is not None else []
         cuts = plan(audio, int(config.max_audio_clip_s * rate), speech, rate)
-        self._offsets[id(audio)] = [0, *cuts]
+        offsets = WINDOW_OFFSETS.get()
+        if offsets is not None:
+            offsets[:] = [0, *cuts]
         return np.split(audio, cuts)
 
     def _speech(self, audio, rate: int) -> list[tuple[int, int]]:
@@ -189,6 +199,8 @@ class VLLMTranscriber(VLLMEngine):
         request = self._request(params, ctx.model_id)
         audio = inputs.data.to(torch.float32).numpy() if isinstance(inputs.data, torch.Tensor) else inputs.data
         call = (serving.create_transcription if params.task == "transcribe" else serving.create_translation)
+        offsets: list[int] = []  # filled by _split if vLLM cuts the audio into windows
+        token = WINDOW_OFFSETS.set(offsets)
         try:
             answer = await call(audio, request, None)
         except MMServeError:
@@ -196,7 +208,7 @@ class VLLMTranscriber(VLLMEngine):
         except Exception as err:
             raise error_of(err, ctx.model_id) from None
         finally:
-            offsets = self._offsets.pop(id(audio), None)
+            WINDOW_OFFSETS.reset(token)
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if isinstance(answer, ErrorResponse):
