@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from core.config import AppConfig, Strict
-from core.validate import ConfigError, _check_with, validate_config
+from core.validate import ConfigError, check_with, validate_config
 
 # Figures a job records (apps.loadgen.LoadResult, plus error_rate); the goal and the plot
 # name them.
@@ -99,7 +99,7 @@ def split_bench_config(raw: dict) -> tuple[AppConfig, LoadConfig, BenchConfig]:
     """
     raw = dict(raw)
     load_raw, bench_raw = raw.pop("load", None) or {}, raw.pop("bench", None) or {}
-    problems = _check_with(LoadConfig, load_raw, "load") + _check_with(BenchConfig, bench_raw, "bench")
+    problems = check_with(LoadConfig, load_raw, "load") + check_with(BenchConfig, bench_raw, "bench")
     try:
         app = validate_config(raw)
     except ConfigError as err:

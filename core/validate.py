@@ -48,7 +48,10 @@ def _pydantic_problems(err: ValidationError, prefix: str = "") -> list[tuple[str
     return problems
 
 
-def _check_with(schema: type[BaseModel], data: dict, prefix: str) -> list[tuple[str, str]]:
+def check_with(schema: type[BaseModel], data: dict, prefix: str) -> list[tuple[str, str]]:
+    """The problems of ``data`` against ``schema``, as ``(dotted key under prefix, message)``
+    pairs for :class:`ConfigError` (none: it is valid). For sections outside the served
+    config too (``apps.bench_config``'s ``load`` and ``bench``)."""
     try:
         schema.model_validate(data)
     except ValidationError as err:
@@ -102,7 +105,7 @@ def validate_config(raw: dict) -> AppConfig:
             key = f"pipeline.{name}.{stage}"
             cls = _lookup(node_class, spec.name, f"{key}.name", problems)
             if cls is not None:
-                problems += _check_with(cls.Kwargs, spec.kwargs, f"{key}.kwargs")
+                problems += check_with(cls.Kwargs, spec.kwargs, f"{key}.kwargs")
         _lookup(engine_class, pipe.engine, f"pipeline.{name}.engine", problems)
 
     seen: dict[str, str] = {}
@@ -124,9 +127,9 @@ def validate_config(raw: dict) -> AppConfig:
         cls = _lookup(engine_class, model.engine, f"{where}.engine", problems)
         if cls is None:
             continue
-        kwargs_problems = _check_with(cls.Kwargs, model.engine_kwargs, f"{where}.engine_kwargs")
+        kwargs_problems = check_with(cls.Kwargs, model.engine_kwargs, f"{where}.engine_kwargs")
         problems += kwargs_problems
-        problems += _check_with(cls.Params, model.params, f"{where}.params")
+        problems += check_with(cls.Params, model.params, f"{where}.params")
         if not kwargs_problems:
             model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
             problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
@@ -160,7 +163,7 @@ def validate_server(raw: dict) -> tuple[ServerConfig, DeploymentProfile]:
         ConfigError: listing each invalid key.
     """
     server, profile = raw.get("server") or {}, raw.get("deployment") or {}
-    problems = _check_with(ServerConfig, server, "server") + _check_with(DeploymentProfile, profile, "deployment")
+    problems = check_with(ServerConfig, server, "server") + check_with(DeploymentProfile, profile, "deployment")
     problems += [(k, "unknown key") for k in sorted(set(raw) - {"server", "deployment", "pipeline", "model"})]
     if problems:
         raise ConfigError(problems)
