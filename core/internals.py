@@ -1,6 +1,6 @@
 """Every use of Ray Serve's and vLLM's non-public API, in one place.
 
-mmserve needs seven things neither offers publicly (Ray 2.60, vLLM 0.32.0):
+mmserve needs nine things neither offers publicly (Ray 2.60, vLLM 0.32.0):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
@@ -15,16 +15,26 @@ mmserve needs seven things neither offers publicly (Ray 2.60, vLLM 0.32.0):
   asks the controller, blocking, and fails (:func:`deployment_handle`);
 - how many requests vLLM's output processor still holds (the engine's ``stats``, which the
   tests use to see that aborted requests leave vLLM);
+- vLLM's OpenAI serving layer, built as ``vllm serve`` builds it: its app state from the
+  arguments ``vllm serve`` parses (:func:`vllm_serving_state`, :func:`vllm_server_args`), the
+  usage context its config is made with (:func:`vllm_usage_context`), and the error body it
+  answers an exception with (:func:`vllm_error_response`), checked at start
+  (:func:`check_vllm_server`);
 - to hand vLLM's speech-to-text layer samples that mmserve's audio node decoded, where it
-  takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`);
+  takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`), and to read what
+  that layer knows of its model: its rate and window (:func:`vllm_speech_clip`), the languages
+  it takes (:func:`vllm_check_language`);
 - AsyncLLM here and its engine core in a Ray actor (``placement: engine_core``): vLLM's
   handshake with a remote headless core, and the core's own entry point (:func:`vllm_await_core`,
   :func:`vllm_run_core`), checked at start (:func:`check_vllm_remote_core`).
 
 Each has a check (:func:`check_ray_handle`, :func:`check_vllm_engine`) run when the feature is
 first used: if the attribute is not there, a warning names the installed version and what
-degrades, and the feature falls back as documented in the README ("Replica failures"). The
-integration tests exercise these against real Ray and vLLM objects.
+degrades, and the feature falls back as documented in the README ("Replica failures"). What
+has no fallback (vLLM's serving layer, its speech-to-text hooks, a remote engine core) raises
+RuntimeError naming the version when the model starts. The integration tests exercise these
+against real Ray and vLLM objects; ``tests/unit/test_private_api.py`` keeps every other module
+of the layers to Ray's and vLLM's public API.
 """
 
 from __future__ import annotations
@@ -149,27 +159,110 @@ def vllm_unfinished_requests(llm) -> int:
     return processor.get_num_unfinished_requests() if processor is not None else 0
 
 
+# --- vLLM: its OpenAI server's serving layer --------------------------------------------------
+# engines.vllm_openai answers the OpenAI-compatible routes with vLLM's own serving objects, which
+# vLLM's server builds at its start-up from ``vllm serve``'s parsed arguments; none of the pieces
+# that build them is public API.
+
+#: the pieces of vLLM's server that mmserve builds a model's serving layer from, and their modules
+_SERVER_PIECES = {
+    "init_app_state": "vllm.entrypoints.launchers.api_server.app_state",
+    "make_arg_parser": "vllm.entrypoints.launchers.cli_args",
+    "FlexibleArgumentParser": "vllm.utils.argparse_utils",
+    "create_error_response": "vllm.entrypoints.serve.exception_handling.error_response",
+    "UsageContext": "vllm.usage.usage_lib",
+}
+
+
+def _server_piece(name: str) -> Any:
+    import importlib
+
+    module = _SERVER_PIECES[name]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"vLLM {_version('vllm')}: {module}.{name} is not there ({err}); mmserve "
+                           "cannot build vLLM's OpenAI serving layer (pin the vLLM of the lock file)") from None
+
+
+def check_vllm_server() -> None:
+    """Raise RuntimeError, naming the vLLM version, if this vLLM lacks a piece of its server that
+    mmserve builds a model's serving layer from (the model cannot start)."""
+    for name in _SERVER_PIECES:
+        _server_piece(name)
+
+
+def vllm_usage_context() -> Any:
+    """The usage context ``vllm serve`` makes vLLM's config with (it picks the defaults of what
+    the engine arguments leave unset), for an engine's AsyncLLM and its core's actor alike."""
+    return _server_piece("UsageContext").OPENAI_API_SERVER
+
+
+def vllm_server_args(model_path: str, model_id: str, cli_args: list[str]) -> Any:
+    """The arguments ``vllm serve --model model_path --served-model-name model_id *cli_args``
+    parses (an ``argparse.Namespace``): its defaults, and its checks of the flags."""
+    parser = _server_piece("make_arg_parser")(_server_piece("FlexibleArgumentParser")(prog="mmserve"))
+    return parser.parse_args(["--model", model_path, "--served-model-name", model_id, *cli_args])
+
+
+async def vllm_serving_state(llm, args) -> Any:
+    """vLLM's app state over ``llm`` (a starlette ``State``: ``openai_serving_chat``,
+    ``openai_serving_transcription``...), built by vLLM's server start-up from ``args``
+    (:func:`vllm_server_args`). Raises RuntimeError naming the vLLM version where a piece is
+    missing (:func:`check_vllm_server`)."""
+    from starlette.datastructures import State
+
+    check_vllm_server()
+    state = State()
+    await _server_piece("init_app_state")(llm, state, args, supported_tasks=await llm.get_supported_tasks())
+    return state
+
+
+def vllm_error_response(err: BaseException) -> Any:
+    """vLLM's ``ErrorResponse`` for an exception its serving layer raised: the status, message
+    and parameter vLLM's server would answer it with."""
+    return _server_piece("create_error_response")(err)
+
+
+# --- vLLM: its speech-to-text layer -----------------------------------------------------------
+
+def vllm_speech_clip(serving) -> tuple[int, float | None]:
+    """``(sample_rate, max_audio_clip_s)`` of vLLM's speech-to-text serving object: the rate its
+    model takes, and the longest window it hears at once (None: no limit)."""
+    config = serving.asr_config
+    return int(config.sample_rate), config.max_audio_clip_s
+
+
+def vllm_check_language(serving, language: str | None) -> None:
+    """Raise ValueError, in vLLM's words, if the speech model does not take ``language`` (an ISO
+    639-1 code; None: the model detects it)."""
+    serving.model_cls.validate_language(language)
+
+
 def vllm_speech_from_samples(serving, split) -> None:
     """Make vLLM's transcription or translation layer (``SpeechToTextBaseServing``) take a 1-D
     float array of samples at its model's rate where it takes the file's bytes: its decode step
     (``_decode_and_chunk_speech_async``, bytes -> windows) is replaced by the windowing alone:
-    audio over the model's ``max_audio_clip_s`` is cut by ``split(audio)`` (a list of
-    consecutive windows). vLLM's size check reads the array's length as bytes (its limit, 25
-    MB, is 1,600 s of 16 kHz samples). Raises RuntimeError naming the vLLM version where the step
-    is not there: the engine cannot start (vLLM would decode the samples as a file)."""
+    audio over the model's ``max_audio_clip_s`` is cut by ``await split(audio, sample_rate,
+    max_audio_clip_s)`` (a list of consecutive windows). vLLM's size check reads the array's
+    length as bytes (its limit, 25 MB, is 1,600 s of 16 kHz samples). Raises RuntimeError naming
+    the vLLM version where the step, or what :func:`vllm_speech_clip` and
+    :func:`vllm_check_language` read, is not there: the engine cannot start (vLLM would decode
+    the samples as a file)."""
     import numpy as np
 
-    if not hasattr(serving, "_decode_and_chunk_speech_async") or not hasattr(serving, "asr_config"):
+    if (not hasattr(serving, "_decode_and_chunk_speech_async") or not hasattr(serving, "asr_config")
+            or not hasattr(getattr(serving, "model_cls", None), "validate_language")):
         raise RuntimeError(f"vLLM {_version('vllm')}: its speech-to-text serving has no "
-                           "_decode_and_chunk_speech_async or asr_config; mmserve cannot hand it "
-                           "decoded audio (pin the vLLM of the lock file)")
+                           "_decode_and_chunk_speech_async, asr_config or model_cls.validate_language; "
+                           "mmserve cannot hand it decoded audio (pin the vLLM of the lock file)")
     config = serving.asr_config
 
     async def windows(audio: np.ndarray) -> tuple[list[np.ndarray], float]:
         duration = audio.shape[-1] / config.sample_rate
         if config.max_audio_clip_s is None or duration <= config.max_audio_clip_s:
             return [audio], duration
-        return await split(audio), duration
+        return await split(audio, int(config.sample_rate), config.max_audio_clip_s), duration
 
     serving._decode_and_chunk_speech_async = windows
 

@@ -24,7 +24,7 @@ from core import internals, metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import EngineResult, RequestContext
 from engines.base import Engine
-from engines.vllm_core import RemoteCore, engine_args, usage_context
+from engines.vllm_core import RemoteCore, engine_args
 from engines.vllm_openai import OpenAIFrontend, routes_for
 
 logger = logging.getLogger("mmserve.vllm")
@@ -233,10 +233,10 @@ class VLLMEngine(Engine):
         if self.core is None:
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both
-            config = args.create_engine_config(usage_context())
+            usage = internals.vllm_usage_context()
+            config = args.create_engine_config(usage)
             client = await self.core.start(self.kwargs, self.path, config)
-            self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage_context(),
-                                                 client_addresses=client)
+            self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage, client_addresses=client)
         internals.check_vllm_engine(self.llm)
         self.client = TimedLLM(self.llm, self.model.model_id)
         self.frontend = OpenAIFrontend(self.model.model_id, self.openai_routes(self.model))

@@ -49,20 +49,13 @@ def engine_args(kwargs, path: str, model_id: str):
     return AsyncEngineArgs(model=path, served_model_name=[model_id], **kwargs.engine_args(cpu))
 
 
-def usage_context():
-    """The usage context both halves build vLLM's config with (``vllm serve``'s: it picks the
-    defaults of what the engine arguments leave unset)."""
-    from vllm.usage.usage_lib import UsageContext
-
-    return UsageContext.OPENAI_API_SERVER
-
-
 class CoreHost:
     """A Ray actor that is one vLLM engine core: :meth:`run` serves until the core stops."""
 
     def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
         cpus.for_models()  # before vLLM binds its worker to the cores it sees
-        config = engine_args(kwargs, path, model_id).create_engine_config(usage_context(), headless=True)
+        config = engine_args(kwargs, path, model_id).create_engine_config(internals.vllm_usage_context(),
+                                                                          headless=True)
         internals.vllm_run_core(config, handshake)
 
 

@@ -2,7 +2,8 @@
 
 The request and response models, the chat template rendering, tool parsing, structured outputs,
 logprobs, ``n``, ``echo``, embeddings and tokenization are vLLM's (``vllm.entrypoints``), set
-up by vLLM's own ``init_app_state`` from the arguments ``vllm serve`` would parse: the request
+up by vLLM's own server start-up from the arguments ``vllm serve`` would parse
+(``core.internals.vllm_serving_state``: those pieces are not vLLM's public API): the request
 surface follows the pinned vLLM. What mmserve adds: a field that vLLM's request model does not
 declare is refused (vLLM's server ignores it silently), every refusal becomes the error
 vocabulary of :mod:`core.errors`, and the first event of a stream is awaited so that a request
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from core import internals
 from core.errors import (EngineError, InvalidField, InvalidParameter, MMServeError, ModelNotFound,
                          NotImplementedByEngine, NotReady, Unsupported)
 from core.protocol import RequestContext
@@ -145,13 +147,12 @@ def error_of(err: BaseException | Any, model_id: str) -> MMServeError:
     if isinstance(err, MMServeError):
         return err
     if isinstance(err, BaseException):
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(err, EngineDeadError):
             return NotReady("the vLLM engine died; the replica is restarting", model_id=model_id,
                             retry="engine_dead")
-        err = create_error_response(err)
+        err = internals.vllm_error_response(err)
     info = err.error
     cls = {400: InvalidParameter, 404: ModelNotFound, 422: InvalidField,
            501: NotImplementedByEngine}.get(info.code, EngineError)
@@ -183,16 +184,10 @@ class OpenAIFrontend:
         self.state = None
 
     async def start(self, llm, model_path: str, cli_args: list[str]) -> None:
-        """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments."""
-        from starlette.datastructures import State
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-        parser = make_arg_parser(FlexibleArgumentParser(prog="mmserve"))
-        args = parser.parse_args(["--model", model_path, "--served-model-name", self.model_id, *cli_args])
-        self.state = State()
-        await init_app_state(llm, self.state, args, supported_tasks=await llm.get_supported_tasks())
+        """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments. Raises
+        RuntimeError naming the vLLM version if this vLLM builds it otherwise."""
+        args = internals.vllm_server_args(model_path, self.model_id, cli_args)
+        self.state = await internals.vllm_serving_state(llm, args)
 
     async def model_card(self) -> dict[str, Any]:
         """vLLM's ``/v1/models`` entry of this model (``max_model_len``, ``root``, ``permission``)."""

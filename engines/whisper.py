@@ -120,18 +120,18 @@ class VLLMTranscriber(VLLMEngine):
         self.serving = {"transcribe": state.openai_serving_transcription,
                         "translate": state.openai_serving_translation}
         for serving in self.serving.values():
-            internals.vllm_speech_from_samples(serving, functools.partial(self._split, serving.asr_config))
+            internals.vllm_speech_from_samples(serving, self._split)
 
-    async def _split(self, config, audio) -> list:
-        """``audio`` cut into windows (:func:`engines.speech_windows.plan`); their offsets go to
-        the request's :data:`WINDOW_OFFSETS`, for its segments."""
+    async def _split(self, audio, rate: int, clip_s: float) -> list:
+        """``audio`` (at ``rate``) cut into windows of at most ``clip_s`` seconds
+        (:func:`engines.speech_windows.plan`); their offsets go to the request's
+        :data:`WINDOW_OFFSETS`, for its segments."""
         import numpy as np
 
         from engines.speech_windows import plan
 
-        rate = int(config.sample_rate)
         speech = await asyncio.to_thread(self._speech, audio, rate) if self._vad is not None else []
-        cuts = plan(audio, int(config.max_audio_clip_s * rate), speech, rate)
+        cuts = plan(audio, int(clip_s * rate), speech, rate)
         offsets = WINDOW_OFFSETS.get()
         if offsets is not None:
             offsets[:] = [0, *cuts]
@@ -188,12 +188,12 @@ class VLLMTranscriber(VLLMEngine):
         import torch
 
         serving = self.serving[params.task]
-        rate = serving.asr_config.sample_rate
+        rate, clip_s = internals.vllm_speech_clip(serving)
         if inputs.info.get("sample_rate") != rate:
             raise InvalidField(f"the model takes {rate:g} Hz audio, not {inputs.info.get('sample_rate')} Hz: "
                                f"set the pipeline's sample_rate", model_id=ctx.model_id)
         try:
-            serving.model_cls.validate_language(params.language)
+            internals.vllm_check_language(serving, params.language)
         except ValueError as err:
             raise InvalidParameter(f"language: {err}", model_id=ctx.model_id, field="language") from None
         request = self._request(params, ctx.model_id)
@@ -215,6 +215,6 @@ class VLLMTranscriber(VLLMEngine):
             raise error_of(answer, ctx.model_id)
         out = answer.model_dump(exclude_none=True)
         if offsets and out.get("segments"):
-            self._place(out["segments"], offsets, rate, serving.asr_config.max_audio_clip_s)
+            self._place(out["segments"], offsets, rate, clip_s)
         yield EngineResult(output=out, finish_reason="stop", info=inputs.info)
 
