@@ -1,0 +1,229 @@
+"""The fence around Ray's and vLLM's non-public API: ``core/internals.py`` holds every use of
+it (each piece behind a function with a start-up check), and no other module of the layers
+reaches past the public API. Parsed with ``ast``, nothing imported: every ``.py`` under
+``core/ engines/ nodes/ pipelines/ api/ apps/`` but ``core/internals.py`` fails here, naming
+``file:line``, when it
+
+(a) imports a Ray or vLLM module with a path component starting with ``_``
+    (``ray.serve._private...``);
+(b) imports a Ray or vLLM name that :data:`PUBLIC_MODULES`, :data:`PUBLIC_NAMES` and
+    :func:`is_schema_module` do not declare public (``importlib`` paths written as
+    ``"vllm.x.y:Name"`` strings count as imports);
+(c) in a module that imports Ray or vLLM, reads an attribute starting with one ``_`` of an
+    object other than ``self``/``cls`` (also through ``getattr``/``hasattr``/``setattr`` with
+    a constant name), or passes a keyword argument starting with ``_`` (Ray's
+    ``_internal=True``, ``_check_exists=False``);
+(d) imports a ``_name`` of another mmserve module, or reads one off an mmserve module it
+    imported (``apps/bench_config.py`` once took ``core.validate._check_with``).
+
+What counts as public, and why:
+
+- Ray: its API policy (docs.ray.io, "API Policy" and "API Stability") says an API that lives
+  in an ``_internal``/``_private`` module or has an underscore prefix is never public, and that
+  what its reference documents is PublicAPI or DeveloperAPI (DeveloperAPI being "explicitly
+  exposed to advanced Ray users and library developers", e.g. ``serve.run_many``). The modules
+  below are the ones the Ray Core and Ray Serve API references document: ``ray``,
+  ``ray.exceptions``, ``ray.util`` and ``ray.util.metrics``, ``ray.serve`` and its documented
+  submodules ``handle``, ``exceptions``, ``schema`` and ``config``.
+- vLLM: its deprecation policy (docs.vllm.ai, "Deprecation Policy") covers "public Python APIs
+  for the vllm library" and "APIs in the OpenAI-compatible API server". Its API reference
+  ("Summary") documents the top-level names (``vllm.__all__``: ``LLM``, ``AsyncEngineArgs``,
+  ``SamplingParams``...), ``vllm.config``'s configuration classes, the engine arguments
+  (``vllm.engine.arg_utils``), the inference parameters (``vllm.sampling_params``), the engines
+  (``AsyncLLMEngine``, which is ``vllm.v1.engine.async_llm.AsyncLLM`` in V1, with the errors it
+  raises, ``vllm.v1.engine.exceptions``, and ``vllm.exceptions``), and
+  ``vllm.platforms.current_platform`` (the platform plugins' documented entry). The request and
+  response models of the OpenAI-compatible server (``vllm/entrypoints/**/protocol.py``) are that
+  server's API, which Ray Serve LLM imports as well: the upstream schemas mmserve reuses
+  (docs/STYLE.md, "reuse an upstream schema where one exists").
+- Everything else is not public, however stable it looks: vLLM's ``init_app_state``,
+  ``make_arg_parser``, ``FlexibleArgumentParser``, ``create_error_response``, ``UsageContext``,
+  ``vllm.utils.*``, the engine core's pieces (``vllm.v1.engine.core``/``utils``), Serve's
+  handle internals. Those are used in ``core/internals.py`` only.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = ("core", "engines", "nodes", "pipelines", "api", "apps")
+FENCE = "core/internals.py"
+FOREIGN = ("ray", "vllm")
+
+#: modules of Ray and vLLM whose every name without a leading underscore is public API
+PUBLIC_MODULES = frozenset({
+    "ray", "ray.exceptions", "ray.util", "ray.util.metrics",
+    "ray.serve", "ray.serve.handle", "ray.serve.exceptions", "ray.serve.schema", "ray.serve.config",
+    "vllm", "vllm.config", "vllm.engine.arg_utils", "vllm.sampling_params", "vllm.exceptions",
+    "vllm.v1.engine.exceptions",
+})
+#: single public names of modules that are otherwise not
+PUBLIC_NAMES = frozenset({"vllm.platforms.current_platform", "vllm.v1.engine.async_llm.AsyncLLM"})
+
+_SCHEMA = re.compile(r"vllm\.entrypoints(\.\w+)*\.protocol")
+_IMPORT_PATH = re.compile(r"((?:ray|vllm)(?:\.\w+)*):(\w+)")
+
+
+def is_schema_module(module: str) -> bool:
+    """A request/response schema module of vLLM's OpenAI-compatible server."""
+    return bool(_SCHEMA.fullmatch(module))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _foreign(module: str) -> bool:
+    return module.split(".")[0] in FOREIGN
+
+
+def _public_module(module: str) -> bool:
+    return module in PUBLIC_MODULES or is_schema_module(module)
+
+
+def check_import(module: str, name: str | None) -> str | None:
+    """Why importing ``module`` (``import module``) or ``name`` from it is not allowed, or None."""
+    path = module if name is None else f"{module}.{name}"
+    if any(_private(part) for part in path.split(".")):
+        return f"imports {path}: a private module or name of {path.split('.')[0]} (a part starts with _)"
+    if name is None:
+        ok = _public_module(module)
+    else:
+        ok = _public_module(module) or path in PUBLIC_NAMES or _public_module(path)
+    return None if ok else f"imports {path}, which is not on the public API allowlist of this test"
+
+
+def _layer_module(module: str | None) -> bool:
+    return bool(module) and module.split(".")[0] in LAYERS
+
+
+def violations(source: str, where: str) -> list[str]:
+    """Every reach past Ray's, vLLM's or another mmserve module's public API in ``source``,
+    as ``where:line: why``."""
+    tree = ast.parse(source)
+    found: list[str] = []
+
+    def report(node: ast.AST, why: str) -> None:
+        found.append(f"{where}:{node.lineno}: {why}")
+
+    uses_foreign = False
+    own_modules: set[str] = set()  # names bound to mmserve modules here (import core.validate as v)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _foreign(alias.name):
+                    uses_foreign = True
+                    if why := check_import(alias.name, None):
+                        report(node, why)
+                elif _layer_module(alias.name):
+                    own_modules.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if _foreign(node.module):
+                uses_foreign = True
+                for alias in node.names:
+                    if why := check_import(node.module, alias.name):
+                        report(node, why)
+            elif _layer_module(node.module):
+                for alias in node.names:
+                    if _private(alias.name):
+                        report(node, f"imports {alias.name} from {node.module}: a private name of "
+                                     "another mmserve module (make it public there)")
+                    else:
+                        own_modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if m := _IMPORT_PATH.fullmatch(node.value):
+                if why := check_import(m.group(1), m.group(2)):
+                    report(node, why)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            owner = node.value.id if isinstance(node.value, ast.Name) else None
+            if owner in ("self", "cls"):
+                continue
+            if owner in own_modules and owner not in ("self", "cls"):
+                report(node, f"reads {owner}.{node.attr}: a private name of an mmserve module")
+            elif uses_foreign:
+                report(node, f"reads .{node.attr} of {ast.unparse(node.value)}: a private attribute, "
+                             f"in a module that uses Ray or vLLM (move it to {FENCE})")
+        elif isinstance(node, ast.Call) and uses_foreign:
+            func = node.func.id if isinstance(node.func, ast.Name) else None
+            if (func in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+                    and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+                    and _private(node.args[1].value)
+                    and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls"))):
+                report(node, f"{func}(..., {node.args[1].value!r}): a private attribute, in a module "
+                             f"that uses Ray or vLLM (move it to {FENCE})")
+            for kw in node.keywords:
+                if kw.arg and _private(kw.arg):
+                    report(node, f"passes {kw.arg}=: a private parameter, in a module that uses Ray "
+                                 f"or vLLM (move it to {FENCE})")
+    return found
+
+
+def layer_files() -> list[Path]:
+    return sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")
+                  if p.relative_to(ROOT).as_posix() != FENCE)
+
+
+def test_only_core_internals_reaches_past_ray_and_vllm_public_api():
+    found = [v for path in layer_files()
+             for v in violations(path.read_text(), path.relative_to(ROOT).as_posix())]
+    assert not found, "\n".join(found)
+
+
+def test_the_fence_finds_each_kind_of_reach():
+    """Each rule, on a snippet that breaks it and on one that does not: the check above cannot
+    pass by finding nothing."""
+    def why(source: str) -> list[str]:
+        return [v.split(": ", 1)[1] for v in violations(source, "m.py")]
+
+    # (a) a private module
+    assert "private module" in why("from ray.serve._private.common import DeploymentID")[0]
+    assert "private module" in why("import vllm._custom_ops")[0]
+    # (b) a module or name off the allowlist
+    assert "allowlist" in why("from vllm.utils.argparse_utils import FlexibleArgumentParser")[0]
+    assert "allowlist" in why("from vllm.usage.usage_lib import UsageContext")[0]
+    assert "allowlist" in why("from vllm.v1.engine.utils import CoreEngine")[0]
+    assert "allowlist" in why("x = 'vllm.entrypoints.launchers.cli_args:make_arg_parser'")[0]
+    assert why("from vllm import SamplingParams\nfrom ray.serve.exceptions import BackPressureError\n"
+               "from ray import serve\nimport ray\nfrom vllm.platforms import current_platform\n"
+               "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest\n"
+               "x = 'vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest'") == []
+    assert "allowlist" in why("from vllm.platforms import cpu")[0]
+    # (c) a private attribute, getattr of one, a private keyword
+    assert "reads ._router" in why("import ray\nh._router")[0]
+    assert "getattr" in why("import ray\ngetattr(h, '_router', None)")[0]
+    assert "_internal=" in why("from ray import serve\nd.options(version='1', _internal=True)")[0]
+    assert why("import ray\nself._x\ncls._y\nx.__class__\ngetattr(self, '_z')") == []
+    assert why("h._router\nf(_x=1)") == []  # no Ray or vLLM here: mmserve's own business
+    # (d) a private name of another mmserve module
+    assert "private name of another mmserve module" in why("from core.validate import _check_with")[0]
+    assert "private name of an mmserve module" in why("from core import validate\nvalidate._merge")[0]
+
+
+def test_the_allowlist_names_what_the_pinned_ray_and_vllm_have():
+    import importlib
+    import importlib.util
+
+    for module in sorted(PUBLIC_MODULES):
+        assert importlib.util.find_spec(module) is not None, f"{module}: not in this installation"
+    for path in sorted(PUBLIC_NAMES):
+        module, name = path.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), name), path
+
+
+def test_the_fenced_vllm_server_pieces_work_on_the_pinned_vllm():
+    """What ``core.internals`` takes of vLLM's server, against the real vLLM (no engine): its
+    start-up check passes, ``vllm serve``'s parser reads mmserve's flags, the usage context is
+    the server's, and an exception becomes vLLM's error body."""
+    from core import internals
+
+    internals.check_vllm_server()
+    args = internals.vllm_server_args("/models/m", "m", ["--tool-call-parser", "hermes",
+                                                         "--enable-auto-tool-choice"])
+    assert (args.model, args.served_model_name, args.tool_call_parser) == ("/models/m", ["m"], "hermes")
+    assert internals.vllm_usage_context().name == "OPENAI_API_SERVER"
+    error = internals.vllm_error_response(ValueError("temperature: too hot"))
+    assert (error.error.code, error.error.message) == (400, "temperature: too hot")
