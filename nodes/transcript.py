@@ -1,12 +1,16 @@
 """Postprocess of speech-to-text pipelines: the transcript in the request's ``response_format``.
 
-``json`` and ``verbose_json`` are the engine's body as it is (vLLM's); ``text`` is the text
-alone; ``srt`` and ``vtt`` are subtitles, one cue per segment of the ``verbose_json`` body.
+``json`` and ``verbose_json`` are the transcript's body; ``text`` is the text alone; ``srt`` and
+``vtt`` are subtitles, one cue per segment of the ``verbose_json`` body. The body is the
+engine's as it is where the engine makes one (vLLM's, for Whisper: ``segments: engine``), or is
+made here for a recognizer that gives the text alone (a CTC model: ``segments: clip``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.protocol import EngineResult, RequestContext
 from nodes.base import Node
@@ -45,13 +49,46 @@ def render(body: dict[str, Any], response_format: str) -> Any:
     return body
 
 
+def clip_transcript(text: str, duration_s: float | None, response_format: str,
+                    language: str | None = None) -> dict[str, Any]:
+    """The transcript body of a recognizer that gives the text alone, with no timestamps and no
+    language of its own (a CTC model): ``{"text"}`` for ``json``; else OpenAI's ``verbose_json``
+    body with one segment over the whole clip. Its ``language`` is the one the client stated,
+    and is left out where none was: the model detects none, so it claims none."""
+    if response_format == "json":
+        return {"text": text}
+    body: dict[str, Any] = {"task": "transcribe"}
+    if language is not None:
+        body["language"] = language
+    body.update(duration=duration_s, text=text,
+                segments=[{"id": 0, "start": 0.0, "end": duration_s or 0.0, "text": text}])
+    return body
+
+
+class TranscriptKwargs(BaseModel):
+    """``kwargs`` of the ``transcript`` postprocess."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    segments: Literal["engine", "clip"] = Field("engine", description=(
+        "engine: the engine answers the transcript's body itself, with the segments the format "
+        "needs (vLLM's Whisper); clip: the engine gives {text} alone (a CTC recognizer), and the "
+        "transcript is one segment over the whole clip, with no language but the client's."))
+
+
 class Transcript(Node):
     """``{"model_id", "output", "duration_s"}``: ``output`` is the transcript in the format the
     request's ``response_format`` param names (a string for text, srt and vtt)."""
 
+    Kwargs = TranscriptKwargs
+
     async def __call__(self, payload: EngineResult, ctx: RequestContext) -> dict[str, Any]:
         fmt = getattr(ctx.params, "response_format", "json")
-        out: dict[str, Any] = {"model_id": ctx.model_id, "output": render(payload.output, fmt)}
+        duration = payload.info.get("duration_s") if payload.info else None
+        body = payload.output
+        if self.kwargs.segments == "clip":
+            body = clip_transcript(body["text"], duration, fmt, getattr(ctx.params, "language", None))
+        out: dict[str, Any] = {"model_id": ctx.model_id, "output": render(body, fmt)}
         if payload.info and "duration_s" in payload.info:
-            out["duration_s"] = payload.info["duration_s"]
+            out["duration_s"] = duration
         return out

@@ -1,13 +1,17 @@
 """``/v1/audio/transcriptions`` and ``/v1/audio/translations`` in OpenAI's shape (a multipart
 form: ``file``, ``model`` and the request's fields).
 
-A speech-to-text model on vLLM (Whisper) takes every field of its engine's params (vLLM's
-names: ``language``, ``prompt``, ``temperature``, ``timestamp_granularities[]``...); an unknown
-one is refused naming it. A CTC recognizer takes ``language``, ``prompt`` and ``temperature``
-and ignores them, as it has no use for them. Either way the upload goes through the model's
-audio pipeline (decoded, resampled, its limits applied) and the answer is rendered in
-``response_format``: ``json`` and ``verbose_json`` as JSON, ``text``, ``srt`` and ``vtt`` as
-plain text.
+The form's other fields are the model's params, checked by its engine's params schema as on
+``/v1/infer``: one the model does not take is refused (422) naming it. A speech-to-text model
+on vLLM (Whisper) takes vLLM's fields (``language``, ``prompt``, ``temperature``,
+``timestamp_granularities[]``...). A CTC recognizer (wav2vec2) takes only what it honours:
+``language``, as the client states it (the model neither detects nor uses one; ``verbose_json``
+reports it, and reports no language without it), and nothing else: ``prompt``, ``temperature``
+and the like are refused, as greedy CTC decoding has no use for them. Either way the upload
+goes through the model's audio pipeline (decoded, resampled, its limits applied) and the
+pipeline's ``transcript`` postprocess renders the answer in ``response_format``: ``json`` and
+``verbose_json`` as JSON, ``text``, ``srt`` and ``vtt`` as plain text. A model transcribes
+where its params take a ``response_format``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from api.errors import ERROR_RESPONSES
 from api.uploads import uploaded_media
 from core.errors import InvalidField, InvalidParameter
 from core.protocol import InferRequest
-from nodes.transcript import render
 
 router = APIRouter()
 
@@ -55,10 +58,13 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
     if task == "translate" and not speech:
         raise InvalidField(f"model: {model!r} does not translate speech; translations need a Whisper-"
                            f"family model", model_id=model, field="model")
-    params = _params(await request.form(), model)
+    if "response_format" not in pipeline.params_schema.model_fields:
+        raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
+                           f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
+    params = {**_params(await request.form(), model), "response_format": response_format}
     if speech:
-        params.update(task=task, response_format=response_format)
-    req = InferRequest(model_id=model, input=await uploaded_media(file), params=params if speech else {})
+        params["task"] = task
+    req = InferRequest(model_id=model, input=await uploaded_media(file), params=params)
     try:
         result = await run_guarded(pipeline, req, request_context(req, request, state.server))
     except InvalidField as err:  # a param is a form field here: name it as the client sent it
@@ -67,17 +73,6 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
             err.message = err.message.removeprefix("params.")
         raise
     output = result["output"]
-    if not speech:
-        if not isinstance(output, dict) or "text" not in output:
-            raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
-                               f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
-        duration = result.get("duration_s")
-        output = render({"task": "transcribe", "language": params.get("language") or "english",
-                         "duration": duration, "text": output["text"],
-                         "segments": [{"id": 0, "start": 0.0, "end": duration or 0.0, "text": output["text"]}]},
-                        response_format)
-        if response_format == "json":
-            output = {"text": output["text"]}
     return PlainTextResponse(output) if isinstance(output, str) else output
 
 

@@ -84,6 +84,19 @@ def test_asr_transcribes_to_characters_of_its_vocabulary(client):
     text = body["output"]["text"]
     assert isinstance(text, str) and set(text) <= set(" ETAONIHSRDLUMWCFGYPBVK'XJQZ")
     assert body["duration_s"] == pytest.approx(4.0, abs=0.1)
+    assert set(body) == {"model_id", "output", "duration_s"} and set(body["output"]) == {"text"}
+
+
+def test_asr_pipeline_renders_its_transcript_in_the_requested_format(client):
+    """The CTC model's pipeline renders the transcript (its transcript postprocess), so
+    /v1/infer gives every format the transcription route gives, from the same params."""
+    wav = media.encode_audio(media.clip_with_speech())
+    text = ok(infer(client, "tiny-asr", wav))["output"]["text"]
+    body = ok(infer(client, "tiny-asr", wav, response_format="srt"))
+    assert body["output"] == f"1\n00:00:00,000 --> 00:00:04,000\n{text}\n"
+    verbose = ok(infer(client, "tiny-asr", wav, response_format="verbose_json", language="en"))["output"]
+    assert verbose["language"] == "en" and verbose["text"] == text
+    assert error_of(infer(client, "tiny-asr", wav, temperature=0), 422)["field"] == "params.temperature"
 
 
 def test_asr_refuses_silence_and_audio_over_its_limit(client):
@@ -156,8 +169,7 @@ def test_openai_transcriptions_in_every_format_carry_one_transcript(client):
 
     def post(response_format: str):
         r = client.post("/v1/audio/transcriptions", files={"file": ("speech.wav", wav, "audio/wav")},
-                        data={"model": "tiny-asr", "response_format": response_format, "language": "en",
-                              "temperature": "0"})  # OpenAI's fields a CTC model has no use for
+                        data={"model": "tiny-asr", "response_format": response_format, "language": "en"})
         assert r.status_code == 200, r.text
         return r
 
@@ -167,10 +179,31 @@ def test_openai_transcriptions_in_every_format_carry_one_transcript(client):
     assert r.headers["content-type"].startswith("text/plain") and r.text == text
     verbose = post("verbose_json").json()
     assert verbose["duration"] == pytest.approx(4.0, abs=0.1) and verbose["text"] == text
+    assert verbose["language"] == "en"  # the client's, reported back
     assert [(s["start"], s["end"]) for s in verbose["segments"]] == [(0.0, verbose["duration"])]
     # a CTC model has no timestamps: one cue over the whole clip
     assert post("srt").text == f"1\n00:00:00,000 --> 00:00:04,000\n{text}\n"
     assert post("vtt").text == f"WEBVTT\n\n00:00:00.000 --> 00:00:04.000\n{text}\n"
+
+
+def test_a_ctc_recognizer_claims_no_language_and_refuses_the_fields_it_cannot_honour(client):
+    """It detects no language: without the client's, verbose_json has none (it said
+    "english" whatever the audio). OpenAI's fields it has no use for are refused naming them,
+    as Whisper's unknown fields are, rather than dropped."""
+    wav = media.encode_audio(media.clip_with_speech())
+
+    def post(**fields):
+        return client.post("/v1/audio/transcriptions", files={"file": ("speech.wav", wav, "audio/wav")},
+                           data={"model": "tiny-asr", **fields})
+
+    verbose = post(response_format="verbose_json")
+    assert verbose.status_code == 200, verbose.text
+    assert "language" not in verbose.json()
+    for field, value in [("temperature", "0"), ("prompt", "Hello."), ("timestamp_granularities[]", "word"),
+                         ("colour", "blue")]:
+        err = error_of(post(**{field: value}), 422)
+        assert err["field"] == field.removesuffix("[]") and "unknown parameter" in err["message"], err
+    assert error_of(post(language="English"), 422)["field"] == "language"  # ISO 639-1, as OpenAI's
 
 
 def test_subtitles_number_their_cues_and_write_each_formats_clock():
