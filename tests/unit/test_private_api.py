@@ -28,7 +28,8 @@ What counts as public, and why:
 - vLLM: its deprecation policy (docs.vllm.ai, "Deprecation Policy") covers "public Python APIs
   for the vllm library" and "APIs in the OpenAI-compatible API server". Its API reference
   ("Summary") documents the top-level names (``vllm.__all__``: ``LLM``, ``AsyncEngineArgs``,
-  ``SamplingParams``...), ``vllm.config``'s configuration classes, the engine arguments
+  ``SamplingParams``...; a public module's name must be in its ``__all__`` where it declares
+  one), ``vllm.config``'s configuration classes, the engine arguments
   (``vllm.engine.arg_utils``), the inference parameters (``vllm.sampling_params``), the engines
   (``AsyncLLMEngine``, which is ``vllm.v1.engine.async_llm.AsyncLLM`` in V1, with the errors it
   raises, ``vllm.v1.engine.exceptions``, and ``vllm.exceptions``), and
@@ -45,6 +46,8 @@ What counts as public, and why:
 from __future__ import annotations
 
 import ast
+import functools
+import importlib.util
 import re
 from pathlib import Path
 
@@ -84,15 +87,48 @@ def _public_module(module: str) -> bool:
     return module in PUBLIC_MODULES or is_schema_module(module)
 
 
+@functools.cache
+def declared_all(module: str) -> frozenset[str] | None:
+    """The names of ``module``'s literal ``__all__`` (``vllm``: its top-level API), read from
+    the installed source without importing it; None where it declares none."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)  # a top-level package: nothing is imported
+    if spec is None or spec.origin is None:
+        return None
+    base = Path(spec.origin).parent.joinpath(*rest)
+    source = next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
+    if source is None:
+        return None
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
+            try:
+                return frozenset(ast.literal_eval(node.value))
+            except ValueError:  # built at import time: not declared literally
+                return None
+    return None
+
+
 def check_import(module: str, name: str | None) -> str | None:
-    """Why importing ``module`` (``import module``) or ``name`` from it is not allowed, or None."""
+    """Why importing ``module`` (``import module``) or ``name`` from it is not allowed, or None.
+    A name of a public module that declares ``__all__`` must be in it (or be a public module)."""
     path = module if name is None else f"{module}.{name}"
     if any(_private(part) for part in path.split(".")):
         return f"imports {path}: a private module or name of {path.split('.')[0]} (a part starts with _)"
-    if name is None:
-        ok = _public_module(module)
+    if name is None or _public_module(path) or path in PUBLIC_NAMES:
+        ok = _public_module(path) or path in PUBLIC_NAMES
+    elif _public_module(module):
+        exported = declared_all(module)
+        if exported is not None and name not in exported:
+            return f"imports {path}: {module} is public, but its __all__ does not export {name}"
+        ok = True
     else:
-        ok = _public_module(module) or path in PUBLIC_NAMES or _public_module(path)
+        ok = False
     return None if ok else f"imports {path}, which is not on the public API allowlist of this test"
 
 
@@ -192,6 +228,7 @@ def test_the_fence_finds_each_kind_of_reach():
                "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest\n"
                "x = 'vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest'") == []
     assert "allowlist" in why("from vllm.platforms import cpu")[0]
+    assert "__all__ does not export envs" in why("from vllm import envs")[0]
     # (c) a private attribute, getattr of one, a private keyword
     assert "reads ._router" in why("import ray\nh._router")[0]
     assert "getattr" in why("import ray\ngetattr(h, '_router', None)")[0]
