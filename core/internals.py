@@ -30,7 +30,7 @@ mmserve needs nine things neither offers publicly (Ray 2.60, vLLM 0.32.0):
 
 Each has a check (:func:`check_ray_handle`, :func:`check_vllm_engine`) run when the feature is
 first used: if the attribute is not there, a warning names the installed version and what
-degrades, and the feature falls back as documented in the README ("Replica failures"). What
+degrades, and the feature falls back as documented in docs/http-api.md ("When something fails"). What
 has no fallback (vLLM's serving layer, its speech-to-text hooks, a remote engine core) raises
 RuntimeError naming the version when the model starts. The integration tests exercise these
 against real Ray and vLLM objects; ``tests/unit/test_private_api.py`` keeps every other module
@@ -334,6 +334,13 @@ def vllm_await_core(handshake: str, addresses, vllm_config, gone_fd: int) -> Non
     finally:
         socket.close(linger=0)
         ctx.term()
+
+
+def vllm_import_core() -> None:
+    """Import what :func:`vllm_run_core` runs (tens of seconds of CPU on a small machine), so
+    that a core's actor can do it while its frontend is still starting."""
+    import vllm.v1.engine.core  # noqa: F401
+    import vllm.v1.executor  # noqa: F401
 
 
 def vllm_run_core(vllm_config, handshake: str) -> None:

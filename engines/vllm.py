@@ -67,7 +67,7 @@ class VLLMKwargs(BaseModel):
         "Multi-modal models: most items of each kind per prompt, e.g. {image: 2, video: 0}."))
     mm_processor_cache_gb: float | None = Field(None, ge=0, description=(
         "Multi-modal models: vLLM's cache of processed media (GiB); 0 turns it off, which the "
-        "pinned transformers needs for Qwen2-VL (README, \"Vision-language chat\")."))
+        "pinned transformers needs for Qwen2-VL (docs/models.md, \"Vision-language chat\")."))
     json_whitespace: bool | None = Field(None, description=(
         "false: structured JSON outputs (response_format, tool calls) leave out free whitespace "
         "(vLLM's structured_outputs_config.disable_any_whitespace); default: vLLM's, allowed."))
@@ -217,6 +217,7 @@ class VLLMEngine(Engine):
         if self.model.deployment.placement == "engine_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
             self.core = RemoteCore(self.model.model_id, actor)
+            self.core.launch()  # its import of vLLM overlaps this process's (in _open)
         try:
             await self._open()
         except BaseException:

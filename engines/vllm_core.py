@@ -50,10 +50,17 @@ def engine_args(kwargs, path: str, model_id: str):
 
 
 class CoreHost:
-    """A Ray actor that is one vLLM engine core: :meth:`run` serves until the core stops."""
+    """A Ray actor that is one vLLM engine core: :meth:`run` serves until the core stops.
+
+    It imports vLLM's engine core as it is created (tens of seconds of CPU on a small machine),
+    while its frontend imports vLLM's AsyncLLM: the two imports overlap instead of following
+    each other. ``run`` waits in the actor's queue meanwhile."""
+
+    def __init__(self) -> None:
+        cpus.for_models()  # before vLLM binds its worker to the cores it sees
+        internals.vllm_import_core()
 
     def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
-        cpus.for_models()  # before vLLM binds its worker to the cores it sees
         config = engine_args(kwargs, path, model_id).create_engine_config(internals.vllm_usage_context(),
                                                                           headless=True)
         internals.vllm_run_core(config, handshake)
@@ -74,18 +81,27 @@ class RemoteCore:
     def gone(self) -> bool:
         return self.ended is not None and self.ended.done()
 
-    async def start(self, kwargs, path: str, vllm_config) -> dict[str, str]:
-        """Start the core's actor and wait until vLLM's handshake with it is done; returns the
-        ``client_addresses`` for AsyncLLM. Raises RuntimeError if the core stops first."""
+    def launch(self) -> None:
+        """Create the core's actor, which starts importing vLLM at once (see :class:`CoreHost`);
+        the frontend calls this before it imports vLLM itself, and :meth:`stop` undoes it."""
         import ray
 
-        internals.check_vllm_remote_core()
-        handshake, addresses, client = internals.vllm_core_addresses(ray.util.get_node_ip_address())
         name = f"mmserve.core.{self.model_id}.{uuid.uuid4().hex[:8]}"
         runtime_env = dict(self.actor_options.get("runtime_env") or {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), CORE_OF: self.model_id}
         options = {**self.actor_options, "runtime_env": runtime_env}
         self.actor = ray.remote(CoreHost).options(name=name, max_restarts=0, **options).remote()
+
+    async def start(self, kwargs, path: str, vllm_config) -> dict[str, str]:
+        """Start the core (in the actor :meth:`launch` created, or a new one) and wait until
+        vLLM's handshake with it is done; returns the ``client_addresses`` for AsyncLLM. Raises
+        RuntimeError if the core stops first."""
+        import ray
+
+        internals.check_vllm_remote_core()
+        handshake, addresses, client = internals.vllm_core_addresses(ray.util.get_node_ip_address())
+        if self.actor is None:
+            self.launch()
         run = self.actor.run.remote(kwargs, path, self.model_id, handshake)
         gone_r, gone_w = os.pipe()
         self.ended = asyncio.ensure_future(self._watch(run, gone_w))
