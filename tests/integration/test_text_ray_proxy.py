@@ -2,7 +2,9 @@
 that is not the default: it serves, streams, and a client that leaves a request without
 streaming stops its generation at once (the proxy cancels the replica's call).
 
-One more vLLM start-up (tens of seconds on 2 cores), for the whole module.
+Marked slow (``make test-all``): it costs a Ray and a vLLM start-up of its own, and what it
+adds to the default suite is small: the text path is checked on the default proxy in
+tests/integration/vllm/, and the sweep test serves (and streams) through this proxy.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import time
 import httpx
 import pytest
 
-from tests.integration.test_text_vllm import MODEL, engine_stats, infer, stream_events
+from tests.integration.vllm.test_text import MODEL, engine_stats, infer, stream_events
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OVERRIDES = ["model=[tiny_llama]", "server.http_proxy=ray"]
 

@@ -4,7 +4,7 @@
 Random weights make the text gibberish, but greedy decoding makes it repeatable, so the formats
 are checked against one another: the same transcript, the same segments, the same cue times.
 
-One Serve instance and one vLLM start-up for the module (about a minute on 2 cores).
+Served with the package's vLLM set (conftest.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from tests import media
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["model=[tiny_whisper]", "pipeline=[speech]"]
 MODEL = "tiny-whisper"
 CUE = re.compile(r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d) --> (\d\d):(\d\d):(\d\d)[,.](\d\d\d)")
 

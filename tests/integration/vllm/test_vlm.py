@@ -3,9 +3,9 @@
 are data: URLs; what vLLM renders is checked through ``/tokenize`` (vLLM's own rendering of the same
 messages): one ``<|vision_start|><|image_pad|>...<|vision_end|>`` per image, the pad repeated
 as many times as the image processor makes tokens of that image. (An image part sent to a
-text-only model is refused in tests/integration/test_text_vllm.py.)
+text-only model is refused in tests/integration/vllm/test_text.py.)
 
-One Serve instance and one vLLM start-up for the module (about a minute and a half on 2 cores).
+Served with the package's vLLM set (conftest.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from tests.media import data_url
 
 pytestmark = pytest.mark.integration
 
-# a small max_pixels, so that a "too large" image is cheap to make
-OVERRIDES = ["model=[tiny_qwen2_vl]", "pipeline=[vlm]", "pipeline.vlm.preprocess.kwargs.max_pixels=1000000"]
 MODEL = "tiny-qwen2-vl"
 SMALL = media.encode_image(media.image(64, 48), "png")
 LARGE = media.encode_image(media.image(640, 480), "jpeg")

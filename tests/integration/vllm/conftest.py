@@ -1,0 +1,46 @@
+"""The vLLM set: every vLLM model kind the tests need, served once for the whole package.
+
+One Ray, one Serve application, four vLLM engines started side by side: the generated tiny Llama
+(``placement: engine_core``, its AsyncLLM in the ingress), the real all-MiniLM-L6-v2 embedding
+model, the generated tiny Whisper and tiny Qwen2-VL (each engine in a deployment of its own).
+Started one after the other, per module, they cost a Ray and a vLLM start-up each; side by side
+their imports and loads overlap on the 2 cores. Each module checks its own model, and the models
+listing and metrics by model id, so that the others being there changes nothing it asserts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.serving import free_port
+
+SET = ["model=[tiny_llama,all_minilm_l6_v2,tiny_whisper,tiny_qwen2_vl]",
+       "pipeline=[text,embedding,speech,vlm]",
+       # a small max_pixels, so that a "too large" image is cheap to make (test_vlm.py)
+       "pipeline.vlm.preprocess.kwargs.max_pixels=1000000"]
+
+
+@pytest.fixture(scope="package")
+def serve_app():
+    """The vLLM set, served as the launcher serves it, on a local Ray of 2 CPUs; its base URL."""
+    from apps.config import compose
+    from apps.serving import served
+
+    cfg = compose([*SET, f"server.port={free_port()}"])
+    with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="package")
+def http(serve_app):
+    import httpx
+
+    with httpx.Client(base_url=serve_app, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="package")
+def client(serve_app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{serve_app}/v1", api_key="-", max_retries=0, timeout=120)
