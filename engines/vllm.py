@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from core import internals, metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import EngineResult, RequestContext
-from engines.base import Engine
+from engines.base import Engine, Hosting
 from engines.vllm_core import RemoteCore, engine_args
 from engines.vllm_openai import OpenAIFrontend, routes_for
 
@@ -187,8 +187,6 @@ class VLLMEngine(Engine):
     """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
 
     requires = ("vllm",)
-    separable_core = True
-    binds_cores = True
 
     Kwargs = VLLMKwargs
     Params = TextParams
@@ -240,7 +238,7 @@ class VLLMEngine(Engine):
             self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage, client_addresses=client)
         internals.check_vllm_engine(self.llm)
         self.client = TimedLLM(self.llm, self.model.model_id)
-        self.frontend = OpenAIFrontend(self.model.model_id, self.openai_routes(self.model))
+        self.frontend = OpenAIFrontend(self.model.model_id, self.served_routes(self.model))
         await self.frontend.start(self.client, self.path, self.kwargs.server_args())
         await self._opened()
 
@@ -255,7 +253,15 @@ class VLLMEngine(Engine):
             self.core.stop()
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def hosting(cls, model) -> Hosting:
+        """vLLM's serving layer answers the routes of the model's runner; its engine core can run
+        in a Ray actor of its own, one per frontend (:mod:`engines.vllm_core`); its CPU worker
+        binds its threads to every core but the last (:mod:`core.cpus`)."""
+        return Hosting(routes=cls.served_routes(model), core_actors=1, binds_cores=True)
+
+    @classmethod
+    def served_routes(cls, model) -> frozenset[str]:
+        """The OpenAI-compatible routes vLLM's serving layer answers for ``model``."""
         return routes_for(model.options(cls.Kwargs).runner)
 
     @classmethod
@@ -429,7 +435,7 @@ class VLLMEmbedder(VLLMEngine):
         self.kwargs = self.kwargs.model_copy(update={"runner": "pooling"})
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def served_routes(cls, model) -> frozenset[str]:
         return routes_for("pooling")
 
     async def _embed(self, inputs: Any, params: EmbedParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:

@@ -103,7 +103,7 @@ class VLLMTranscriber(VLLMEngine):
     requires = (*VLLMEngine.requires, "silero_vad")
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def served_routes(cls, model) -> frozenset[str]:
         return frozenset({"transcription", "translation"})
 
     async def start(self) -> None:

@@ -90,7 +90,7 @@ def test_rules_across_keys_are_validated_with_dotted_paths():
 def test_engine_core_placement_needs_a_separable_engine_and_one_replica():
     assert compose(["model=[tiny_llama]"]).model["tiny_llama"].deployment.placement == "engine_core"
     msg = problems(["model.echo.deployment.placement=engine_core"])["model.echo.deployment.placement"]
-    assert "engine 'echo' has no engine core to place apart" in msg and "use engine" in msg
+    assert "engine 'echo' declares no core to run apart" in msg and "use engine" in msg
     msg = problems(["model=[tiny_llama]", "+model.tiny_llama.deployment.engine.num_replicas=2"])
     assert "for replicas of the engine use placement engine" in msg["model.tiny_llama.deployment.engine.num_replicas"]
     # the core's actor counts among the deployments' resources, one per ingress replica
