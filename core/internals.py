@@ -24,7 +24,7 @@ mmserve needs nine things neither offers publicly (Ray 2.60, vLLM 0.32.0):
   takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`), and to read what
   that layer knows of its model: its rate and window (:func:`vllm_speech_clip`), the languages
   it takes (:func:`vllm_check_language`);
-- AsyncLLM here and its engine core in a Ray actor (``placement: engine_core``): vLLM's
+- AsyncLLM here and its engine core in a Ray actor (``placement: remote_core``): vLLM's
   handshake with a remote headless core, and the core's own entry point (:func:`vllm_await_core`,
   :func:`vllm_run_core`), checked at start (:func:`check_vllm_remote_core`).
 
@@ -268,7 +268,7 @@ def vllm_speech_from_samples(serving, split) -> None:
 
 
 # --- vLLM: an engine core placed elsewhere ---------------------------------------------------
-# ``placement: engine_core`` (engines.vllm_core): AsyncLLM in this process reaches an engine core
+# ``placement: remote_core`` (engines.vllm_core): AsyncLLM in this process reaches an engine core
 # that a Ray actor runs, over vLLM's own ZMQ protocol. vLLM does this for ``vllm serve
 # --headless`` engines on other nodes; the pieces it is built of are not public API.
 

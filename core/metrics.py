@@ -244,7 +244,7 @@ def merge(sources: Iterable[tuple[dict[str, str], Iterable[Metric]]]) -> list[Me
 
 def _with_model_id(labels: dict[str, str]) -> dict[str, str]:
     """vLLM's own samples name their model (``model_name``, its model_id); from a process that
-    serves several models (the ingress, with ``placement: engine_core``) that becomes its
+    serves several models (the ingress, with ``placement: remote_core``) that becomes its
     ``model_id`` too."""
     if "model_id" not in labels and "model_name" in labels:
         return {**labels, "model_id": labels["model_name"]}

@@ -142,17 +142,17 @@ def validate_config(raw: dict) -> AppConfig:
 
 def _placement_problems(hosting, model, where: str) -> list[tuple[str, str]]:
     """What ``model``'s placement asks of its engine's :class:`~engines.base.Hosting`:
-    ``engine_core`` needs an engine that declares a core of its own, and starts its core's
+    ``remote_core`` needs an engine that declares a core of its own, and starts its core's
     actors for the one ingress replica's frontend."""
-    if model.deployment.placement != "engine_core":
+    if model.deployment.placement != "remote_core":
         return []
     if not hosting.core:
-        return [(f"{where}.deployment.placement", f"engine_core: engine {model.engine!r} declares no "
+        return [(f"{where}.deployment.placement", f"remote_core: engine {model.engine!r} declares no "
                  "core to run apart from its frontend (its hosting has no core actors); use engine")]
     opts = model.deployment.engine
     if opts.autoscaling_config is not None or opts.num_replicas != 1:
         key = "autoscaling_config" if opts.autoscaling_config is not None else "num_replicas"
-        return [(f"{where}.deployment.engine.{key}", "placement engine_core starts the engine's core "
+        return [(f"{where}.deployment.engine.{key}", "placement remote_core starts the engine's core "
                  "actors for the ingress replica's frontend; for replicas of the engine use placement engine")]
     return []
 
@@ -184,7 +184,7 @@ class Demand:
 
 def resource_demands(cfg: AppConfig) -> list[Demand]:
     """Every deployment the config creates, with the resources its replicas reserve (an
-    ``engine_core`` model's core actors count as its engine's replicas: as many per ingress
+    ``remote_core`` model's core actors count as its engine's replicas: as many per ingress
     replica as its engine's hosting declares)."""
 
     def demand(key: str, opts: DeploymentOptions, replicas: int | None = None) -> Demand:
@@ -197,7 +197,7 @@ def resource_demands(cfg: AppConfig) -> list[Demand]:
         dep = model.deployment
         if dep.placement in ("engine", "split"):
             out.append(demand(f"model.{key}.deployment.engine", dep.engine))
-        if dep.placement == "engine_core":
+        if dep.placement == "remote_core":
             actors = engine_class(model.engine).hosting(model).core_actors
             out.append(demand(f"model.{key}.deployment.engine", dep.engine,
                               actors * cfg.deployment.ingress.min_replicas))

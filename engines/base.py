@@ -31,7 +31,7 @@ class Hosting:
     routes: frozenset[str] = frozenset()
     #: Ray actors the engine starts beside the replica that hosts it, each with the model's
     #: ``deployment.engine`` resources, when its compute core runs apart from its frontend
-    #: (``placement: engine_core``); 0: the engine has no core to place apart
+    #: (``placement: remote_core``); 0: the engine has no core to place apart
     core_actors: int = 0
     #: CPU policy: on a host without GPUs, the engine's worker binds its threads to cores, so a
     #: local Ray's own processes keep off them (``server.ray_cpus``, ``core.cpus``)
@@ -39,7 +39,7 @@ class Hosting:
 
     @property
     def core(self) -> bool:
-        """Whether the engine can run its core in actors of its own (``placement: engine_core``)."""
+        """Whether the engine can run its core in actors of its own (``placement: remote_core``)."""
         return self.core_actors > 0
 
 
@@ -55,7 +55,7 @@ class Engine(ABC):
     #: modules the engine imports when it runs; a replica checks them on its node at start
     requires: ClassVar[tuple[str, ...]] = ()
     #: True while the engine starts its own backend again (its core in actors of its own,
-    #: ``placement: engine_core``): its model answers 503 meanwhile, and the replica that hosts
+    #: ``placement: remote_core``): its model answers 503 meanwhile, and the replica that hosts
     #: the engine need not restart
     recovering: bool = False
 

@@ -202,7 +202,7 @@ class VLLMEngine(Engine):
         self.llm = None
         self.dead = False
         self.path = ""
-        #: the engine core's actor (``placement: engine_core``); None: vLLM starts the core
+        #: the engine core's actor (``placement: remote_core``); None: vLLM starts the core
         #: itself, as a child process of this replica
         self.core: RemoteCore | None = None
         self._inflight: set[asyncio.Task] = set()
@@ -212,7 +212,7 @@ class VLLMEngine(Engine):
         from engines.checkpoints import resolve_source
 
         self.path = resolve_source(self.model.source)
-        if self.model.deployment.placement == "engine_core":
+        if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
             self.core = RemoteCore(self.model.model_id, actor)
             self.core.launch()  # its import of vLLM overlaps this process's (in _open)
@@ -278,7 +278,7 @@ class VLLMEngine(Engine):
 
     async def _watch_engine(self) -> None:
         """When the engine core dies, vLLM marks itself errored (a core of its own) or the
-        core's actor call ends (``engine_core``), but requests already waiting on it are never
+        core's actor call ends (``remote_core``), but requests already waiting on it are never
         answered: fail them (503) instead of letting them hang. A core of vLLM's own is then
         restarted with this replica by Serve's health check; a core in its own actor is
         started again here, this replica and its other models serving on meanwhile."""

@@ -1,5 +1,5 @@
 """vLLM's engine core in a Ray actor of its own, its frontend in this process
-(``placement: engine_core``).
+(``placement: remote_core``).
 
 vLLM's own server is two processes: the API server, where the HTTP request is, runs AsyncLLM
 (tokenizing, detokenizing, vLLM's OpenAI serving layer) and talks over ZMQ to the engine core

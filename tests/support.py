@@ -133,7 +133,7 @@ def metric_families(response) -> list:
 
 def engine_core_processes(model_id: str) -> list:
     """The vLLM engine core processes of ``model_id``: children of its engine replica, or its
-    engine core actor (``placement: engine_core``). vLLM retitles the process; its name holds
+    engine core actor (``placement: remote_core``). vLLM retitles the process; its name holds
     the title's first 15 characters."""
     import psutil
 
