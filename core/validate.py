@@ -133,11 +133,28 @@ def validate_config(raw: dict) -> AppConfig:
         if not kwargs_problems:
             model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
             problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
+            problems += _engine_options_problems(pipe, model, where)
         problems += _placement_problems(cls.hosting(model), model, where)
 
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _engine_options_problems(pipe, model, where: str) -> list[tuple[str, str]]:
+    """A node that reads engine options (``Node.engine_options``, a ``core.protocol``
+    Protocol) needs a model whose engine's options have them."""
+    options, problems = model.options(engine_class(model.engine).Kwargs), []
+    for stage in ("preprocess", "postprocess"):
+        name = getattr(pipe, stage).name
+        try:
+            needs = node_class(name).engine_options
+        except KeyError:
+            continue  # reported under the pipeline
+        if needs is not None and not isinstance(options, needs):
+            problems.append((f"{where}.engine", f"engine {model.engine!r} has no options that the "
+                             f"{stage} node {name!r} reads ({', '.join(needs.__annotations__)})"))
+    return problems
 
 
 def _placement_problems(hosting, model, where: str) -> list[tuple[str, str]]:

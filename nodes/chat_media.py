@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from core.errors import InvalidField, InvalidParameter, MMServeError, PayloadTooLarge
-from core.protocol import OpenAIBody, RequestContext
+from core.protocol import MediaChatOptions, OpenAIBody, RequestContext
+from core.registry import engine_options_of
 from nodes.base import Node
 from nodes.media import media_bytes
 from nodes.video import VideoFrames
@@ -52,6 +53,7 @@ class ChatMedia(Node):
     Kwargs = ChatMediaKwargs
     requires = (*ImageDecode.requires, *VideoFrames.requires)
     checks_openai = True
+    engine_options = MediaChatOptions
 
     @classmethod
     def inputs_of(cls, model) -> list[str]:
@@ -152,11 +154,9 @@ class ChatMedia(Node):
 
 
 def limits_of(model) -> dict[str, int]:
-    """The most items of each kind a request may hold: the model's vLLM ``limit_mm_per_prompt``
-    (vLLM refuses more; checked here first, with the part named)."""
-    from engines.vllm import VLLMKwargs
-
-    return dict(model.options(VLLMKwargs).limit_mm_per_prompt or {})
+    """The most items of each kind a request may hold: the engine's ``limit_mm_per_prompt``
+    (the engine refuses more; checked here first, with the part named)."""
+    return dict(engine_options_of(model, MediaChatOptions).limit_mm_per_prompt or {})
 
 
 def _media_urls(obj: Any, path: str, part: str, kind: str | None = None):
