@@ -20,9 +20,10 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core import internals, metrics
+from core import metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import EngineResult, RequestContext
+from engines import vllm_internals
 from engines.base import Engine, Hosting
 from engines.vllm_core import RemoteCore, engine_args
 from engines.vllm_openai import OpenAIFrontend, routes_for
@@ -232,11 +233,11 @@ class VLLMEngine(Engine):
         if self.core is None:
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both
-            usage = internals.vllm_usage_context()
+            usage = vllm_internals.vllm_usage_context()
             config = args.create_engine_config(usage)
             client = await self.core.start(self.kwargs, self.path, config)
             self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage, client_addresses=client)
-        internals.check_vllm_engine(self.llm)
+        vllm_internals.check_vllm_engine(self.llm)
         self.client = TimedLLM(self.llm, self.model.model_id)
         self.frontend = OpenAIFrontend(self.model.model_id, self.served_routes(self.model))
         await self.frontend.start(self.client, self.path, self.kwargs.server_args())
@@ -283,7 +284,7 @@ class VLLMEngine(Engine):
         restarted with this replica by Serve's health check; a core in its own actor is
         started again here, this replica and its other models serving on meanwhile."""
         while True:
-            while not (internals.vllm_errored(self.llm) or (self.core is not None and self.core.gone)):
+            while not (vllm_internals.vllm_errored(self.llm) or (self.core is not None and self.core.gone)):
                 await asyncio.sleep(self.WATCH_PERIOD_S)  # vLLM offers no awaitable for this
             self.dead = True
             for task in list(self._inflight):
@@ -405,7 +406,7 @@ class VLLMEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         """``running_requests``: requests vLLM is still working on (aborted ones leave it)."""
-        running = 0 if self.llm is None else internals.vllm_unfinished_requests(self.llm)
+        running = 0 if self.llm is None else vllm_internals.vllm_unfinished_requests(self.llm)
         return {"running_requests": running}
 
     async def stop(self) -> None:
