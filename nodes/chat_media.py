@@ -1,5 +1,5 @@
 """Preprocess of vision-language chat: the images and videos of a request checked before they
-reach vLLM.
+reach the engine.
 
 Each image URL (chat's ``image_url`` parts, the Responses API's ``input_image``, Anthropic's image
 ``source``, the messages of ``/tokenize``) is decoded by the image node's own decoder and limits
@@ -9,7 +9,7 @@ oversized or unsupported one is a 4xx naming its part (``messages.0.content.1``)
 hop; so is one more than the model's ``limit_mm_per_prompt``. Media come as ``data:`` URLs
 (base64). An ``http(s)`` URL is fetched only when
 its host is in ``url_domains`` (none by default), here, within ``url_timeout_s`` and
-``max_bytes``, and handed on as a ``data:`` URL: vLLM itself never fetches.
+``max_bytes``, and handed on as a ``data:`` URL: the engine itself never fetches.
 
 The node serves the OpenAI-compatible routes (:class:`OpenAIBody`) and ``/v1/infer`` (chat
 ``messages``, or a prompt as one user message); the engine renders the chat template.
@@ -102,7 +102,7 @@ class ChatMedia(Node):
             holder[key] = await self._checked(kind, holder[key], part, model_id)
 
     async def _checked(self, kind: str, url: str, field: str, model_id: str) -> str:
-        """``url`` as the data: URL to hand vLLM, once its media passed the image (or video) node."""
+        """``url`` as the data: URL to hand the engine, once its media passed the image (or video) node."""
         if not url.startswith("data:"):
             url = await self._fetch(url, kind, field, model_id)
         match = DATA_URL.fullmatch(url)
@@ -113,7 +113,7 @@ class ChatMedia(Node):
         node = self.images if kind == "image" else self.videos
         try:
             raw, _ = media_bytes({"data": data, "format": fmt}, node.kwargs, kind, model_id)
-            if kind == "image":  # decoded within the limits; vLLM's processor resizes it itself
+            if kind == "image":  # decoded within the limits; the engine's processor resizes it itself
                 await asyncio.to_thread(node.pixels, raw, model_id)
             else:
                 await asyncio.to_thread(node.decode, raw, None, 2, model_id)

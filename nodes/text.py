@@ -74,8 +74,8 @@ class TextPrompt(Node):
 
 
 def text_of(content: str | list[dict[str, Any]], path: str, model_id: str) -> str:
-    """A message's text: the string, or its text parts joined by newlines (as vLLM joins them
-    for a string chat template). Other parts (images, audio, video) are refused naming the part."""
+    """A message's text: the string, or its text parts joined by newlines (as chat templates
+    that take a string join them). Other parts (images, audio, video) are refused naming the part."""
     if isinstance(content, str):
         return content
     texts = []

@@ -164,7 +164,7 @@ class Pipeline:
             hist.observe(time.perf_counter() - start)
 
     async def model_card(self) -> dict[str, Any]:
-        """What the running engine tells about the model (vLLM: max_model_len, root, permission)."""
+        """What the running engine tells about the model (e.g. max_model_len, root, permission)."""
         return await self.engine.model_card()
 
     async def stats(self) -> dict[str, Any]:
