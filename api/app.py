@@ -67,7 +67,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
 
     def openapi() -> dict:
         # /v1/infer reads its body itself (JSON or a form upload), and the OpenAI-compatible
-        # routes take vLLM's request models: publish their schemas.
+        # routes take the engines' request models: publish their schemas.
         if app.openapi_schema is None or app.state.schema_generation != router.generation:
             from fastapi.openapi.utils import get_openapi
 

@@ -52,7 +52,7 @@ DONE = "data: [DONE]"
 async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext, state: Any = None) -> AsyncIterator[bytes]:
     """Server-Sent Events. A dict chunk (a pipeline's) is sent as one ``data:`` event and the
     stream ends with ``data: [DONE]``; string chunks are events the engine framed itself in its
-    own protocol (vLLM's OpenAI or Anthropic events, its ``[DONE]`` included) and pass as they
+    own protocol (OpenAI or Anthropic events, their ``[DONE]`` included) and pass as they
     are. If the stream fails after it started (the deadline included), an error event ends it.
     Closing it (client gone) closes ``chunks``, which cancels the work behind them.
     ``state`` (the request's) hears of such an error for the request metrics."""

@@ -29,7 +29,7 @@ class Ingress:
     """The single HTTP entry: the FastAPI app of :mod:`api.app` over the model router."""
 
     async def __init__(self, server: ServerConfig) -> None:
-        cpus.for_models()  # it runs models' steps (and vLLM's frontend) as a model's replica does
+        cpus.for_models()  # it runs models' steps (and engines' frontends) as a model's replica does
         self.server = server
         self.app_name = serve.get_replica_context().app_name  # its models' steps' apps are named after it
         metrics.configure(server.metrics)
@@ -65,7 +65,7 @@ class Ingress:
         return self.update_error
 
     async def stats(self, model_id: str) -> dict[str, Any]:
-        """``model_id``'s engine counters (``Engine.stats``, e.g. the requests vLLM still runs),
+        """``model_id``'s engine counters (``Engine.stats``, e.g. the requests its backend still runs),
         for tests and operators through a Serve handle."""
         return await self.router.get(model_id).stats()
 

@@ -3,7 +3,7 @@ command is a module that ``python -m`` runs, and takes that module's arguments u
 own flags (``--cfg job``, ``-m``, ``--help``) included.
 
 The module a command runs is imported only once the command is known (it brings Hydra, Ray or
-vLLM), so that ``mmserve --help`` answers at once.
+an engine's backend), so that ``mmserve --help`` answers at once.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def graph_table(cfg: AppConfig):
                  ("postprocess: " + pipe.postprocess.name, "split", dep.node)]
         for i, (label, own_from, opts) in enumerate(steps):
             own = dep.placement == "split" or (dep.placement == own_from)
-            core = own_from == "engine" and dep.placement == "engine_core"
+            core = own_from == "engine" and dep.placement == "remote_core"
             where = "own deployment" if own else "ingress + core actor" if core else "ingress"
             table.add_row(model.model_id if i == 0 else "", model.pipeline if i == 0 else "", label, where,
                           _replicas(opts) if own or core else "", _resources(opts) if own or core else "")

@@ -5,7 +5,7 @@ Used by every benchmark (``benchmarks/``), ``apps.bench`` sweeps and the tests. 
 measured per request from send to full response; throughput counts the requests that ended in
 the measured window (after the warm-up, for the run's duration) over its length. With
 ``stream=True`` (text pipelines) each request is read as Server-Sent Events and also yields time
-to first token and time per output token, defined as ``vllm bench serve`` defines them.
+to first token and time per output token, defined as LLM serving benchmarks define them.
 ``python -m apps.loadgen --url ... --body '{...}' -c 32 -d 10``.
 """
 

@@ -437,7 +437,7 @@ def local_ray_cpus(server: ServerConfig, app: AppConfig | None) -> set[int] | No
     """The CPUs of a local Ray's own processes for ``server.ray_cpus`` (None: every CPU)."""
     from core.registry import engine_class
 
-    binds = app is not None and any(engine_class(m.engine).binds_cores for m in app.model.values())
+    binds = app is not None and any(engine_class(m.engine).hosting(m).binds_cores for m in app.model.values())
     try:
         return cpus.ray_cpus(server.ray_cpus, cpus.allowed(), local_gpu_count(), binds)
     except ValueError as err:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-Placement = Literal["inline", "engine_core", "engine", "split"]
+Placement = Literal["inline", "remote_core", "engine", "split"]
 Modality = Literal["text", "audio", "vision", "video"]
 
 
@@ -110,9 +110,9 @@ class DeploymentOptions(Strict):
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions, description=(
         "Resources and process environment of each replica."))
     max_ongoing_requests: int = Field(5, ge=1, description=(
-        "Requests a replica runs at once. For an engine, at least what it can batch (vLLM's "
-        "max_num_seqs; instances x max_batch_size for the media engines), or Serve caps its "
-        "batches. With placement inline or engine_core, the engine's own admission limit."))
+        "Requests a replica runs at once. For an engine, at least what it can batch (the batch "
+        "size its engine_kwargs set, e.g. instances x max_batch_size), or Serve caps its "
+        "batches. With placement inline or remote_core, the engine's own admission limit."))
     max_queued_requests: int = Field(-1, ge=-1, description="Requests queued per caller before "
                                      "refusing with 503; -1 is unbounded.")
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
@@ -158,10 +158,10 @@ class ModelDeployment(Strict):
 
     - ``inline``: preprocess, engine and postprocess run inside the ingress replica (no handle
       hop at all; for cheap engines such as ``echo``).
-    - ``engine_core`` (vLLM engines): the engine runs in the ingress replica (AsyncLLM and
-      vLLM's serving layer, no handle hop), its engine core in a Ray actor of its own with the
-      ``engine`` options' resources, restarted by the engine when it dies (``engines.vllm_core``;
-      the default for text models).
+    - ``remote_core`` (engines whose hosting declares a core, ``engines.base.Hosting``): the
+      engine's frontend runs in the ingress replica (no handle hop), its compute core in Ray
+      actors of its own with the ``engine`` options' resources, started again by the engine when
+      they die (the default for text models).
     - ``engine``: pre/postprocess run in the ingress replica, the engine in its own deployment
       (one hop; the default for real models, whose engine needs its own resources).
     - ``split``: every node is its own deployment (most isolation, one hop per node).
@@ -169,13 +169,13 @@ class ModelDeployment(Strict):
 
     placement: Placement = Field("engine", description=(
         "Which of the model's steps get a Serve deployment of their own: inline (none), "
-        "engine_core (none; a vLLM engine's core runs in a Ray actor), engine (the engine), "
-        "split (every node)."))
+        "remote_core (none; the engine's core runs in Ray actors of its own, for an engine whose "
+        "hosting declares a core), engine (the engine), split (every node)."))
     engine: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                       description=(
                                           "The engine deployment (placement engine/split); with "
-                                          "engine_core, the core's actor resources and the engine's "
-                                          "admission limits."))
+                                          "remote_core, the resources of each of the core's "
+                                          "actors and the engine's admission limits."))
     node: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                     description="Pre/postprocess deployments (placement split).")
 
@@ -197,8 +197,8 @@ class RetryAfter(Strict):
         "The model's engine replica died and is being replaced; a probe re-opens the model."))
     replica_unavailable: int = Field(5, ge=0, description="A call found the model's replica dead or unreachable.")
     engine_dead: int = Field(30, ge=0, description=(
-        "vLLM's engine core died; the engine (engine_core) or Serve (engine) starts it again, "
-        "which takes vLLM tens of seconds."))
+        "The engine's backend died; the engine (remote_core) or Serve (engine) starts it again, "
+        "which can take tens of seconds."))
     not_ready: int = Field(5, ge=0, description="Models are starting or unhealthy (/ready).")
 
 
@@ -258,8 +258,8 @@ class ServerConfig(Strict):
     ray_cpus: Literal["auto", "all"] | list[int] = Field("auto", description=(
         "CPUs of the processes of a local Ray that mmserve starts (raylet, GCS, Serve's "
         "controller and proxies); mmserve's own replicas still use every CPU. auto: the last CPU "
-        "on a host without GPUs where a model's engine binds a CPU worker to cores (vLLM's), "
-        "which vLLM leaves to its engine core; all; or a list of CPU ids (core.cpus)."))
+        "on a host without GPUs where a model's engine binds a CPU worker to cores (its hosting "
+        "says so), which that worker leaves free; all; or a list of CPU ids (core.cpus)."))
 
     _env_as_strings = field_validator("serve_env", mode="before")(_env_strings)
 
@@ -304,8 +304,8 @@ class ModelConfig(Strict):
     pipeline: str = Field(..., description="Name of the pipeline config (conf/pipeline).")
     engine: str | None = Field(None, description="Engine name; defaults to the pipeline's.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
-        "The engine's arguments, checked by the engine's Kwargs schema at validation (for vLLM: "
-        "its engine arguments and server options)."))
+        "The engine's arguments, checked by the engine's Kwargs schema at validation (see "
+        "docs/models.md for each engine's)."))
     params: dict[str, Any] = Field(default_factory=dict, description=(
         "Default request params, under what a request sends; checked by the engine's Params schema."))
     deployment: ModelDeployment = Field(default_factory=ModelDeployment, description=(

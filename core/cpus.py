@@ -1,15 +1,16 @@
 """Which CPUs Ray's own processes and the models' processes run on, on a host without GPUs.
 
-vLLM's CPU worker binds its threads to every core but the last, which it leaves to the rest of
-the engine (``vllm serve``: the API server and the engine core). A local Ray started next to it
+An engine's CPU worker may bind its threads to every core but the last, which it leaves to the
+rest of the engine (its frontend and core; the engine's ``Hosting.binds_cores`` says so). A
+local Ray started next to it
 runs a dozen processes of its own (raylet, GCS, Serve's controller, proxies, HAProxy, the
 dashboard's agent, the log monitor), each waking many times a second; wherever Linux puts them on
 the worker's core they can stall a decoding step. So the launcher starts such a Ray on
 :func:`ray_cpus` (its processes, and the workers it forks, inherit the mask), and each process
-that then runs a model's work (the ingress, a model's replicas, a vLLM engine core's actor)
+that then runs a model's work (the ingress, a model's replicas, an engine core's actor)
 takes every CPU back with :func:`for_models`; so does HAProxy, which every request and streamed
-chunk passes through (the launcher moves it once Serve has started it). BENCHMARKS.md ("Ray's
-processes beside vLLM's worker") has the measurement.
+chunk passes through (the launcher moves it once Serve has started it). BENCHMARKS.md has the measurement
+(the section on Ray's processes beside the engine's CPU worker).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def ray_cpus(setting: str | list[int], cpus: set[int], gpus: int, binds_cores: b
     """The CPUs for a local Ray's own processes, or None for all of ``cpus``.
 
     ``setting``: ``all``; ``auto``: the last CPU when the host has no GPU, some model's engine
-    binds a worker to cores (vLLM's CPU worker) and there are CPUs to spare; or a list of CPU
+    binds a worker to cores (its hosting's ``binds_cores``) and there are CPUs to spare; or a list of CPU
     ids, which must be among ``cpus``.
 
     Raises:
@@ -48,7 +49,7 @@ def ray_cpus(setting: str | list[int], cpus: set[int], gpus: int, binds_cores: b
     if setting == "auto":
         if gpus or not binds_cores or len(cpus) < 2:
             return None
-        return {max(cpus)}  # the core vLLM's worker leaves to the engine core (see above)
+        return {max(cpus)}  # the core such a worker leaves to the rest of its engine (see above)
     chosen = set(setting)
     if not chosen <= cpus:
         raise ValueError(f"CPUs {sorted(chosen - cpus)} are not among this machine's "

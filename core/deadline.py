@@ -1,7 +1,7 @@
 """Work to a request's deadline, in whichever process a step runs.
 
 Every node awaits through these helpers, so the request's one deadline (``RequestContext``)
-bounds each of them; on expiry the work under way is cancelled (for vLLM, the generation is
+bounds each of them; on expiry the work under way is cancelled (an engine's generation is
 aborted) and :class:`~core.errors.DeadlineExceeded` names the step that was running.
 """
 

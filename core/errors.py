@@ -5,7 +5,8 @@ status it maps to, a stable ``type`` string, a message a user can act on, and op
 ``model_id`` and the ``field`` involved. :meth:`MMServeError.to_dict` is the one rendering of
 an error body (``api.errors`` sends it as JSON, as an SSE event or from the ASGI middleware);
 nodes and engines only raise them. The body carries OpenAI's ``param`` and ``code`` beside
-mmserve's ``field`` and ``model_id``, so OpenAI clients read it as they read vLLM's.
+mmserve's ``field`` and ``model_id``, so OpenAI clients read it as they read an OpenAI-compatible
+server's.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class InvalidField(MMServeError):
 
 
 class InvalidParameter(InvalidField):
-    """As :class:`InvalidField`, on the OpenAI-compatible routes: vLLM's own server answers a
-    request it refuses with 400, and so do they (the request surface is vLLM's)."""
+    """As :class:`InvalidField`, on the OpenAI-compatible routes: an OpenAI-compatible server
+    answers a request it refuses with 400, and so do they (the request surface is the engine's)."""
 
     status = 400
 
@@ -138,7 +139,7 @@ class EngineError(MMServeError):
 
 
 class NotImplementedByEngine(MMServeError):
-    """The engine does not implement what the request asks (vLLM's 501)."""
+    """The engine does not implement what the request asks (an OpenAI-compatible server's 501)."""
 
     status = 501
     type = "not_implemented"

@@ -2,8 +2,8 @@
 
 Every process of an application records into ``prometheus_client``'s registry of its own
 process: the ingress replicas (requests, latencies, streams), each engine and node replica
-(batches, time per output token) and, in a vLLM model's engine replica, vLLM's own ``vllm:``
-metrics, which vLLM's AsyncLLM records there. Each process serves that registry on a free port
+(batches, time per output token) and, where an engine's backend records metrics of its own
+(``<backend>:<name>``), those, in the process that runs the engine. Each process serves that registry on a free port
 of its node (:func:`expose`) and lists itself, with the labels that tell it apart
 (``deployment``, ``replica``, and ``model_id`` for a model's own replicas), in the
 application's :class:`Directory`, a named Ray actor. ``GET /metrics`` on the ingress reads every
@@ -11,8 +11,8 @@ listed process and answers with their merge (:func:`merge`), so one scrape of th
 covers every replica on every node.
 
 Why not Ray's own metrics (``ray.util.metrics``, exported by each node's metrics agent): Ray
-renames every metric (a ``ray_`` prefix, no ``:``), so vLLM's ``vllm:`` names and the Grafana
-dashboards built on them would not survive, and the agent needs Ray's dashboard processes,
+renames every metric (a ``ray_`` prefix, no ``:``), so a backend's own ``<backend>:`` names
+and the Grafana dashboards built on them would not survive, and the agent needs Ray's dashboard processes,
 which mmserve leaves off on small machines.
 
 Labels are set by the code, never copied from a request: ``model_id`` is a served model's id
@@ -243,8 +243,8 @@ def merge(sources: Iterable[tuple[dict[str, str], Iterable[Metric]]]) -> list[Me
 
 
 def _with_model_id(labels: dict[str, str]) -> dict[str, str]:
-    """vLLM's own samples name their model (``model_name``, its model_id); from a process that
-    serves several models (the ingress, with ``placement: engine_core``) that becomes its
+    """A backend's own samples may name their model (``model_name``, its model_id); from a process that
+    serves several models (the ingress, with ``placement: remote_core``) that becomes its
     ``model_id`` too."""
     if "model_id" not in labels and "model_name" in labels:
         return {**labels, "model_id": labels["model_name"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -150,3 +150,23 @@ class OpenAIBody:
 
     route: str
     body: dict[str, Any]
+
+
+@runtime_checkable
+class TokenizerOptions(Protocol):
+    """The engine options (an engine's ``Kwargs``, typed) that a node tokenizing for the engine
+    reads: where the model's tokenizer is, and the context the engine allows (None: the
+    model's own)."""
+
+    tokenizer: str | None
+    revision: str | None
+    trust_remote_code: bool
+    max_model_len: int | None
+
+
+@runtime_checkable
+class MediaChatOptions(Protocol):
+    """The engine options that a node checking a chat's media reads: how many items of each
+    kind (``image``, ``video``) one prompt may hold (None: the engine's defaults)."""
+
+    limit_mm_per_prompt: dict[str, int] | None

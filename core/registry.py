@@ -8,9 +8,10 @@ imported lazily: naming ``vllm`` here imports nothing heavy until a replica star
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from core.config import ModelConfig
     from engines.base import Engine
     from nodes.base import Node
 
@@ -54,3 +55,15 @@ def engine_class(name: str) -> type["Engine"]:
 def node_class(name: str) -> type["Node"]:
     """The node class registered as ``name``; raises ``KeyError`` naming the known ones."""
     return _load(NODES, "node", name)
+
+
+def engine_options_of(model: "ModelConfig", expected: type) -> Any:
+    """``model``'s engine options (``engine_kwargs`` as its engine's ``Kwargs``), which must
+    have what ``expected`` (a runtime-checkable ``Protocol`` of :mod:`core.protocol`) names:
+    how a node reads them without knowing the engine. Raises TypeError naming the engine and
+    what it lacks (validation finds it first: ``Node.engine_options``)."""
+    options = model.options(engine_class(model.engine).Kwargs)
+    if not isinstance(options, expected):
+        raise TypeError(f"engine {model.engine!r} has no options {expected.__name__} names "
+                        f"({', '.join(expected.__annotations__)})")
+    return options

@@ -133,25 +133,44 @@ def validate_config(raw: dict) -> AppConfig:
         if not kwargs_problems:
             model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
             problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
-        if model.deployment.placement == "engine_core":
-            problems += _engine_core_problems(cls, model, where)
+            problems += _engine_options_problems(pipe, model, where)
+        problems += _placement_problems(cls.hosting(model), model, where)
 
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _engine_core_problems(cls, model, where: str) -> list[tuple[str, str]]:
-    """``placement: engine_core`` needs an engine whose core runs apart from its frontend, and
-    places one core per ingress replica."""
-    if not cls.separable_core:
-        return [(f"{where}.deployment.placement", f"engine_core: engine {model.engine!r} has no engine "
-                 "core to place apart from its frontend (vLLM engines have); use engine")]
+def _engine_options_problems(pipe, model, where: str) -> list[tuple[str, str]]:
+    """A node that reads engine options (``Node.engine_options``, a ``core.protocol``
+    Protocol) needs a model whose engine's options have them."""
+    options, problems = model.options(engine_class(model.engine).Kwargs), []
+    for stage in ("preprocess", "postprocess"):
+        name = getattr(pipe, stage).name
+        try:
+            needs = node_class(name).engine_options
+        except KeyError:
+            continue  # reported under the pipeline
+        if needs is not None and not isinstance(options, needs):
+            problems.append((f"{where}.engine", f"engine {model.engine!r} has no options that the "
+                             f"{stage} node {name!r} reads ({', '.join(needs.__annotations__)})"))
+    return problems
+
+
+def _placement_problems(hosting, model, where: str) -> list[tuple[str, str]]:
+    """What ``model``'s placement asks of its engine's :class:`~engines.base.Hosting`:
+    ``remote_core`` needs an engine that declares a core of its own, and starts its core's
+    actors for the one ingress replica's frontend."""
+    if model.deployment.placement != "remote_core":
+        return []
+    if not hosting.core:
+        return [(f"{where}.deployment.placement", f"remote_core: engine {model.engine!r} declares no "
+                 "core to run apart from its frontend (its hosting has no core actors); use engine")]
     opts = model.deployment.engine
     if opts.autoscaling_config is not None or opts.num_replicas != 1:
         key = "autoscaling_config" if opts.autoscaling_config is not None else "num_replicas"
-        return [(f"{where}.deployment.engine.{key}", "placement engine_core starts one engine core "
-                 "for the ingress replica's frontend; for replicas of the engine use placement engine")]
+        return [(f"{where}.deployment.engine.{key}", "placement remote_core starts the engine's core "
+                 "actors for the ingress replica's frontend; for replicas of the engine use placement engine")]
     return []
 
 
@@ -182,7 +201,8 @@ class Demand:
 
 def resource_demands(cfg: AppConfig) -> list[Demand]:
     """Every deployment the config creates, with the resources its replicas reserve (an
-    ``engine_core`` model's core actors count as its engine's replicas: one per ingress replica)."""
+    ``remote_core`` model's core actors count as its engine's replicas: as many per ingress
+    replica as its engine's hosting declares)."""
 
     def demand(key: str, opts: DeploymentOptions, replicas: int | None = None) -> Demand:
         r = opts.min_replicas if replicas is None else replicas
@@ -194,8 +214,10 @@ def resource_demands(cfg: AppConfig) -> list[Demand]:
         dep = model.deployment
         if dep.placement in ("engine", "split"):
             out.append(demand(f"model.{key}.deployment.engine", dep.engine))
-        if dep.placement == "engine_core":
-            out.append(demand(f"model.{key}.deployment.engine", dep.engine, cfg.deployment.ingress.min_replicas))
+        if dep.placement == "remote_core":
+            actors = engine_class(model.engine).hosting(model).core_actors
+            out.append(demand(f"model.{key}.deployment.engine", dep.engine,
+                              actors * cfg.deployment.ingress.min_replicas))
         if dep.placement == "split":
             out.append(demand(f"model.{key}.deployment.node (preprocess)", dep.node))
             out.append(demand(f"model.{key}.deployment.node (postprocess)", dep.node))

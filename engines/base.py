@@ -9,6 +9,7 @@ and others yield once. Engines never see ``DictConfig``s or raw HTTP bodies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, ClassVar
 
 from pydantic import BaseModel
@@ -16,6 +17,30 @@ from pydantic import BaseModel
 from core.config import ModelConfig
 from core.errors import Unsupported
 from core.protocol import EngineResult, NoOptions, RequestContext
+
+
+@dataclass(frozen=True)
+class Hosting:
+    """How an engine is hosted, as it declares it for one model (:meth:`Engine.hosting`): what
+    the generic layers (validation, placement, the ingress, a local Ray's CPUs) ask of an engine
+    instead of naming it."""
+
+    #: the OpenAI-compatible routes the engine answers for the model (``chat``, ``completion``,
+    #: ``embedding``, ``tokenize``, ``transcription``..., see ``engines.vllm_openai.ROUTES``);
+    #: a route outside them is refused before the engine sees it
+    routes: frozenset[str] = frozenset()
+    #: Ray actors the engine starts beside the replica that hosts it, each with the model's
+    #: ``deployment.engine`` resources, when its compute core runs apart from its frontend
+    #: (``placement: remote_core``); 0: the engine has no core to place apart
+    core_actors: int = 0
+    #: CPU policy: on a host without GPUs, the engine's worker binds its threads to cores, so a
+    #: local Ray's own processes keep off them (``server.ray_cpus``, ``core.cpus``)
+    binds_cores: bool = False
+
+    @property
+    def core(self) -> bool:
+        """Whether the engine can run its core in actors of its own (``placement: remote_core``)."""
+        return self.core_actors > 0
 
 
 class Engine(ABC):
@@ -29,16 +54,10 @@ class Engine(ABC):
     Params: ClassVar[type[BaseModel]] = NoOptions
     #: modules the engine imports when it runs; a replica checks them on its node at start
     requires: ClassVar[tuple[str, ...]] = ()
-    #: True while the engine starts its own backend again (a vLLM engine core in an actor of its
-    #: own, ``placement: engine_core``): its model answers 503 meanwhile, and the replica that
-    #: hosts the engine need not restart
+    #: True while the engine starts its own backend again (its core in actors of its own,
+    #: ``placement: remote_core``): its model answers 503 meanwhile, and the replica that hosts
+    #: the engine need not restart
     recovering: bool = False
-    #: the backend's core can run in an actor of its own, apart from the engine object
-    #: (``placement: engine_core``)
-    separable_core: ClassVar[bool] = False
-    #: on a host without GPUs, the backend binds a worker's threads to cores (vLLM's CPU
-    #: worker), so a local Ray's own processes keep off them (``server.ray_cpus``, core.cpus)
-    binds_cores: ClassVar[bool] = False
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
@@ -58,10 +77,11 @@ class Engine(ABC):
         return []
 
     @classmethod
-    def openai_routes(cls, model: ModelConfig) -> frozenset[str]:
-        """The OpenAI-compatible routes (``chat``, ``completion``, ``embedding``, ``tokenize``...,
-        see ``engines.vllm_openai.ROUTES``) that this engine answers for ``model``: none here."""
-        return frozenset()
+    def hosting(cls, model: ModelConfig) -> Hosting:
+        """How this engine is hosted for ``model``: the routes it answers, the actors it starts
+        beside its replica, its CPU policy. Here: no OpenAI-compatible route, no core of its
+        own, no cores bound."""
+        return Hosting()
 
     def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
         """Answer an OpenAI-compatible request in the engine's own protocol: yield one dict (the

@@ -20,10 +20,11 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core import internals, metrics
+from core import metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import EngineResult, RequestContext
-from engines.base import Engine
+from engines import vllm_internals
+from engines.base import Engine, Hosting
 from engines.vllm_core import RemoteCore, engine_args
 from engines.vllm_openai import OpenAIFrontend, routes_for
 
@@ -187,8 +188,6 @@ class VLLMEngine(Engine):
     """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
 
     requires = ("vllm",)
-    separable_core = True
-    binds_cores = True
 
     Kwargs = VLLMKwargs
     Params = TextParams
@@ -204,7 +203,7 @@ class VLLMEngine(Engine):
         self.llm = None
         self.dead = False
         self.path = ""
-        #: the engine core's actor (``placement: engine_core``); None: vLLM starts the core
+        #: the engine core's actor (``placement: remote_core``); None: vLLM starts the core
         #: itself, as a child process of this replica
         self.core: RemoteCore | None = None
         self._inflight: set[asyncio.Task] = set()
@@ -214,7 +213,7 @@ class VLLMEngine(Engine):
         from engines.checkpoints import resolve_source
 
         self.path = resolve_source(self.model.source)
-        if self.model.deployment.placement == "engine_core":
+        if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
             self.core = RemoteCore(self.model.model_id, actor)
             self.core.launch()  # its import of vLLM overlaps this process's (in _open)
@@ -234,13 +233,13 @@ class VLLMEngine(Engine):
         if self.core is None:
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both
-            usage = internals.vllm_usage_context()
+            usage = vllm_internals.vllm_usage_context()
             config = args.create_engine_config(usage)
             client = await self.core.start(self.kwargs, self.path, config)
             self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage, client_addresses=client)
-        internals.check_vllm_engine(self.llm)
+        vllm_internals.check_vllm_engine(self.llm)
         self.client = TimedLLM(self.llm, self.model.model_id)
-        self.frontend = OpenAIFrontend(self.model.model_id, self.openai_routes(self.model))
+        self.frontend = OpenAIFrontend(self.model.model_id, self.served_routes(self.model))
         await self.frontend.start(self.client, self.path, self.kwargs.server_args())
         await self._opened()
 
@@ -255,7 +254,15 @@ class VLLMEngine(Engine):
             self.core.stop()
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def hosting(cls, model) -> Hosting:
+        """vLLM's serving layer answers the routes of the model's runner; its engine core can run
+        in a Ray actor of its own, one per frontend (:mod:`engines.vllm_core`); its CPU worker
+        binds its threads to every core but the last (:mod:`core.cpus`)."""
+        return Hosting(routes=cls.served_routes(model), core_actors=1, binds_cores=True)
+
+    @classmethod
+    def served_routes(cls, model) -> frozenset[str]:
+        """The OpenAI-compatible routes vLLM's serving layer answers for ``model``."""
         return routes_for(model.options(cls.Kwargs).runner)
 
     @classmethod
@@ -272,12 +279,12 @@ class VLLMEngine(Engine):
 
     async def _watch_engine(self) -> None:
         """When the engine core dies, vLLM marks itself errored (a core of its own) or the
-        core's actor call ends (``engine_core``), but requests already waiting on it are never
+        core's actor call ends (``remote_core``), but requests already waiting on it are never
         answered: fail them (503) instead of letting them hang. A core of vLLM's own is then
         restarted with this replica by Serve's health check; a core in its own actor is
         started again here, this replica and its other models serving on meanwhile."""
         while True:
-            while not (internals.vllm_errored(self.llm) or (self.core is not None and self.core.gone)):
+            while not (vllm_internals.vllm_errored(self.llm) or (self.core is not None and self.core.gone)):
                 await asyncio.sleep(self.WATCH_PERIOD_S)  # vLLM offers no awaitable for this
             self.dead = True
             for task in list(self._inflight):
@@ -399,7 +406,7 @@ class VLLMEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         """``running_requests``: requests vLLM is still working on (aborted ones leave it)."""
-        running = 0 if self.llm is None else internals.vllm_unfinished_requests(self.llm)
+        running = 0 if self.llm is None else vllm_internals.vllm_unfinished_requests(self.llm)
         return {"running_requests": running}
 
     async def stop(self) -> None:
@@ -429,7 +436,7 @@ class VLLMEmbedder(VLLMEngine):
         self.kwargs = self.kwargs.model_copy(update={"runner": "pooling"})
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def served_routes(cls, model) -> frozenset[str]:
         return routes_for("pooling")
 
     async def _embed(self, inputs: Any, params: EmbedParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:

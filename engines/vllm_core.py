@@ -1,5 +1,5 @@
 """vLLM's engine core in a Ray actor of its own, its frontend in this process
-(``placement: engine_core``).
+(``placement: remote_core``).
 
 vLLM's own server is two processes: the API server, where the HTTP request is, runs AsyncLLM
 (tokenizing, detokenizing, vLLM's OpenAI serving layer) and talks over ZMQ to the engine core
@@ -22,7 +22,8 @@ import os
 import uuid
 from typing import Any
 
-from core import cpus, internals
+from core import cpus
+from engines import vllm_internals
 
 #: the environment variable that names the model of an engine core's process
 CORE_OF = "MMSERVE_ENGINE_CORE_OF"
@@ -58,12 +59,12 @@ class CoreHost:
 
     def __init__(self) -> None:
         cpus.for_models()  # before vLLM binds its worker to the cores it sees
-        internals.vllm_import_core()
+        vllm_internals.vllm_import_core()
 
     def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
-        config = engine_args(kwargs, path, model_id).create_engine_config(internals.vllm_usage_context(),
+        config = engine_args(kwargs, path, model_id).create_engine_config(vllm_internals.vllm_usage_context(),
                                                                           headless=True)
-        internals.vllm_run_core(config, handshake)
+        vllm_internals.vllm_run_core(config, handshake)
 
 
 class RemoteCore:
@@ -98,15 +99,15 @@ class RemoteCore:
         RuntimeError if the core stops first."""
         import ray
 
-        internals.check_vllm_remote_core()
-        handshake, addresses, client = internals.vllm_core_addresses(ray.util.get_node_ip_address())
+        vllm_internals.check_vllm_remote_core()
+        handshake, addresses, client = vllm_internals.vllm_core_addresses(ray.util.get_node_ip_address())
         if self.actor is None:
             self.launch()
         run = self.actor.run.remote(kwargs, path, self.model_id, handshake)
         gone_r, gone_w = os.pipe()
         self.ended = asyncio.ensure_future(self._watch(run, gone_w))
         try:
-            await asyncio.to_thread(internals.vllm_await_core, handshake, addresses, vllm_config, gone_r)
+            await asyncio.to_thread(vllm_internals.vllm_await_core, handshake, addresses, vllm_config, gone_r)
         except RuntimeError:
             await asyncio.wait({self.ended}, timeout=5)
             raise RuntimeError(f"the vLLM engine core of {self.model_id!r} stopped while starting: "

@@ -3,7 +3,7 @@
 The request and response models, the chat template rendering, tool parsing, structured outputs,
 logprobs, ``n``, ``echo``, embeddings and tokenization are vLLM's (``vllm.entrypoints``), set
 up by vLLM's own server start-up from the arguments ``vllm serve`` would parse
-(``core.internals.vllm_serving_state``: those pieces are not vLLM's public API): the request
+(``engines.vllm_internals.vllm_serving_state``: those pieces are not vLLM's public API): the request
 surface follows the pinned vLLM. What mmserve adds: a field that vLLM's request model does not
 declare is refused (vLLM's server ignores it silently), every refusal becomes the error
 vocabulary of :mod:`core.errors`, and the first event of a stream is awaited so that a request
@@ -22,10 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from core import internals
 from core.errors import (EngineError, InvalidField, InvalidParameter, MMServeError, ModelNotFound,
                          NotImplementedByEngine, NotReady, Unsupported)
 from core.protocol import RequestContext
+from engines import vllm_internals
 
 logger = logging.getLogger("mmserve.vllm")
 
@@ -152,7 +152,7 @@ def error_of(err: BaseException | Any, model_id: str) -> MMServeError:
         if isinstance(err, EngineDeadError):
             return NotReady("the vLLM engine died; the replica is restarting", model_id=model_id,
                             retry="engine_dead")
-        err = internals.vllm_error_response(err)
+        err = vllm_internals.vllm_error_response(err)
     info = err.error
     cls = {400: InvalidParameter, 404: ModelNotFound, 422: InvalidField,
            501: NotImplementedByEngine}.get(info.code, EngineError)
@@ -186,8 +186,8 @@ class OpenAIFrontend:
     async def start(self, llm, model_path: str, cli_args: list[str]) -> None:
         """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments. Raises
         RuntimeError naming the vLLM version if this vLLM builds it otherwise."""
-        args = internals.vllm_server_args(model_path, self.model_id, cli_args)
-        self.state = await internals.vllm_serving_state(llm, args)
+        args = vllm_internals.vllm_server_args(model_path, self.model_id, cli_args)
+        self.state = await vllm_internals.vllm_serving_state(llm, args)
 
     async def model_card(self) -> dict[str, Any]:
         """vLLM's ``/v1/models`` entry of this model (``max_model_len``, ``root``, ``permission``)."""

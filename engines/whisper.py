@@ -25,9 +25,9 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core import internals
 from core.errors import InvalidField, InvalidParameter, MMServeError
 from core.protocol import EngineResult, MediaPayload, RequestContext
+from engines import vllm_internals
 from engines.vllm import VLLMEngine, VLLMKwargs
 from engines.vllm_openai import error_of
 
@@ -103,7 +103,7 @@ class VLLMTranscriber(VLLMEngine):
     requires = (*VLLMEngine.requires, "silero_vad")
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def served_routes(cls, model) -> frozenset[str]:
         return frozenset({"transcription", "translation"})
 
     async def start(self) -> None:
@@ -120,7 +120,7 @@ class VLLMTranscriber(VLLMEngine):
         self.serving = {"transcribe": state.openai_serving_transcription,
                         "translate": state.openai_serving_translation}
         for serving in self.serving.values():
-            internals.vllm_speech_from_samples(serving, self._split)
+            vllm_internals.vllm_speech_from_samples(serving, self._split)
 
     async def _split(self, audio, rate: int, clip_s: float) -> list:
         """``audio`` (at ``rate``) cut into windows of at most ``clip_s`` seconds
@@ -188,12 +188,12 @@ class VLLMTranscriber(VLLMEngine):
         import torch
 
         serving = self.serving[params.task]
-        rate, clip_s = internals.vllm_speech_clip(serving)
+        rate, clip_s = vllm_internals.vllm_speech_clip(serving)
         if inputs.info.get("sample_rate") != rate:
             raise InvalidField(f"the model takes {rate:g} Hz audio, not {inputs.info.get('sample_rate')} Hz: "
                                f"set the pipeline's sample_rate", model_id=ctx.model_id)
         try:
-            internals.vllm_check_language(serving, params.language)
+            vllm_internals.vllm_check_language(serving, params.language)
         except ValueError as err:
             raise InvalidParameter(f"language: {err}", model_id=ctx.model_id, field="language") from None
         request = self._request(params, ctx.model_id)

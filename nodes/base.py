@@ -22,6 +22,9 @@ class Node(ABC):
     Kwargs: ClassVar[type[BaseModel]] = NoOptions
     #: modules the node imports when it runs; the process hosting it checks them at start
     requires: ClassVar[tuple[str, ...]] = ()
+    #: the engine options the node reads (a ``Protocol`` of :mod:`core.protocol`, through
+    #: :func:`core.registry.engine_options_of`); validation refuses a model whose engine lacks them
+    engine_options: ClassVar[type | None] = None
 
     def __init__(self, kwargs: dict[str, Any], model: ModelConfig) -> None:
         self.kwargs = self.Kwargs.model_validate(kwargs)

@@ -1,5 +1,5 @@
 """Preprocess of vision-language chat: the images and videos of a request checked before they
-reach vLLM.
+reach the engine.
 
 Each image URL (chat's ``image_url`` parts, the Responses API's ``input_image``, Anthropic's image
 ``source``, the messages of ``/tokenize``) is decoded by the image node's own decoder and limits
@@ -9,7 +9,7 @@ oversized or unsupported one is a 4xx naming its part (``messages.0.content.1``)
 hop; so is one more than the model's ``limit_mm_per_prompt``. Media come as ``data:`` URLs
 (base64). An ``http(s)`` URL is fetched only when
 its host is in ``url_domains`` (none by default), here, within ``url_timeout_s`` and
-``max_bytes``, and handed on as a ``data:`` URL: vLLM itself never fetches.
+``max_bytes``, and handed on as a ``data:`` URL: the engine itself never fetches.
 
 The node serves the OpenAI-compatible routes (:class:`OpenAIBody`) and ``/v1/infer`` (chat
 ``messages``, or a prompt as one user message); the engine renders the chat template.
@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from core.errors import InvalidField, InvalidParameter, MMServeError, PayloadTooLarge
-from core.protocol import OpenAIBody, RequestContext
+from core.protocol import MediaChatOptions, OpenAIBody, RequestContext
+from core.registry import engine_options_of
 from nodes.base import Node
 from nodes.media import media_bytes
 from nodes.video import VideoFrames
@@ -52,6 +53,7 @@ class ChatMedia(Node):
     Kwargs = ChatMediaKwargs
     requires = (*ImageDecode.requires, *VideoFrames.requires)
     checks_openai = True
+    engine_options = MediaChatOptions
 
     @classmethod
     def inputs_of(cls, model) -> list[str]:
@@ -100,7 +102,7 @@ class ChatMedia(Node):
             holder[key] = await self._checked(kind, holder[key], part, model_id)
 
     async def _checked(self, kind: str, url: str, field: str, model_id: str) -> str:
-        """``url`` as the data: URL to hand vLLM, once its media passed the image (or video) node."""
+        """``url`` as the data: URL to hand the engine, once its media passed the image (or video) node."""
         if not url.startswith("data:"):
             url = await self._fetch(url, kind, field, model_id)
         match = DATA_URL.fullmatch(url)
@@ -111,7 +113,7 @@ class ChatMedia(Node):
         node = self.images if kind == "image" else self.videos
         try:
             raw, _ = media_bytes({"data": data, "format": fmt}, node.kwargs, kind, model_id)
-            if kind == "image":  # decoded within the limits; vLLM's processor resizes it itself
+            if kind == "image":  # decoded within the limits; the engine's processor resizes it itself
                 await asyncio.to_thread(node.pixels, raw, model_id)
             else:
                 await asyncio.to_thread(node.decode, raw, None, 2, model_id)
@@ -152,11 +154,9 @@ class ChatMedia(Node):
 
 
 def limits_of(model) -> dict[str, int]:
-    """The most items of each kind a request may hold: the model's vLLM ``limit_mm_per_prompt``
-    (vLLM refuses more; checked here first, with the part named)."""
-    from engines.vllm import VLLMKwargs
-
-    return dict(model.options(VLLMKwargs).limit_mm_per_prompt or {})
+    """The most items of each kind a request may hold: the engine's ``limit_mm_per_prompt``
+    (the engine refuses more; checked here first, with the part named)."""
+    return dict(engine_options_of(model, MediaChatOptions).limit_mm_per_prompt or {})
 
 
 def _media_urls(obj: Any, path: str, part: str, kind: str | None = None):

@@ -6,24 +6,26 @@ import asyncio
 from typing import Any
 
 from core.errors import InvalidField
-from core.protocol import RequestContext
-from engines.vllm import VLLMKwargs
+from core.protocol import RequestContext, TokenizerOptions
+from core.registry import engine_options_of
 from nodes.base import Node
 
 
 class TextPrompt(Node):
-    """For vLLM text models (it reads their ``engine_kwargs``: tokenizer, revision, context).
+    """For text models whose engine takes token ids (it reads the engine's options:
+    tokenizer, revision, context; :class:`core.protocol.TokenizerOptions`).
     Tokenizes ``input``/``prompt`` (a string) or ``messages`` (chat, through the tokenizer's
     chat template), and refuses prompts that do not fit the model's context (422 with both numbers).
     """
 
     requires = ("transformers",)
+    engine_options = TokenizerOptions
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
         self.tokenizer = None
-        self.engine_options = model.options(VLLMKwargs)
-        self.max_model_len: int | None = self.engine_options.max_model_len
+        self.options: TokenizerOptions = engine_options_of(model, TokenizerOptions)
+        self.max_model_len: int | None = self.options.max_model_len
 
     async def start(self) -> None:
         self.tokenizer, context = await asyncio.to_thread(self._load)
@@ -34,7 +36,7 @@ class TextPrompt(Node):
 
         from engines.checkpoints import resolve_source
 
-        kw = self.engine_options
+        kw = self.options
         source = resolve_source(self.model.source)
         tokenizer = AutoTokenizer.from_pretrained(kw.tokenizer or source, revision=kw.revision,
                                                   trust_remote_code=kw.trust_remote_code)
@@ -72,8 +74,8 @@ class TextPrompt(Node):
 
 
 def text_of(content: str | list[dict[str, Any]], path: str, model_id: str) -> str:
-    """A message's text: the string, or its text parts joined by newlines (as vLLM joins them
-    for a string chat template). Other parts (images, audio, video) are refused naming the part."""
+    """A message's text: the string, or its text parts joined by newlines (as chat templates
+    that take a string join them). Other parts (images, audio, video) are refused naming the part."""
     if isinstance(content, str):
         return content
     texts = []

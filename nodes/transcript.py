@@ -2,7 +2,7 @@
 
 ``json`` and ``verbose_json`` are the transcript's body; ``text`` is the text alone; ``srt`` and
 ``vtt`` are subtitles, one cue per segment of the ``verbose_json`` body. The body is the
-engine's as it is where the engine makes one (vLLM's, for Whisper: ``segments: engine``), or is
+engine's as it is where the engine makes one (a speech-to-text serving layer's: ``segments: engine``), or is
 made here for a recognizer that gives the text alone (a CTC model: ``segments: clip``).
 """
 
@@ -72,7 +72,7 @@ class TranscriptKwargs(BaseModel):
 
     segments: Literal["engine", "clip"] = Field("engine", description=(
         "engine: the engine answers the transcript's body itself, with the segments the format "
-        "needs (vLLM's Whisper); clip: the engine gives {text} alone (a CTC recognizer), and the "
+        "needs (a speech-to-text serving layer); clip: the engine gives {text} alone (a CTC recognizer), and the "
         "transcript is one segment over the whole clip, with no language but the client's."))
 
 

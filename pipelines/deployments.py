@@ -133,7 +133,7 @@ class NodeServer:
 
 
 #: how many deployments of its own each placement gives a model, by step
-REMOTE_STEPS = {"inline": (), "engine_core": (), "engine": ("engine",),
+REMOTE_STEPS = {"inline": (), "remote_core": (), "engine": ("engine",),
                 "split": ("preprocess", "engine", "postprocess")}
 
 

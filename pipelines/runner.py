@@ -40,7 +40,8 @@ class Pipeline:
         self._idle.set()
         cls = engine_class(model.engine)
         self.params_schema = cls.Params
-        self.openai_routes = cls.openai_routes(model)
+        #: the OpenAI-compatible routes the engine answers for the model (its hosting's)
+        self.openai_routes = cls.hosting(model).routes
         node = getattr(preprocess, "node", None)  # a local node; a remote one by its config's name
         pre = type(node) if node is not None else (node_class(spec.preprocess.name) if spec is not None else None)
         #: the preprocess node checks OpenAI-compatible bodies too (e.g. a chat's images)
@@ -163,7 +164,7 @@ class Pipeline:
             hist.observe(time.perf_counter() - start)
 
     async def model_card(self) -> dict[str, Any]:
-        """What the running engine tells about the model (vLLM: max_model_len, root, permission)."""
+        """What the running engine tells about the model (e.g. max_model_len, root, permission)."""
         return await self.engine.model_card()
 
     async def stats(self) -> dict[str, Any]:

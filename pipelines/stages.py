@@ -330,7 +330,7 @@ class RemoteEngine:
 
     async def _remote_stream(self, method: str, *args) -> AsyncIterator[Any]:
         self._check_up()
-        # Closing this generator (client gone) cancels the remote one, and vLLM aborts the request.
+        # Closing this generator (client gone) cancels the remote one, and the engine aborts the request.
         chunks = getattr(self.handle.options(stream=True), method).remote(*args)
         try:
             await assigned(chunks, self.handle, self.model_id, self.scales_to_zero)

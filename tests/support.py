@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from core.config import ModelConfig, NodeSpec, ServerConfig
 from core.errors import InvalidField, NotReady
 from core.protocol import EngineResult, RequestContext
-from engines.base import Engine
+from engines.base import Engine, Hosting
 from core.protocol import NoOptions
 from engines.echo import EchoEngine
 from nodes.common import Identity, Result
@@ -42,8 +42,8 @@ class ScriptedOpenAIEngine(Engine):
     ``data: [DONE]``); ``"refuse": "<field>"`` is refused naming it; ``"delay_s"`` waits first."""
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
-        return frozenset({"chat", "completion"})
+    def hosting(cls, model) -> Hosting:
+        return Hosting(routes=frozenset({"chat", "completion"}))
 
     async def infer(self, inputs, params, ctx):
         yield EngineResult(output=inputs, finish_reason="stop")
@@ -72,10 +72,10 @@ class VLLMProtocolEngine(Engine):
     of vLLM's request surface, without an engine behind it."""
 
     @classmethod
-    def openai_routes(cls, model) -> frozenset[str]:
+    def hosting(cls, model) -> Hosting:
         from engines.vllm_openai import routes_for
 
-        return routes_for(None)
+        return Hosting(routes=routes_for(None))
 
     async def infer(self, inputs, params, ctx):
         yield EngineResult(output=inputs, finish_reason="stop")
@@ -98,7 +98,7 @@ def model(model_id: str, **kw) -> ModelConfig:
 def local_pipeline(m: ModelConfig, engine_cls: type[Engine] = EchoEngine) -> Pipeline:
     p = Pipeline(m, LocalNode(Identity({}, m)), LocalEngine(engine_cls(m)), LocalNode(Result({}, m)))
     p.params_schema = engine_cls.Params
-    p.openai_routes = engine_cls.openai_routes(m)
+    p.openai_routes = engine_cls.hosting(m).routes
     return p
 
 
@@ -133,7 +133,7 @@ def metric_families(response) -> list:
 
 def engine_core_processes(model_id: str) -> list:
     """The vLLM engine core processes of ``model_id``: children of its engine replica, or its
-    engine core actor (``placement: engine_core``). vLLM retitles the process; its name holds
+    engine core actor (``placement: remote_core``). vLLM retitles the process; its name holds
     the title's first 15 characters."""
     import psutil
 

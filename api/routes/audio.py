@@ -3,8 +3,8 @@ form: ``file``, ``model`` and the request's fields).
 
 The form's other fields are the model's params, checked by its engine's params schema as on
 ``/v1/infer``: one the model does not take is refused (422) naming it. A speech-to-text model
-on vLLM (Whisper) takes vLLM's fields (``language``, ``prompt``, ``temperature``,
-``timestamp_granularities[]``...). A CTC recognizer (wav2vec2) takes only what it honours:
+whose engine answers these routes itself takes its engine's fields (``language``, ``prompt``,
+``temperature``, ``timestamp_granularities[]``...). A CTC recognizer (wav2vec2) takes only what it honours:
 ``language``, as the client states it (the model neither detects nor uses one; ``verbose_json``
 reports it, and reports no language without it), and nothing else: ``prompt``, ``temperature``
 and the like are refused, as greedy CTC decoding has no use for them. Either way the upload
@@ -54,10 +54,10 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
         route = "transcriptions" if task == "transcribe" else "translations"
         raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; {route} need a "
                            f"speech recognition model", model_id=model, field="model")
-    speech = "transcription" in pipeline.openai_routes  # a speech-to-text engine (Whisper on vLLM)
-    if task == "translate" and not speech:
-        raise InvalidField(f"model: {model!r} does not translate speech; translations need a Whisper-"
-                           f"family model", model_id=model, field="model")
+    speech = "transcription" in pipeline.openai_routes  # its engine answers speech to text itself
+    if task == "translate" and "translation" not in pipeline.openai_routes:
+        raise InvalidField(f"model: {model!r} does not translate speech; translations need a model "
+                           f"whose engine answers translations", model_id=model, field="model")
     if "response_format" not in pipeline.params_schema.model_fields:
         raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
                            f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
@@ -91,4 +91,4 @@ def _route(path: str, task: str, summary: str, takes: str) -> None:
 
 
 _route("/v1/audio/transcriptions", "transcribe", "OpenAI-compatible speech to text", "speech recognition")
-_route("/v1/audio/translations", "translate", "OpenAI-compatible speech to English text", "Whisper-family")
+_route("/v1/audio/translations", "translate", "OpenAI-compatible speech to English text", "speech translation")

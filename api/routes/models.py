@@ -18,7 +18,7 @@ router = APIRouter()
 
 
 async def _card(pipeline: Pipeline, status: str, timeout_s: float) -> dict[str, Any]:
-    """The engine's own facts (vLLM: max_model_len, root, permission) once it is ready."""
+    """The engine's own facts (e.g. max_model_len, root, permission) once it is ready."""
     if status != "ready":
         return {}
     try:

@@ -1,10 +1,9 @@
-"""The OpenAI-compatible routes (and vLLM's and Anthropic's beside them): chat, completions,
+"""The OpenAI-compatible routes (and tokenize's and Anthropic's beside them): chat, completions,
 embeddings, the Responses API, Anthropic's Messages API, tokenize and detokenize (the audio
 routes are ``api.routes.audio``).
 
-The text routes take the request surface of the model's engine: for vLLM models, vLLM's own
-request models and serving layer answer them (``engines.vllm_openai``), in whichever process
-the engine runs. This module only finds the model, applies the server's limits and deadline,
+The text routes take the request surface of the model's engine: its own request models and
+serving layer answer them (the engine's ``openai``), in whichever process the engine runs. This module only finds the model, applies the server's limits and deadline,
 and sends the engine's answer: one JSON body, or its Server-Sent Events as they come.
 """
 
@@ -25,16 +24,16 @@ router = APIRouter()
 
 #: path -> (route name the engines know, summary, example body beyond ``model``)
 ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "/v1/chat/completions": ("chat", "OpenAI chat completions (vLLM's request surface)",
+    "/v1/chat/completions": ("chat", "OpenAI chat completions (the engine's request surface)",
                              {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}),
-    "/v1/completions": ("completion", "OpenAI text completions (vLLM's request surface)",
+    "/v1/completions": ("completion", "OpenAI text completions (the engine's request surface)",
                         {"prompt": "Hello", "max_tokens": 8}),
     "/v1/embeddings": ("embedding", "OpenAI embeddings", {"input": "a cat sits on the mat"}),
     "/v1/responses": ("responses", "OpenAI Responses API", {"input": "Hello", "max_output_tokens": 8}),
     "/v1/messages": ("messages", "Anthropic Messages API",
                      {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}),
-    "/tokenize": ("tokenize", "Tokenize a prompt or chat messages (vLLM's /tokenize)", {"prompt": "Hello"}),
-    "/detokenize": ("detokenize", "Token ids back to text (vLLM's /detokenize)", {"tokens": [1, 2, 3]}),
+    "/tokenize": ("tokenize", "Tokenize a prompt or chat messages (the engine's /tokenize)", {"prompt": "Hello"}),
+    "/detokenize": ("detokenize", "Token ids back to text (the engine's /detokenize)", {"tokens": [1, 2, 3]}),
 }
 
 
@@ -97,7 +96,7 @@ for _path, (_name, _summary, _example) in ROUTES.items():
 def publish_schemas(schema: dict[str, Any], models) -> None:
     """Request schemas of the OpenAI-compatible routes for the OpenAPI document: a JSON object
     whose ``model`` is one of the models serving that route, with an example. The full
-    surface is vLLM's request model of the route (``engines.vllm_openai.ROUTES``)."""
+    surface is the engine's request model of the route."""
     schemas = schema["components"]["schemas"]
     for name, _summary, example in ROUTES.values():
         served = sorted(p.model.model_id for p in models if name in p.openai_routes)
@@ -108,6 +107,6 @@ def publish_schemas(schema: dict[str, Any], models) -> None:
             "type": "object", "required": ["model"], "additionalProperties": True,
             "properties": {"model": model, "stream": {"type": "boolean"}},
             "example": {"model": served[0] if served else "my-model", **example},
-            "description": "The request model of the engine serving `model` (for vLLM models, "
-                           "vLLM's own); unknown fields are refused."}
+            "description": "The request model of the engine serving `model` (the engine's "
+                           "own); unknown fields are refused."}
 

@@ -87,10 +87,18 @@ def test_rules_across_keys_are_validated_with_dotted_paths():
     assert msg["model.tiny_llama.modality"] == "'vision', but pipeline 'text' serves 'text' models"
 
 
-def test_engine_core_placement_needs_a_separable_engine_and_one_replica():
-    assert compose(["model=[tiny_llama]"]).model["tiny_llama"].deployment.placement == "engine_core"
-    msg = problems(["model.echo.deployment.placement=engine_core"])["model.echo.deployment.placement"]
-    assert "engine 'echo' has no engine core to place apart" in msg and "use engine" in msg
+def test_the_former_placement_name_is_refused_with_the_valid_ones():
+    """``engine_core`` became ``remote_core``: a config that still says it fails validation,
+    naming the key and every valid placement (docs/deployment.md, "Migrating a config")."""
+    msg = problems(["model=[tiny_llama]", "model.tiny_llama.deployment.placement=engine_core"])
+    assert msg["model.tiny_llama.deployment.placement"] == (
+        "Input should be 'inline', 'remote_core', 'engine' or 'split' (got 'engine_core')")
+
+
+def test_remote_core_placement_needs_an_engine_with_a_core_and_one_replica():
+    assert compose(["model=[tiny_llama]"]).model["tiny_llama"].deployment.placement == "remote_core"
+    msg = problems(["model.echo.deployment.placement=remote_core"])["model.echo.deployment.placement"]
+    assert "engine 'echo' declares no core to run apart" in msg and "use engine" in msg
     msg = problems(["model=[tiny_llama]", "+model.tiny_llama.deployment.engine.num_replicas=2"])
     assert "for replicas of the engine use placement engine" in msg["model.tiny_llama.deployment.engine.num_replicas"]
     # the core's actor counts among the deployments' resources, one per ingress replica

@@ -18,7 +18,7 @@ CLIP_S = 30.0
 
 class CopyingSpeechServing:
     """Stands in for vLLM's speech-to-text serving object (``SpeechToTextBaseServing``): the
-    layout ``core.internals`` reads of it, and a ``create_transcription`` that, as a vLLM is
+    layout ``engines.vllm_internals`` reads of it, and a ``create_transcription`` that, as a vLLM is
     free to, copies the samples before cutting them, cuts them in a task of its own, and
     answers one segment per window at vLLM's offset (30 s a window, ``seek`` in seconds)."""
 

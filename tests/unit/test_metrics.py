@@ -143,7 +143,7 @@ def test_merge_labels_each_process_and_keeps_a_samples_own_label():
 def test_vllms_samples_from_a_process_of_several_models_take_model_id_from_model_name():
     from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-    reg = CollectorRegistry()  # the ingress: no model_id of its own, AsyncLLMs of engine_core models
+    reg = CollectorRegistry()  # the ingress: no model_id of its own, AsyncLLMs of remote_core models
     g = Gauge("vllm:num_requests_running", "running", ["model_name"], registry=reg)
     g.labels("llama").set(1)
     g.labels("qwen").set(3)

@@ -206,7 +206,7 @@ def test_a_step_whose_modules_this_node_lacks_fails_at_start_naming_the_node_and
 
 
 def test_an_in_process_engine_restarting_its_own_core_is_recovering_and_keeps_its_replica():
-    """An engine whose core is in an actor of its own (``placement: engine_core``) starts the
+    """An engine whose core is in an actor of its own (``placement: remote_core``) starts the
     core again by itself: its model reads ``recovering``, and the ingress's health check (which
     restarts the ingress when an in-process engine is unhealthy) does not fail for it."""
     from engines.vllm import VLLMEngine
@@ -214,7 +214,7 @@ def test_an_in_process_engine_restarting_its_own_core_is_recovering_and_keeps_it
     from core.config import ModelConfig
 
     m = ModelConfig(model_id="m", modality="text", pipeline="text", engine="vllm",
-                    deployment={"placement": "engine_core"})
+                    deployment={"placement": "remote_core"})
     engine = VLLMEngine(m)
     engine.core = SimpleNamespace(gone=True, why="killed")  # the watchdog found it gone
     engine.recovering = engine.dead = True

@@ -1,7 +1,7 @@
 """The vLLM set: every vLLM model kind the tests need, served once for the whole package.
 
 One Ray, one Serve application, four vLLM engines started side by side: the generated tiny Llama
-(``placement: engine_core``, its AsyncLLM in the ingress), the real all-MiniLM-L6-v2 embedding
+(``placement: remote_core``, its AsyncLLM in the ingress), the real all-MiniLM-L6-v2 embedding
 model, the generated tiny Whisper and tiny Qwen2-VL (each engine in a deployment of its own).
 Started one after the other, per module, they cost a Ray and a vLLM start-up each; side by side
 their imports and loads overlap on the 2 cores. Each module checks its own model, and the models

@@ -1,7 +1,7 @@
 """Text on real vLLM (CPU), over real HTTP: the OpenAI-compatible routes through the `openai`
 client and vLLM's own benchmark client, and the text pipeline on /v1/infer (streaming,
 deadlines, disconnects, a dead engine core). The generated tiny Llama has its default
-placement, engine_core: AsyncLLM in the ingress, its engine core in a Ray actor of its own.
+placement, remote_core: AsyncLLM in the ingress, its engine core in a Ray actor of its own.
 The embedding model has the real all-MiniLM-L6-v2 weights and its engine in its own
 deployment, across a handle hop. Every feature is checked for what it means, not for a 200.
 

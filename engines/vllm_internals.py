@@ -1,0 +1,251 @@
+"""Every use of vLLM's non-public API, in one place (the vLLM engines' fence; Ray's is
+``core/internals.py``).
+
+mmserve needs five things vLLM does not offer publicly (vLLM 0.32.0):
+
+- whether AsyncLLM's engine core has died, and how many requests vLLM's output processor still
+  holds (the engine's ``stats``, which the tests use to see that aborted requests leave vLLM);
+- vLLM's OpenAI serving layer, built as ``vllm serve`` builds it: its app state from the
+  arguments ``vllm serve`` parses (:func:`vllm_serving_state`, :func:`vllm_server_args`), the
+  usage context its config is made with (:func:`vllm_usage_context`), and the error body it
+  answers an exception with (:func:`vllm_error_response`), checked at start
+  (:func:`check_vllm_server`);
+- to hand vLLM's speech-to-text layer samples that mmserve's audio node decoded, where it
+  takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`), and to read what
+  that layer knows of its model: its rate and window (:func:`vllm_speech_clip`), the languages
+  it takes (:func:`vllm_check_language`);
+- AsyncLLM here and its engine core in a Ray actor (``placement: remote_core``): vLLM's
+  handshake with a remote headless core, and the core's own entry point (:func:`vllm_await_core`,
+  :func:`vllm_run_core`), checked at start (:func:`check_vllm_remote_core`).
+
+:func:`check_vllm_engine` runs when an engine first opens: if what it reads is not there, a
+warning names the installed version and what degrades. What has no fallback (vLLM's serving
+layer, its speech-to-text hooks, a remote engine core) raises RuntimeError naming the version
+when the model starts. The integration tests exercise these against real vLLM objects;
+``tests/unit/test_private_api.py`` keeps every other module of the layers to vLLM's public API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.internals import installed_version, warn_once
+
+# --- AsyncLLM -----------------------------------------------------------------------------------
+
+def check_vllm_engine(llm) -> bool:
+    """Whether this vLLM's AsyncLLM exposes what mmserve reads; warns once if not."""
+    ok = hasattr(llm, "errored") and hasattr(getattr(llm, "output_processor", None),
+                                             "get_num_unfinished_requests")
+    if not ok:
+        warn_once("vllm-engine", f"vLLM {installed_version('vllm')}: AsyncLLM.errored or "
+                  "output_processor.get_num_unfinished_requests is gone; a dead engine core is "
+                  "then found by Serve's health check only, and stats() reports no requests")
+    return ok
+
+
+def vllm_errored(llm) -> bool:
+    """Whether vLLM's engine core has died (AsyncLLM marks itself errored)."""
+    return bool(getattr(llm, "errored", False))
+
+
+def vllm_unfinished_requests(llm) -> int:
+    """Requests vLLM's output processor is still working on (aborted ones leave it)."""
+    processor = getattr(llm, "output_processor", None)
+    return processor.get_num_unfinished_requests() if processor is not None else 0
+
+
+# --- vLLM: its OpenAI server's serving layer --------------------------------------------------
+# engines.vllm_openai answers the OpenAI-compatible routes with vLLM's own serving objects, which
+# vLLM's server builds at its start-up from ``vllm serve``'s parsed arguments; none of the pieces
+# that build them is public API.
+
+#: the pieces of vLLM's server that mmserve builds a model's serving layer from, and their modules
+_SERVER_PIECES = {
+    "init_app_state": "vllm.entrypoints.launchers.api_server.app_state",
+    "make_arg_parser": "vllm.entrypoints.launchers.cli_args",
+    "FlexibleArgumentParser": "vllm.utils.argparse_utils",
+    "create_error_response": "vllm.entrypoints.serve.exception_handling.error_response",
+    "UsageContext": "vllm.usage.usage_lib",
+}
+
+
+def _server_piece(name: str) -> Any:
+    import importlib
+
+    module = _SERVER_PIECES[name]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"vLLM {installed_version('vllm')}: {module}.{name} is not there ({err}); mmserve "
+                           "cannot build vLLM's OpenAI serving layer (pin the vLLM of the lock file)") from None
+
+
+def check_vllm_server() -> None:
+    """Raise RuntimeError, naming the vLLM version, if this vLLM lacks a piece of its server that
+    mmserve builds a model's serving layer from (the model cannot start)."""
+    for name in _SERVER_PIECES:
+        _server_piece(name)
+
+
+def vllm_usage_context() -> Any:
+    """The usage context ``vllm serve`` makes vLLM's config with (it picks the defaults of what
+    the engine arguments leave unset), for an engine's AsyncLLM and its core's actor alike."""
+    return _server_piece("UsageContext").OPENAI_API_SERVER
+
+
+def vllm_server_args(model_path: str, model_id: str, cli_args: list[str]) -> Any:
+    """The arguments ``vllm serve --model model_path --served-model-name model_id *cli_args``
+    parses (an ``argparse.Namespace``): its defaults, and its checks of the flags."""
+    parser = _server_piece("make_arg_parser")(_server_piece("FlexibleArgumentParser")(prog="mmserve"))
+    return parser.parse_args(["--model", model_path, "--served-model-name", model_id, *cli_args])
+
+
+async def vllm_serving_state(llm, args) -> Any:
+    """vLLM's app state over ``llm`` (a starlette ``State``: ``openai_serving_chat``,
+    ``openai_serving_transcription``...), built by vLLM's server start-up from ``args``
+    (:func:`vllm_server_args`). Raises RuntimeError naming the vLLM version where a piece is
+    missing (:func:`check_vllm_server`)."""
+    from starlette.datastructures import State
+
+    check_vllm_server()
+    state = State()
+    await _server_piece("init_app_state")(llm, state, args, supported_tasks=await llm.get_supported_tasks())
+    return state
+
+
+def vllm_error_response(err: BaseException) -> Any:
+    """vLLM's ``ErrorResponse`` for an exception its serving layer raised: the status, message
+    and parameter vLLM's server would answer it with."""
+    return _server_piece("create_error_response")(err)
+
+
+# --- vLLM: its speech-to-text layer -----------------------------------------------------------
+
+def vllm_speech_clip(serving) -> tuple[int, float | None]:
+    """``(sample_rate, max_audio_clip_s)`` of vLLM's speech-to-text serving object: the rate its
+    model takes, and the longest window it hears at once (None: no limit)."""
+    config = serving.asr_config
+    return int(config.sample_rate), config.max_audio_clip_s
+
+
+def vllm_check_language(serving, language: str | None) -> None:
+    """Raise ValueError, in vLLM's words, if the speech model does not take ``language`` (an ISO
+    639-1 code; None: the model detects it)."""
+    serving.model_cls.validate_language(language)
+
+
+def vllm_speech_from_samples(serving, split) -> None:
+    """Make vLLM's transcription or translation layer (``SpeechToTextBaseServing``) take a 1-D
+    float array of samples at its model's rate where it takes the file's bytes: its decode step
+    (``_decode_and_chunk_speech_async``, bytes -> windows) is replaced by the windowing alone:
+    audio over the model's ``max_audio_clip_s`` is cut by ``await split(audio, sample_rate,
+    max_audio_clip_s)`` (a list of consecutive windows). vLLM's size check reads the array's
+    length as bytes (its limit, 25 MB, is 1,600 s of 16 kHz samples). Raises RuntimeError naming
+    the vLLM version where the step, or what :func:`vllm_speech_clip` and
+    :func:`vllm_check_language` read, is not there: the engine cannot start (vLLM would decode
+    the samples as a file)."""
+    import numpy as np
+
+    if (not hasattr(serving, "_decode_and_chunk_speech_async") or not hasattr(serving, "asr_config")
+            or not hasattr(getattr(serving, "model_cls", None), "validate_language")):
+        raise RuntimeError(f"vLLM {installed_version('vllm')}: its speech-to-text serving has no "
+                           "_decode_and_chunk_speech_async, asr_config or model_cls.validate_language; "
+                           "mmserve cannot hand it decoded audio (pin the vLLM of the lock file)")
+    config = serving.asr_config
+
+    async def windows(audio: np.ndarray) -> tuple[list[np.ndarray], float]:
+        duration = audio.shape[-1] / config.sample_rate
+        if config.max_audio_clip_s is None or duration <= config.max_audio_clip_s:
+            return [audio], duration
+        return await split(audio, int(config.sample_rate), config.max_audio_clip_s), duration
+
+    serving._decode_and_chunk_speech_async = windows
+
+
+# --- vLLM: an engine core placed elsewhere ---------------------------------------------------
+# ``placement: remote_core`` (engines.vllm_core): AsyncLLM in this process reaches an engine core
+# that a Ray actor runs, over vLLM's own ZMQ protocol. vLLM does this for ``vllm serve
+# --headless`` engines on other nodes; the pieces it is built of are not public API.
+
+def check_vllm_remote_core() -> None:
+    """Raise RuntimeError, naming the vLLM version, if this vLLM lacks what an engine core of
+    its own needs (the placement cannot work then: use ``placement: engine``)."""
+    import inspect
+
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.core import EngineCoreProc  # noqa: F401
+        from vllm.v1.engine.utils import CoreEngine, wait_for_engine_startup  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"vLLM {installed_version('vllm')}: no headless engine core ({err}); "
+                           "use placement engine") from None
+    if "client_addresses" not in inspect.signature(AsyncLLM.from_vllm_config).parameters:
+        raise RuntimeError(f"vLLM {installed_version('vllm')}: AsyncLLM takes no client_addresses; "
+                           "use placement engine")
+    try:
+        from vllm.v1.engine.utils import CoreEngineLaunch  # noqa: F401 (0.32: the handshake's resources)
+    except ImportError:
+        raise RuntimeError(f"vLLM {installed_version('vllm')}: its engine handshake is not the one mmserve "
+                           "knows (vllm.v1.engine.utils.CoreEngineLaunch); use placement engine") from None
+
+
+def vllm_core_addresses(host: str) -> tuple[str, Any, dict[str, str]]:
+    """Fresh TCP addresses on ``host`` (this process's node) for one engine core: the handshake
+    address it connects to, vLLM's ``EngineZmqAddresses`` it is sent in the handshake, and the
+    ``client_addresses`` that AsyncLLM binds."""
+    from vllm.utils.network_utils import get_open_port, get_tcp_uri
+    from vllm.v1.engine.utils import EngineZmqAddresses
+
+    handshake, inputs, outputs = (get_tcp_uri(host, get_open_port()) for _ in range(3))
+    addresses = EngineZmqAddresses(inputs=[inputs], outputs=[outputs])
+    return handshake, addresses, {"input_address": inputs, "output_address": outputs}
+
+
+def vllm_await_core(handshake: str, addresses, vllm_config, gone_fd: int) -> None:
+    """Block until the engine core has connected to ``handshake`` and is ready (vLLM's own
+    handshake, for a remote headless core), sending it ``addresses``. Raises RuntimeError as
+    soon as ``gone_fd`` is readable (the core's host is gone), as vLLM does when a local
+    engine process exits during start-up."""
+    import copy
+
+    import zmq
+    from vllm.v1.engine.utils import CoreEngine, CoreEngineLaunch, wait_for_engine_startup
+
+    class Gone:  # what vLLM's handshake watches of a frontend process: readable once it is gone
+        name = "engine core actor"
+        sentinel = gone_fd
+        exitcode = None
+
+    parallel = copy.copy(vllm_config.parallel_config)
+    parallel.data_parallel_size_local = 0  # the one engine is remote
+    launch = CoreEngineLaunch(engine_manager=None, coordinator=None, addresses=addresses,
+                              tensor_queue=None, watched_frontend_processes=[Gone()])
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.ROUTER)
+    try:
+        socket.bind(handshake)
+        wait_for_engine_startup(socket, [CoreEngine(index=0, local=False)], parallel, False,
+                                vllm_config.cache_config, launch)
+    finally:
+        socket.close(linger=0)
+        ctx.term()
+
+
+def vllm_import_core() -> None:
+    """Import what :func:`vllm_run_core` runs (tens of seconds of CPU on a small machine), so
+    that a core's actor can do it while its frontend is still starting."""
+    import vllm.v1.engine.core  # noqa: F401
+    import vllm.v1.executor  # noqa: F401
+
+
+def vllm_run_core(vllm_config, handshake: str) -> None:
+    """Run vLLM's engine core in this process for a frontend elsewhere (a remote headless core,
+    as ``vllm serve --headless`` starts one, or vLLM's own engine core actor): connect to
+    ``handshake``, load the model, serve until stopped. Blocks; raises if the core fails."""
+    from vllm.v1.engine.core import EngineCoreProc
+    from vllm.v1.executor import Executor
+
+    EngineCoreProc.run_engine_core(vllm_config=vllm_config, local_client=False, handshake_address=handshake,
+                                   executor_class=Executor.get_class(vllm_config), log_stats=True,
+                                   dp_rank=0, local_dp_rank=0)
