@@ -74,7 +74,8 @@ for what is served, `apps/bench_config.py` for the sweeps' `load` and `bench` se
 ([sweeps](sweeps.md)).
 
 Hydra composes the config from `conf/`, one group per top-level key (`server/`, `deployment/`,
-`pipeline/`, `model/`; `load/` and `bench.yaml` for sweeps), and the launcher validates the
+`pipeline/`, `model/`; `load/` and `bench.yaml` for sweeps) and the host profile (`host/`, which
+sets keys of `server`: [below](#what-conf-holds)), and the launcher validates the
 whole of it once, before anything starts: an unknown key or a bad value exits with status 2,
 one line per problem naming its dotted key. Every schema is strict. On the command line a key
 is a Hydra override (`server.port=9000`); `+key=value` adds a key the composed config lacks and
@@ -267,7 +268,18 @@ def conf_index() -> str:
         placement = (m.get("deployment") or {}).get("placement", profile["placement"])
         lines.append(f"| {key} | `{m['model_id']}` | {m['modality']} | `{m['pipeline']}` | `{engine}` | "
                      f"`{placement}` | {text(m.get('description', ''))} |")
-    return "\n".join(lines) + "\n"
+    default_host = next(d["host"] for d in embedded if isinstance(d, dict) and "host" in d)
+    lines += ["", "Host profiles (`conf/host/<name>.yaml`, selected with `host=<name>`; **bold**: the "
+              "default): the tuning of the Ray and Serve that mmserve starts for a kind of machine, as "
+              "keys of `server` on top of `conf/server/default.yaml`.", ""]
+    for f in sorted((ROOT / "conf/host").glob("*.yaml")):
+        body = f.read_text()
+        about = " ".join(line[2:] for line in body.splitlines()[1:]
+                         if line.startswith("# ")).split(". ")[0]
+        name = f"**`{f.stem}`**" if f.stem == default_host else f"`{f.stem}`"
+        values = yaml.safe_dump(yaml.safe_load(body), sort_keys=False, default_flow_style=False, width=100)
+        lines += [f"- {name}: {about}.", "", "  ```yaml", *(f"  {v}" for v in values.splitlines()), "  ```", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def long_literals(tp: Any) -> Iterator[tuple]:

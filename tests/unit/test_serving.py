@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -13,16 +14,34 @@ from apps.serving import HAPROXY_MODE_ENV, HAPROXY_PORTS, RaySession, environ, f
 from core.config import ServerConfig
 from core.validate import ConfigError
 
-# conf/server/default.yaml's serve_env: what the printed config shows is what Serve gets
-DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
-            "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-            "RAY_worker_niceness": "0", "RAY_max_direct_call_object_size": "1048576"}
+def _yaml(path: str) -> dict:
+    import yaml
+
+    from apps.config import CONF_DIR
+
+    return yaml.safe_load((Path(CONF_DIR) / path).read_text())
 
 
-def test_the_config_shows_the_serve_env_defaults_it_applies():
+#: what the default host profile (conf/host/small_cpu.yaml) tunes: read from the file, not copied
+SMALL_CPU = {k: str(v) for k, v in _yaml("host/small_cpu.yaml")["serve_env"].items()}
+
+
+def test_the_config_shows_the_serve_env_it_applies():
     server = compose().server
-    assert server.serve_env == DEFAULTS
-    assert {k: v for k, v in serve_env(server, local=False).items() if k not in HAPROXY_MODE_ENV} == DEFAULTS
+    assert {k: v for k, v in serve_env(server, local=False).items() if k not in HAPROXY_MODE_ENV} == server.serve_env
+    assert set(SMALL_CPU) <= set(server.serve_env)
+
+
+def test_the_host_profile_holds_the_tuning_and_ray_defaults_leave_it_out():
+    """`host=small_cpu` (the default) adds its Ray knobs and confines a local Ray's processes
+    (`ray_cpus: auto`); `host=ray_defaults` leaves every one at Ray's value and Ray on every
+    CPU, while what is not host tuning (server/default.yaml's own serve_env) stays."""
+    tuned, plain = compose().server, compose(["host=ray_defaults"]).server
+    assert SMALL_CPU and {k: tuned.serve_env[k] for k in SMALL_CPU} == SMALL_CPU
+    assert not set(SMALL_CPU) & set(plain.serve_env)
+    assert plain.serve_env == {k: v for k, v in tuned.serve_env.items() if k not in SMALL_CPU}
+    assert plain.serve_env, "server/default.yaml's own settings stay"
+    assert (tuned.ray_cpus, plain.ray_cpus) == ("auto", "all")
 
 
 def test_haproxy_is_the_default_mode_and_a_local_ray_gets_free_ports():
@@ -85,12 +104,13 @@ def test_ports_already_in_the_environment_or_the_config_are_kept(monkeypatch):
 
 
 def test_ray_proxy_mode_sets_only_serve_env_and_serve_env_overrides():
-    assert serve_env(compose(["server.http_proxy=ray"]).server, local=True) == DEFAULTS
+    server = compose(["server.http_proxy=ray"]).server
+    assert serve_env(server, local=True) == server.serve_env
     server = compose(["++server.serve_env.RAY_SERVE_USE_GRPC_BY_DEFAULT=1",
                       "++server.serve_env.RAY_SERVE_ENABLE_HA_PROXY=0"]).server
     env = serve_env(server, local=False)
     assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
-    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == DEFAULTS["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == SMALL_CPU["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
 
 
 def test_unknown_mode_fails_validation_naming_the_key():
