@@ -2,8 +2,8 @@
 
 :func:`create_app` builds it around a :class:`~pipelines.router.ModelRouter`; the Ray Serve
 ingress deployment (``api.ingress.Ingress``) serves it, and unit tests call it
-directly with in-process pipelines. Routes live in ``api.routes``; errors are rendered by
-``api.errors`` and nowhere else.
+directly with in-process pipelines. Routes live in ``api.routes``, each answering through the
+one :class:`~api.call.Call` it takes; errors are rendered by ``api.errors`` and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import error_response
-from api.metrics import RequestMetrics
+from api.metrics import RequestMetrics, record_of
 from api.middleware import RequestEnvelope
 from api.routes import audio, infer, metrics, models, openai
 from api.uploads import InferUpload
@@ -47,11 +47,11 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
 
     @app.exception_handler(MMServeError)
     async def _mmserve_error(request: Request, exc: MMServeError):
-        return error_response(exc, server, request.state)
+        return error_response(exc, server, record_of(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(from_validation_errors(exc.errors()), server, request.state)
+        return error_response(from_validation_errors(exc.errors()), server, record_of(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -63,7 +63,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
             err = RouteNotFound(f"no route {request.url.path}", headers=headers)
         else:
             err = BadRequest(str(exc.detail), headers=headers)
-        return error_response(err, server, request.state)
+        return error_response(err, server, record_of(request.scope))
 
     def openapi() -> dict:
         # /v1/infer reads its body itself (JSON or a form upload), and the OpenAI-compatible

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from api.metrics import error_seen
+from api.metrics import UNRECORDED, RequestRecord
 from core.config import RetryAfter, ServerConfig
 from core.errors import MMServeError
-from core.protocol import RequestContext
 
 logger = logging.getLogger("mmserve.api")
 
@@ -31,12 +29,12 @@ SSE_EVENT_SCHEMA = {"type": "object", "properties": {"data": {"type": "string"},
 ERROR_RESPONSES = {status: ERROR_SCHEMA for status in (400, 401, 403, 404, 413, 415, 422, 503, 504)}
 
 
-def error_response(err: MMServeError, server: ServerConfig | None = None, state: Any = None) -> JSONResponse:
+def error_response(err: MMServeError, server: ServerConfig | None = None,
+                   record: RequestRecord = UNRECORDED) -> JSONResponse:
     """The JSON response of an error, with its headers; ``Retry-After`` from the server's
-    policy (``server.retry_after_s``) for the error's cause. ``state`` (the request's) is told
-    the error's type for the request metrics."""
-    if state is not None:
-        error_seen(state, err.type)
+    policy (``server.retry_after_s``) for the error's cause. ``record`` (the request's metrics,
+    ``api.metrics.record_of``) is told the error's type."""
+    record.failed(err.type)
     headers = dict(err.headers)
     if err.retry is not None and "Retry-After" not in headers:
         policy = server.retry_after_s if server is not None else RetryAfter()
@@ -44,18 +42,16 @@ def error_response(err: MMServeError, server: ServerConfig | None = None, state:
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers or None)
 
 
-def error_event(err: MMServeError, state: Any = None) -> bytes:
+def error_event(err: MMServeError, record: RequestRecord = UNRECORDED) -> bytes:
     """An error as the Server-Sent Event that ends a stream which had already started."""
-    if state is not None:
-        error_seen(state, err.type)
+    record.failed(err.type)
     return b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
 
 
 def asgi_error(err: MMServeError, request_id: str | None, extra: list | None = None,
-               state: Any = None) -> tuple[dict, dict]:
+               record: RequestRecord = UNRECORDED) -> tuple[dict, dict]:
     """An error as the two ASGI messages (start, body) that the middleware sends itself."""
-    if state is not None:
-        error_seen(state, err.type)
+    record.failed(err.type)
     raw = json.dumps(err.to_dict()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     if request_id:
@@ -66,7 +62,7 @@ def asgi_error(err: MMServeError, request_id: str | None, extra: list | None = N
             {"type": "http.response.body", "body": raw})
 
 
-def internal_error(ctx: RequestContext) -> MMServeError:
+def internal_error(request_id: str, model_id: str | None) -> MMServeError:
     """Log the exception being handled, once, and the 500 that answers it."""
-    logger.exception("request %s to %s failed", ctx.request_id, ctx.model_id)
-    return MMServeError(f"internal error (request id {ctx.request_id})", model_id=ctx.model_id)
+    logger.exception("request %s to %s failed", request_id, model_id)
+    return MMServeError(f"internal error (request id {request_id})", model_id=model_id)

@@ -1,22 +1,27 @@
 """The ingress's request metrics (``core.metrics``): an ASGI middleware that counts every
 response by model, route, status and error type, and times it.
 
-Outermost of the app's middleware, so that what :class:`~api.middleware.RequestEnvelope`
-refuses (401, 413) is counted too. Routes tell it the request's model once they have found it
-(:func:`model_found`) and errors tell it their type (:func:`error_seen`); it sees the status,
-the first event of a stream (time to first token) and a client that goes away.
+Outermost of the app's middleware, so that every response is counted, those that no route
+answers too (what :class:`~api.middleware.RequestEnvelope` refuses, 401 and 413; an unknown
+path). It sees the status, the first event of a stream (time to first token) and a client that
+goes away; the rest it learns through the request's :class:`RequestRecord`, which a route
+reaches only through its :class:`api.call.Call` (the model, a stream's end) and the error
+renderer (``api.errors``: the error's type).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from core import metrics as m
 
+_KEY = "metrics"  # where the record travels in the ASGI scope's ``state``
 
-class _Request:
-    """What the middleware learns of one request while it is answered."""
+
+class RequestRecord:
+    """What the middleware learns of one request while it is answered. The route's part (its
+    model, the type of its error, the end of its stream) is told by :class:`api.call.Call` and
+    by the error renderer (``api.errors``), through the methods below."""
 
     __slots__ = ("route", "model_id", "error", "code", "first", "sse", "done", "gone", "in_flight")
 
@@ -31,30 +36,45 @@ class _Request:
         self.gone = False
         self.in_flight = None
 
+    def for_model(self, model_id: str) -> None:
+        """The request is for this served model (the first one named counts)."""
+        if self.in_flight is None:
+            self.model_id = model_id
+            self.in_flight = m.series(m.IN_FLIGHT, model_id, self.route)
+            self.in_flight.inc()
 
-def model_found(state: Any, model_id: str) -> None:
-    """The request is for this served model (``state``: the request's ``request.state``)."""
-    rec: _Request | None = getattr(state, "metrics", None)
-    if rec is not None and rec.in_flight is None:
-        rec.model_id = model_id
-        rec.in_flight = m.series(m.IN_FLIGHT, model_id, rec.route)
-        rec.in_flight.inc()
+    def failed(self, error_type: str) -> None:
+        """The request ends with an error of this type (a JSON error, or a stream's last event)."""
+        self.error = error_type
+
+    def ended(self) -> None:
+        """The stream has sent its last event (``data: [DONE]``): a client that closes the
+        connection now (as OpenAI's client does) did not go away early."""
+        self.done = True
 
 
-def error_seen(state: Any, error_type: str) -> None:
-    """The request ends with an error of this type (a JSON error, or a stream's last event);
-    ``state``: ``request.state``, or the ASGI scope's ``state`` dict."""
-    rec = state.get("metrics") if isinstance(state, dict) else getattr(state, "metrics", None)
-    if rec is not None:
-        rec.error = error_type
+class _Unrecorded(RequestRecord):
+    """The record of a request while metrics are off: it keeps nothing."""
+
+    __slots__ = ()
+
+    def for_model(self, model_id: str) -> None:
+        pass
+
+    def failed(self, error_type: str) -> None:
+        pass
+
+    def ended(self) -> None:
+        pass
 
 
-def stream_ended(state: Any) -> None:
-    """The stream has sent its last event (``data: [DONE]``): a client that closes the
-    connection now (as OpenAI's client does) did not go away early."""
-    rec = getattr(state, "metrics", None)
-    if rec is not None:
-        rec.done = True
+UNRECORDED = _Unrecorded("")
+
+
+def record_of(scope) -> RequestRecord:
+    """The record :class:`RequestMetrics` keeps of this request (``scope``: its ASGI scope), or
+    one that keeps nothing while metrics are off."""
+    return scope.get("state", {}).get(_KEY, UNRECORDED)
 
 
 class RequestMetrics:
@@ -91,8 +111,8 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        rec = _Request(self.route_of(scope))
-        scope.setdefault("state", {})["metrics"] = rec
+        rec = RequestRecord(self.route_of(scope))
+        scope.setdefault("state", {})[_KEY] = rec
 
         async def receive_watched():
             message = await receive()
@@ -129,7 +149,7 @@ class RequestMetrics:
             self._record(rec, start)
 
     @staticmethod
-    def _record(rec: _Request, start: float) -> None:
+    def _record(rec: RequestRecord, start: float) -> None:
         end = time.perf_counter()
         model_id, route = rec.model_id, rec.route
         error = rec.error

@@ -1,4 +1,6 @@
-"""ASGI middleware of the ingress: request ids, API keys and the body size limit.
+"""ASGI middleware of the ingress: request ids, API keys and the body size limit, which every
+HTTP request needs, those no route answers included (a 404 carries its request id too). What a
+route's request needs besides (its pipeline, context, metrics, errors) is ``api.call.Call``'s.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a task and a copy of
 every request: this runs on the hot path of every call.
@@ -11,6 +13,7 @@ import re
 import uuid
 
 from api.errors import asgi_error
+from api.metrics import record_of
 from core.errors import Forbidden, MMServeError, PayloadTooLarge, Unauthorized
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -51,14 +54,6 @@ class RequestEnvelope:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = scope.setdefault("state", {})
-        try:
-            await self._envelop(scope, receive, send)
-        finally:
-            if (pipeline := state.get("pipeline")) is not None:  # held since api.context.pipeline_of
-                pipeline.leave()
-
-    async def _envelop(self, scope, receive, send):
         request_id = None
         length = None
         authorization = None
@@ -124,5 +119,5 @@ class RequestEnvelope:
 
     async def _send_error(self, send, scope, request_id: str, err: MMServeError, extra: list) -> None:
         rid = request_id if self.echo_request_id else None
-        for msg in asgi_error(err, rid, extra, scope["state"]):
+        for msg in asgi_error(err, rid, extra, record_of(scope)):
             await send(msg)

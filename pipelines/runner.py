@@ -35,7 +35,7 @@ class Pipeline:
         self.preprocess = preprocess
         self.engine = engine
         self.postprocess = postprocess
-        self.in_flight = 0  # HTTP requests holding this pipeline (api.context.pipeline_of)
+        self.in_flight = 0  # HTTP requests holding this pipeline (api.call.Call.pipeline)
         self._idle = asyncio.Event()
         self._idle.set()
         cls = engine_class(model.engine)

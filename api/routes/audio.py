@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import PlainTextResponse
 
-from api.context import pipeline_of, request_context, run_guarded
+from api.call import Call, CallDep
+from api.context import run_pipeline
 from api.errors import ERROR_RESPONSES
 from api.uploads import uploaded_media
 from core.errors import InvalidField, InvalidParameter
@@ -47,9 +48,8 @@ def _params(form, model_id: str) -> dict[str, Any]:
     return params
 
 
-async def speech_to_text(request: Request, task: str, file: UploadFile, model: str, response_format: str):
-    state = request.app.state
-    pipeline = pipeline_of(request, model)
+async def speech_to_text(call: Call, task: str, file: UploadFile, model: str, response_format: str):
+    pipeline = call.pipeline(model)
     if pipeline.model.modality != "audio":
         route = "transcriptions" if task == "transcribe" else "translations"
         raise InvalidField(f"model: {model!r} is a {pipeline.model.modality} model; {route} need a "
@@ -61,12 +61,12 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
     if "response_format" not in pipeline.params_schema.model_fields:
         raise InvalidField(f"model: {model!r} does not transcribe speech (its pipeline answers "
                            f"{pipeline.model.pipeline!r} results)", model_id=model, field="model")
-    params = {**_params(await request.form(), model), "response_format": response_format}
+    params = {**_params(await call.request.form(), model), "response_format": response_format}
     if speech:
         params["task"] = task
     req = InferRequest(model_id=model, input=await uploaded_media(file), params=params)
     try:
-        result = await run_guarded(pipeline, req, request_context(req, request, state.server))
+        result = await run_pipeline(pipeline, req, call.infer_context(req))
     except InvalidField as err:  # a param is a form field here: name it as the client sent it
         if err.field and err.field.startswith("params."):
             err.field = err.field.removeprefix("params.")
@@ -78,12 +78,12 @@ async def speech_to_text(request: Request, task: str, file: UploadFile, model: s
 
 def _route(path: str, task: str, summary: str, takes: str) -> None:
     async def handler(
-        request: Request,
+        call: CallDep,
         file: UploadFile = File(..., description="The audio file (wav, flac, mp3, ogg)."),
         model: str = Form(..., min_length=1, description=f"A {takes} model_id."),
         response_format: Format = Form("json"),
     ):
-        return await speech_to_text(request, task, file, model, response_format)
+        return await speech_to_text(call, task, file, model, response_format)
 
     handler.__name__ = "transcriptions" if task == "transcribe" else "translations"
     handler.__doc__ = "Other form fields (``language``, ``prompt``, ``temperature``...) are the model's params."

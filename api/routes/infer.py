@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
-from api.context import json_response, pipeline_of, request_context, run_guarded, sse_response
+from api.call import CallDep
+from api.context import run_pipeline
 from api.errors import ERROR_RESPONSES, SSE_EVENT_SCHEMA
 from api.uploads import infer_request_body, read_infer_request
 from core.protocol import InferResponse
@@ -16,10 +17,9 @@ router = APIRouter()
     "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}, **ERROR_RESPONSES},
              summary="Run one request through a model's pipeline (streamed with stream: true)",
              openapi_extra=infer_request_body())
-async def infer(request: Request):
-    state = request.app.state
-    body = await read_infer_request(request)
-    pipeline = pipeline_of(request, body.model_id)
-    ctx = request_context(body, request, state.server)
-    result = await run_guarded(pipeline, body, ctx)
-    return sse_response(result, ctx, request.state) if body.stream else json_response(result)
+async def infer(call: CallDep):
+    body = await read_infer_request(call.request)
+    pipeline = call.pipeline(body.model_id)
+    ctx = call.infer_context(body)
+    result = await run_pipeline(pipeline, body, ctx)
+    return call.sse(result, ctx) if body.stream else call.json(result)

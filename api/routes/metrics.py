@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 
+from api.call import CallDep
 from core import metrics
 from core.errors import RouteNotFound
 
@@ -20,10 +21,9 @@ async def local_scrape(extra: list) -> bytes:
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics of every replica",
             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
-async def scrape(request: Request):
-    state = request.app.state
-    if not state.server.metrics:
+async def scrape(call: CallDep):
+    if not call.server.metrics:
         raise RouteNotFound("no route /metrics: metrics are off (server.metrics: false)")
-    statuses = await state.router.statuses(state.server.status_timeout_s)
-    body = await state.scrape([metrics.status_family(statuses)])
+    statuses = await call.router.statuses(call.server.status_timeout_s)
+    body = await call.app.scrape([metrics.status_family(statuses)])
     return Response(body, media_type=CONTENT_TYPE)

@@ -6,10 +6,10 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
-from api.context import pipeline_of
-from api.errors import ERROR_SCHEMA, error_response
+from api.call import Call, CallDep
+from api.errors import ERROR_SCHEMA
 from core.errors import NotReady
 from pipelines.runner import Pipeline
 
@@ -28,42 +28,37 @@ async def _card(pipeline: Pipeline, status: str, timeout_s: float) -> dict[str, 
         return {}
 
 
-async def _entry(request: Request, pipeline: Pipeline, status: str) -> dict[str, Any]:
-    state = request.app.state
-    card = await _card(pipeline, status, state.server.status_timeout_s)
+async def _entry(call: Call, pipeline: Pipeline, status: str) -> dict[str, Any]:
+    card = await _card(pipeline, status, call.server.status_timeout_s)
     return {**card, **pipeline.describe(), "id": pipeline.model.model_id, "object": "model",
-            "created": card.get("created", state.started), "owned_by": card.get("owned_by", "mmserve"),
+            "created": card.get("created", call.app.started), "owned_by": card.get("owned_by", "mmserve"),
             "status": status}
 
 
 @router.get("/v1/models", summary="Every served model, with its status")
-async def list_models(request: Request):
-    state = request.app.state
-    statuses = await state.router.statuses(state.server.status_timeout_s)
-    data = await asyncio.gather(*(_entry(request, p, statuses[p.model.model_id]) for p in state.router))
+async def list_models(call: CallDep):
+    statuses = await call.router.statuses(call.server.status_timeout_s)
+    data = await asyncio.gather(*(_entry(call, p, statuses[p.model.model_id]) for p in call.router))
     return {"object": "list", "data": list(data)}
 
 
 @router.get("/v1/models/{model_id:path}", responses={404: ERROR_SCHEMA},
             summary="One served model, with its status")
-async def get_model(model_id: str, request: Request):
-    state = request.app.state
-    pipeline = pipeline_of(request, model_id)
-    return await _entry(request, pipeline, await pipeline.status(state.server.status_timeout_s))
+async def get_model(model_id: str, call: CallDep):
+    pipeline = call.pipeline(model_id)
+    return await _entry(call, pipeline, await pipeline.status(call.server.status_timeout_s))
 
 
 @router.get("/health", summary="The ingress process is alive")
-async def health():
+async def health(call: CallDep):  # as every route: a failure here is the one logged 500 too
     return {"status": "ok"}
 
 
 @router.get("/ready", responses={503: ERROR_SCHEMA}, summary="Every model is ready")
-async def ready(request: Request):
-    state = request.app.state
-    statuses = await state.router.statuses(state.server.status_timeout_s)
+async def ready(call: CallDep):
+    statuses = await call.router.statuses(call.server.status_timeout_s)
     waiting = {m: s for m, s in statuses.items() if s != "ready"}
     if waiting:
-        return error_response(NotReady("not ready: " + ", ".join(f"{m} ({s})" for m, s in waiting.items()),
-                                       retry="not_ready", details={"models": waiting}), state.server,
-                              request.state)
+        return call.error(NotReady("not ready: " + ", ".join(f"{m} ({s})" for m, s in waiting.items()),
+                                   retry="not_ready", details={"models": waiting}))
     return {"status": "ready", "models": statuses}

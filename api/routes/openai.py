@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.context import check_shape, deadline_context, internal_errors, pipeline_of, sse_response
+from api.call import Call, CallDep
+from api.context import check_shape
 from api.errors import ERROR_RESPONSES, ERROR_SCHEMA, SSE_EVENT_SCHEMA
 from api.uploads import read_json_object
 from core.deadline import within_deadline
@@ -46,39 +47,37 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         await rest.aclose()
 
 
-async def answer(request: Request, route: str):
+async def answer(call: Call, route: str):
     """Run one OpenAI-compatible request through its model's engine.
 
     The first answer is awaited before anything is sent, so a request the engine refuses gets
     an HTTP error (4xx naming the field) even when streamed; then a dict is the JSON body and
     strings are the stream's events."""
-    state = request.app.state
-    body = await read_json_object(request)
+    body = await read_json_object(call.request)
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise InvalidParameter("model: a model id is required (GET /v1/models lists them)", field="model")
-    pipeline = pipeline_of(request, model_id)
+    pipeline = call.pipeline(model_id)
     for key, value in body.items():
-        check_shape(value, state.server, key, model_id)
-    ctx = deadline_context(request, state.server, model_id)
-    with internal_errors(ctx):
-        chunks = pipeline.openai(route, body, ctx)
-        try:
-            first = await within_deadline(anext(chunks), ctx)
-        except StopAsyncIteration:
-            raise EngineError("the engine gave no answer", model_id=model_id) from None
-        except BaseException:
-            await chunks.aclose()
-            raise
+        check_shape(value, call.server, key, model_id)
+    ctx = call.context(model_id)
+    chunks = pipeline.openai(route, body, ctx)
+    try:
+        first = await within_deadline(anext(chunks), ctx)
+    except StopAsyncIteration:
+        raise EngineError("the engine gave no answer", model_id=model_id) from None
+    except BaseException:
+        await chunks.aclose()
+        raise
     if isinstance(first, dict):
         await chunks.aclose()
         return JSONResponse(first)
-    return sse_response(_prepend(first, chunks), ctx, request.state)
+    return call.sse(_prepend(first, chunks), ctx)
 
 
 def _route(path: str, name: str, summary: str):
-    async def handler(request: Request):
-        return await answer(request, name)
+    async def handler(call: CallDep):
+        return await answer(call, name)
 
     handler.__name__ = name
     router.add_api_route(path, handler, methods=["POST"], summary=summary,
