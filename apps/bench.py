@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +23,8 @@ from apps.config import CONF_DIR
 def main(dcfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    hc = HydraConfig.get()
+    # typed as the HydraConf schema, HydraConfig.get() returns the DictConfig built from it
+    hc = cast(DictConfig, HydraConfig.get())
     num = OmegaConf.select(hc, "job.num", default=0)  # a single run (no -m) has no job number
     result = run_job(dcfg, num, list(hc.overrides.task), Path(hc.runtime.output_dir))
     return result["score"] if result["score"] is not None else math.nan

@@ -9,7 +9,7 @@ takes them out of the composed config, validates all three, and raises one
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 from pydantic import Field
 
@@ -18,10 +18,10 @@ from core.validate import ConfigError, check_with, validate_config
 
 # Figures a job records (apps.loadgen.LoadResult, plus error_rate); the goal and the plot
 # name them.
-METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "errors", "error_rate", "output_tokens",
-           "output_tok_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms",
-           "tpot_p99_ms")
-Metric = Literal[METRICS]  # type: ignore[valid-type]
+Metric = Literal["rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "errors", "error_rate", "output_tokens",
+                 "output_tok_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms",
+                 "tpot_p99_ms"]
+METRICS: tuple[Metric, ...] = get_args(Metric)
 
 
 class RequestSpec(Strict):
@@ -53,10 +53,10 @@ class Goal(Strict):
     """What the best configuration is: the highest (or lowest) ``objective`` among the jobs
     that succeeded and stay within every bound of ``max``."""
 
-    objective: Metric = Field("rps", description="The metric to optimize.")
-    direction: Literal["maximize", "minimize"] = Field("maximize", description=(
+    objective: Metric = Field(default="rps", description="The metric to optimize.")
+    direction: Literal["maximize", "minimize"] = Field(default="maximize", description=(
         "Whether the best job has the highest or the lowest objective."))
-    max: dict[Metric, float] = Field(default_factory=dict, description="Upper bounds, e.g. "  # type: ignore[valid-type]
+    max: dict[Metric, float] = Field(default_factory=dict, description="Upper bounds, e.g. "
                                      "{ttft_p99_ms: 500, error_rate: 0}.")
 
     def score(self, metrics: dict) -> float | None:
@@ -75,8 +75,8 @@ class Plot(Strict):
     """Axes of pareto.png; ``auto`` picks output tokens/s against p99 TTFT when every
     successful job streamed tokens, else requests/s against p99 latency."""
 
-    x: Metric | Literal["auto"] = Field("auto", description="Latency-like axis (lower is better).")
-    y: Metric | Literal["auto"] = Field("auto", description="Throughput-like axis (higher is better).")
+    x: Metric | Literal["auto"] = Field(default="auto", description="Latency-like axis (lower is better).")
+    y: Metric | Literal["auto"] = Field(default="auto", description="Throughput-like axis (higher is better).")
 
 
 class BenchConfig(Strict):
@@ -84,10 +84,10 @@ class BenchConfig(Strict):
 
     goal: Goal = Field(default_factory=Goal, description="Which job is the best (★ in the summary).")
     plot: Plot = Field(default_factory=Plot, description="The axes of pareto.png.")
-    write_best: bool = Field(True, description="Write best.yaml (a config apps.launch serves).")
+    write_best: bool = Field(default=True, description="Write best.yaml (a config apps.launch serves).")
 
 
-def _number(v) -> bool:
+def _number(v) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not math.isnan(v)
 
 
@@ -103,8 +103,7 @@ def split_bench_config(raw: dict) -> tuple[AppConfig, LoadConfig, BenchConfig]:
     try:
         app = validate_config(raw)
     except ConfigError as err:
-        problems = err.problems + problems
-        app = None
+        raise ConfigError(err.problems + problems) from None
     if problems:
         raise ConfigError(problems)
     load = LoadConfig.model_validate(load_raw)

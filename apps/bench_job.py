@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -45,7 +46,7 @@ def run_job(dcfg: DictConfig, num: int, overrides: list[str], out_dir: Path) -> 
     from apps import serving
     from apps.bench_config import split_bench_config
 
-    result = {"job": num, "status": "ok", "overrides": overrides, "error": None, "problems": [],
+    result: dict[str, Any] = {"job": num, "status": "ok", "overrides": overrides, "error": None, "problems": [],
               "model_id": None, "load": None, "deploy_s": None, "metrics": {}, "score": None}
     try:
         app, load, bench = split_bench_config(to_plain(dcfg))

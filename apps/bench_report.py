@@ -74,8 +74,7 @@ def pareto_front(points: list[tuple[float, float]]) -> set[int]:
 def best_job(jobs: list[dict], goal: Goal) -> dict | None:
     """The successful job with the best objective within the goal's bounds (the lowest job
     number among equals), or None."""
-    scored = [(goal.score(j["metrics"]), j) for j in jobs if j["status"] == "ok"]
-    scored = [(s, j) for s, j in scored if s is not None]
+    scored = [(s, j) for j in jobs if j["status"] == "ok" if (s := goal.score(j["metrics"])) is not None]
     if not scored:
         return None
     sign = 1 if goal.direction == "maximize" else -1
@@ -111,7 +110,8 @@ def report(sweep_dir: Path, bench: BenchConfig | None = None, console=None) -> d
     summary = {"sweep_dir": str(sweep_dir), **annotate(jobs, bench), "jobs": jobs}
     (sweep_dir / "summary.json").write_text(json.dumps(finite(summary), indent=2) + "\n")
     write_csv(sweep_dir / "summary.csv", jobs)
-    plot(sweep_dir / "pareto.png", jobs, *summary["axes"], bounds=bench.goal.max)
+    x, y = summary["axes"]
+    plot(sweep_dir / "pareto.png", jobs, x, y, bounds=bench.goal.max)
     best = next((j for j in jobs if j["best"]), None)
     if best is not None and bench.write_best:
         write_best(sweep_dir / "best.yaml", best, bench.goal)
@@ -129,7 +129,9 @@ def sweep_bench_config(jobs: list[dict]) -> BenchConfig:
     for j in jobs:
         path = Path(j["dir"]) / ".hydra" / "config.yaml"
         if path.exists():
-            section = OmegaConf.to_container(OmegaConf.load(path)).get("bench") or {}
+            cfg = OmegaConf.to_container(OmegaConf.load(path))
+            assert isinstance(cfg, dict), f"{path}: Hydra writes a job's config as a mapping"
+            section = cfg.get("bench") or {}
             try:
                 return BenchConfig.model_validate(section)
             except ValidationError:
@@ -229,6 +231,7 @@ def write_best(path: Path, job: dict, goal: Goal) -> None:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(Path(job["dir"]) / ".hydra" / "config.yaml"), resolve=True)
+    assert isinstance(cfg, dict), "Hydra writes a job's config as a mapping"
     for key in ("load", "bench"):
         cfg.pop(key, None)
     value = job["metrics"][goal.objective]

@@ -74,8 +74,10 @@ def step_app(spec: RouteSpec, step: str, metrics_on: bool) -> Application:
     m = spec.model
     opts = (m.deployment.engine if step == "engine" else m.deployment.node).serve_options()
     cls = EngineServer if step == "engine" else NodeServer
-    deployment = internals.pinned_version(cls.options(name=deployment_name(m.model_id, step), **opts),
-                                          step_version(spec, step))
+    # @serve.deployment makes the class a Deployment (with .options); mypy keeps the class's type
+    deployment = internals.pinned_version(
+        cls.options(name=deployment_name(m.model_id, step), **opts),  # type: ignore[union-attr]
+        step_version(spec, step))
     if step == "engine":
         return deployment.bind(m, metrics_on)
     return deployment.bind(getattr(spec, step), m, metrics_on)
@@ -87,7 +89,8 @@ def ingress_app(server: ServerConfig, ingress: DeploymentOptions, user_config: d
     opts = ingress.serve_options()
     if user_config is not None:
         opts["user_config"] = user_config
-    deployment = internals.pinned_version(Ingress.options(name="ingress", **opts),
+    # @serve.deployment makes the class a Deployment (with .options); mypy keeps the class's type
+    deployment = internals.pinned_version(Ingress.options(name="ingress", **opts),  # type: ignore[attr-defined]
                                           _version("ingress", server.model_dump(mode="json"),
                                                    _restart_fields(ingress)))
     return deployment.bind(server)

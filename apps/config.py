@@ -27,6 +27,7 @@ def to_plain(cfg) -> dict:
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError([(getattr(err, "full_key", None) or "config", str(err).splitlines()[0])]) from None
+    assert isinstance(raw, dict), "a composed config is a DictConfig, whose container is a dict"
     raw.pop("hydra", None)
     return raw
 

@@ -42,7 +42,7 @@ def serve_config(raw: dict[str, Any], cfg: AppConfig, working_dir: str | None = 
     from apps.builder import ingress_config, route_specs
 
     runtime_env = {"working_dir": working_dir} if working_dir else None
-    shared = {k: raw[k] for k in ("server", "deployment") if k in raw}
+    shared: dict[str, Any] = {k: raw[k] for k in ("server", "deployment") if k in raw}
     apps: list[dict[str, Any]] = []
     for key, spec in zip(cfg.model, route_specs(cfg)):  # route_specs keeps the config's order
         one = {**shared, "pipeline": {spec.model.pipeline: raw["pipeline"][spec.model.pipeline]},
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image", default="mmserve:latest", help="container image of the RayService")
     args = ap.parse_args(argv)
     try:
-        written = export(args.overrides, args.out, args.working_dir, args.image)
+        written: tuple[Path, ...] = export(args.overrides, args.out, args.working_dir, args.image)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None

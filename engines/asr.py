@@ -73,7 +73,7 @@ class CTCParams(BaseModel):
         "uses it. verbose_json reports it as its language, and has none without it."))
 
 
-class CTCSpeechRecognizer(BatchedEngine):
+class CTCSpeechRecognizer(BatchedEngine[CTCParams]):
     """``{"text": ...}``: greedy CTC decoding of a padded batch run through the model at once."""
 
     Params = CTCParams
@@ -85,7 +85,7 @@ class CTCSpeechRecognizer(BatchedEngine):
         model, self.labels, self.sample_rate = load_ctc_model(self.model.source)
         self.net = model.eval()
 
-    def run_batch(self, items: list[tuple[MediaPayload, Any]]) -> list[Any]:
+    def run_batch(self, items: list[tuple[MediaPayload, CTCParams]]) -> list[Any]:
         import torch
 
         out: list[Any] = [None] * len(items)

@@ -25,7 +25,7 @@ import asyncio
 import collections
 import time
 from abc import abstractmethod
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,12 @@ from core import metrics
 from core.errors import MMServeError
 from core.protocol import EngineResult, MediaPayload, RequestContext
 from engines.base import Engine
+
+
+#: the engine's ``Params``: what each request's params were validated as
+P = TypeVar("P", bound=BaseModel)
+#: a request waiting for a batch: its payload, params, arrival time and the future of its output
+_Queued = tuple[MediaPayload, P, float, asyncio.Future]
 
 
 class BatchKwargs(BaseModel):
@@ -50,8 +56,10 @@ class BatchKwargs(BaseModel):
                                       "replica's num_cpus, divided by instances).")
 
 
-class BatchedEngine(Engine):
-    """Base of batched engines: subclasses implement :meth:`load` and :meth:`run_batch`."""
+class BatchedEngine(Engine, Generic[P]):
+    """Base of batched engines: subclasses implement :meth:`load` and :meth:`run_batch`, and
+    name their ``Params`` both as the class attribute and as ``P`` (``BatchedEngine[VADParams]``),
+    so that :meth:`run_batch` sees each request's params as that type."""
 
     Kwargs = BatchKwargs
     #: Most ``instances`` the model allows: 1 for a model that keeps state between calls.
@@ -79,7 +87,7 @@ class BatchedEngine(Engine):
         self.batches = 0
         self.items = 0
         # One queue per engine object: engines inline in one process never share a batch.
-        self._queue: collections.deque[tuple[MediaPayload, BaseModel, float, asyncio.Future]] = collections.deque()
+        self._queue: collections.deque[_Queued[P]] = collections.deque()
         self._arrived = asyncio.Event()  # set by each request queued
         self._runner: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()  # batches running, at most kwargs.instances
@@ -97,13 +105,15 @@ class BatchedEngine(Engine):
         """Load the model (runs in a worker thread, once)."""
 
     @abstractmethod
-    def run_batch(self, items: list[tuple[MediaPayload, BaseModel]]) -> list[Any]:
+    def run_batch(self, items: list[tuple[MediaPayload, P]]) -> list[Any]:
         """Run the model on a batch of ``(payload, params)``; one output per item, in order.
         An item's output may be an ``MMServeError`` to fail that request alone."""
 
     async def infer(self, inputs: MediaPayload, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         done = asyncio.get_running_loop().create_future()
-        self._queue.append((inputs, params, time.perf_counter(), done))
+        # The pipeline validated params with this engine's Params (pipelines.runner), which is P;
+        # Engine.infer takes any BaseModel because the base class is not generic over it.
+        self._queue.append((inputs, cast(P, params), time.perf_counter(), done))
         self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._batches())
@@ -134,7 +144,7 @@ class BatchedEngine(Engine):
                         await asyncio.wait_for(self._arrived.wait(), left)
                     except asyncio.TimeoutError:
                         break
-            batch = []
+            batch: list[_Queued[P]] = []
             while self._queue and len(batch) < size:
                 item = self._queue.popleft()
                 if not item[3].done():
@@ -144,7 +154,7 @@ class BatchedEngine(Engine):
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
 
-    async def _run_one(self, batch: list[tuple[MediaPayload, BaseModel, float, asyncio.Future]]) -> None:
+    async def _run_one(self, batch: list[_Queued[P]]) -> None:
         """One batch in a worker thread; each request's future gets its output, or the error
         that failed the whole batch."""
         if metrics.ENABLED:
@@ -168,7 +178,7 @@ class BatchedEngine(Engine):
             else:
                 done.set_result(output)
 
-    def _run(self, items):
+    def _run(self, items: list[tuple[MediaPayload, P]]) -> list[Any]:
         import torch
 
         with torch.inference_mode():  # at most kwargs.instances batches at a time (_batches)

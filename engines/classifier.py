@@ -39,12 +39,12 @@ def load_classifier(source: str):
 class ImageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(5, ge=1, le=1000, description="Labels returned, best first.")
+    top_k: int = Field(default=5, ge=1, le=1000, description="Labels returned, best first.")
 
 
 class VideoParams(ImageParams):
-    fps: float | None = Field(None, gt=0, le=60, description="Sample this many frames per second.")
-    num_frames: int | None = Field(None, ge=1, le=1024, description="Sample this many frames, evenly.")
+    fps: float | None = Field(default=None, gt=0, le=60, description="Sample this many frames per second.")
+    num_frames: int | None = Field(default=None, ge=1, le=1024, description="Sample this many frames, evenly.")
 
     @model_validator(mode="after")
     def _one_rate(self) -> "VideoParams":
@@ -53,7 +53,7 @@ class VideoParams(ImageParams):
         return self
 
 
-class ImageClassifier(BatchedEngine):
+class ImageClassifier(BatchedEngine[ImageParams]):
     """Top-k ``[{"label", "score"}]`` per image. A batch is one forward pass over every item."""
 
     requires = ("torch", "torchvision")
@@ -75,7 +75,7 @@ class ImageClassifier(BatchedEngine):
         scores, ids = probs.topk(min(k, probs.shape[-1]))
         return [{"label": self.labels[i], "score": round(float(s), 6)} for s, i in zip(scores, ids.tolist())]
 
-    def forward(self, items: list[tuple[MediaPayload, Any]]) -> list:
+    def forward(self, items: list[tuple[MediaPayload, ImageParams]]) -> list:
         """Class probabilities per item (``[C]`` for an image, ``[N, C]`` for frames)."""
         import torch
 
@@ -95,7 +95,7 @@ class VideoClassifier(ImageClassifier):
 
     Params = VideoParams
 
-    def run_batch(self, items: list[tuple[MediaPayload, VideoParams]]) -> list[Any]:
+    def run_batch(self, items: list[tuple[MediaPayload, ImageParams]]) -> list[Any]:
         out = []
         for probs, (media, params) in zip(self.forward(items), items):
             frames = [{"timestamp_s": t, "top_k": self._top(p, params.top_k)}

@@ -31,7 +31,10 @@ class EchoEngine(Engine):
     Kwargs = EchoKwargs
     Params = EchoParams
 
-    async def infer(self, inputs, params: EchoParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    # params are always an EchoParams: the pipeline validates them with Params
+    # (pipelines.runner), a pairing mypy cannot see while Engine.infer takes any BaseModel.
+    async def infer(self, inputs, params: EchoParams,  # type: ignore[override]
+                    ctx: RequestContext) -> AsyncIterator[EngineResult]:
         delay = self.kwargs.delay_s if params.delay_s is None else params.delay_s
         if delay:
             await asyncio.sleep(delay)

@@ -35,7 +35,7 @@ def load_silero(source: str | None = None):
     return init_jit_model(str(path / "silero_vad.jit" if path.is_dir() else path))
 
 
-class SileroVAD(BatchedEngine):
+class SileroVAD(BatchedEngine[VADParams]):
     """``{"segments": [{"start_s", "end_s"}, ...]}`` of the speech in a 8 or 16 kHz waveform.
 
     Silero keeps state across the windows of one clip, so a batch runs its clips one after the
@@ -57,7 +57,7 @@ class SileroVAD(BatchedEngine):
 
         from core.errors import InvalidField
 
-        out = []
+        out: list[dict[str, Any] | InvalidField] = []
         for media, p in items:
             rate = media.info["sample_rate"]
             if rate not in SAMPLE_RATES:

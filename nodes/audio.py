@@ -31,6 +31,7 @@ class AudioDecode(Node):
     requires = ("torch", "torchaudio", "torchcodec.decoders")  # torchcodec loads FFmpeg's libraries
 
     Kwargs = AudioKwargs
+    kwargs: AudioKwargs  # Node.__init__ validates them with Kwargs
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "audio", ctx.model_id)

@@ -38,6 +38,7 @@ class VideoFrames(PixelNode):
     requires = ("torch", "torchvision", "torchcodec.decoders")  # torchcodec loads FFmpeg's libraries
 
     Kwargs = VideoKwargs
+    kwargs: VideoKwargs  # Node.__init__ validates them with Kwargs
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> MediaPayload:
         data, _ = media_bytes(payload, self.kwargs, "video", ctx.model_id)
@@ -74,6 +75,7 @@ class VideoFrames(PixelNode):
             batch = decoder.get_frames_played_at(seconds=[min(t, last) for t in times])
         except (RuntimeError, ValueError, IndexError) as err:
             raise decode_failed(err, "video", kw, model_id) from None
+        assert self.transform is not None, "start() builds the transforms before any request"
         return MediaPayload(data=self.transform(batch.data),
                             info={"duration_s": round(duration, 3),
                                   "timestamps_s": [round(float(t), 3) for t in batch.pts_seconds]},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,10 +24,10 @@ class Transforms(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    resize: int = Field(256, ge=1, description="Shorter side after resizing.")
-    crop: int = Field(224, ge=1, description="Side of the center crop.")
-    mean: list[float] = Field([0.485, 0.456, 0.406], min_length=3, max_length=3)
-    std: list[float] = Field([0.229, 0.224, 0.225], min_length=3, max_length=3)
+    resize: int = Field(default=256, ge=1, description="Shorter side after resizing.")
+    crop: int = Field(default=224, ge=1, description="Side of the center crop.")
+    mean: list[float] = Field(default=[0.485, 0.456, 0.406], min_length=3, max_length=3)
+    std: list[float] = Field(default=[0.229, 0.224, 0.225], min_length=3, max_length=3)
 
     def build(self):
         """``(geometry, finish)``: resize + crop on uint8 here; scale + normalize where the
@@ -75,10 +75,12 @@ class PixelNode(Node):
     """Base of image and video preprocessing: builds ``kwargs.transforms`` at start-up."""
 
     requires = ("torch", "torchvision", "PIL")
+    kwargs: ImageKwargs  # Node.__init__ validates them with Kwargs, an ImageKwargs in every subclass
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
-        self.transform = self.finish = None
+        self.transform: Callable[[Any], Any] | None = None
+        self.finish: ScaleNormalize | None = None
 
     async def start(self) -> None:
         self.transform, self.finish = self.kwargs.transforms.build()
@@ -123,5 +125,6 @@ class ImageDecode(PixelNode):
 
     def decode(self, data: bytes, model_id: str) -> MediaPayload:
         image, width, height = self.pixels(data, model_id)
+        assert self.transform is not None, "start() builds the transforms before any request"
         return MediaPayload(data=self.transform(image), info={"width": width, "height": height},
                             finish=self.finish)
