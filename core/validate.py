@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ValidationError
 
 from core.config import AppConfig, DeploymentOptions, DeploymentProfile, ServerConfig
-from core.registry import engine_class, node_class
+from core.registry import engine_class, engine_of, node_class
 
 
 class ConfigError(Exception):
@@ -144,7 +144,7 @@ def validate_config(raw: dict) -> AppConfig:
 def _engine_options_problems(pipe, model, where: str) -> list[tuple[str, str]]:
     """A node that reads engine options (``Node.engine_options``, a ``core.protocol``
     Protocol) needs a model whose engine's options have them."""
-    options, problems = model.options(engine_class(model.engine).Kwargs), []
+    options, problems = model.options(engine_of(model).Kwargs), []
     for stage in ("preprocess", "postprocess"):
         name = getattr(pipe, stage).name
         try:
@@ -215,7 +215,7 @@ def resource_demands(cfg: AppConfig) -> list[Demand]:
         if dep.placement in ("engine", "split"):
             out.append(demand(f"model.{key}.deployment.engine", dep.engine))
         if dep.placement == "remote_core":
-            actors = engine_class(model.engine).hosting(model).core_actors
+            actors = engine_of(model).hosting(model).core_actors
             out.append(demand(f"model.{key}.deployment.engine", dep.engine,
                               actors * cfg.deployment.ingress.min_replicas))
         if dep.placement == "split":

@@ -17,7 +17,7 @@ from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
 from core.protocol import EngineResult, Refusal, RequestContext
-from core.registry import engine_class, node_class
+from core.registry import engine_of, node_class
 from engines.base import collect
 
 async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -63,10 +63,10 @@ class EngineServer:
     async def __init__(self, model: ModelConfig, metrics_on: bool = True) -> None:
         cpus.for_models()
         self.model = model
-        check_node(model.model_id, [engine_class(model.engine)])
+        check_node(model.model_id, [engine_of(model)])
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
-        self.engine = engine_class(model.engine)(model)
+        self.engine = engine_of(model)(model)
         await self.engine.start()
 
     # Errors of the vocabulary go back as Refusal values (see core.protocol.Refusal).
@@ -175,7 +175,7 @@ def pipeline_for(spec: RouteSpec, handle_of: Callable[[str], Any] | None = None)
         raise ValueError(f"model {m.model_id!r}: placement {m.deployment.placement} needs handles")
     check_node(m.model_id, [node_class(s.name) for step, s in
                             (("preprocess", spec.preprocess), ("postprocess", spec.postprocess))
-                            if step not in remote] + ([] if "engine" in remote else [engine_class(m.engine)]))
+                            if step not in remote] + ([] if "engine" in remote else [engine_of(m)]))
 
     def node(step: str, node_spec: NodeSpec):
         if step in remote:
@@ -184,6 +184,6 @@ def pipeline_for(spec: RouteSpec, handle_of: Callable[[str], Any] | None = None)
 
     engine = (RemoteEngine(handle_of("engine"), m.model_id, m.deployment.engine.scales_to_zero)
               if "engine" in remote
-              else LocalEngine(engine_class(m.engine)(m)))
+              else LocalEngine(engine_of(m)(m)))
     return Pipeline(m, node("preprocess", spec.preprocess), engine, node("postprocess", spec.postprocess),
                     spec=spec)

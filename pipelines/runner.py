@@ -12,7 +12,7 @@ from core import metrics
 from core.config import ModelConfig
 from core.errors import InvalidField, Unsupported
 from core.protocol import InferRequest, OpenAIBody, RequestContext
-from core.registry import engine_class, node_class
+from core.registry import engine_of, node_class
 from pipelines.stages import EngineStep, NodeStep
 
 
@@ -38,7 +38,7 @@ class Pipeline:
         self.in_flight = 0  # HTTP requests holding this pipeline (api.call.Call.pipeline)
         self._idle = asyncio.Event()
         self._idle.set()
-        cls = engine_class(model.engine)
+        cls = engine_of(model)
         self.params_schema = cls.Params
         #: the OpenAI-compatible routes the engine answers for the model (its hosting's)
         self.openai_routes = cls.hosting(model).routes
