@@ -26,7 +26,7 @@ metrics record (``api.metrics``), which the call reads once.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncGenerator, AsyncIterator
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -102,7 +102,7 @@ class Call:
         """A JSON answer; bytes inside become base64."""
         return json_response(body)
 
-    def sse(self, chunks: AsyncIterator[Any], ctx: RequestContext) -> StreamingResponse:
+    def sse(self, chunks: AsyncGenerator[Any, None], ctx: RequestContext) -> StreamingResponse:
         """A streamed answer (``api.context.sse_events``)."""
         return StreamingResponse(sse_events(chunks, ctx, self.record), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -23,7 +23,7 @@ from pipelines.runner import Pipeline
 DONE = "data: [DONE]"
 
 
-async def sse_events(chunks: AsyncIterator[Any], ctx: RequestContext,
+async def sse_events(chunks: AsyncGenerator[Any, None], ctx: RequestContext,
                      record: RequestRecord = UNRECORDED) -> AsyncIterator[bytes]:
     """Server-Sent Events. A dict chunk (a pipeline's) is sent as one ``data:`` event and the
     stream ends with ``data: [DONE]``; string chunks are events the engine framed itself in its

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -15,7 +16,7 @@ from core.errors import MMServeError
 
 logger = logging.getLogger("mmserve.api")
 
-ERROR_SCHEMA = {"description": "Error", "content": {"application/json": {"schema": {
+ERROR_SCHEMA: dict[str, Any] = {"description": "Error", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["type", "message"],
         "properties": {"type": {"type": "string"}, "message": {"type": "string"},
@@ -23,10 +24,10 @@ ERROR_SCHEMA = {"description": "Error", "content": {"application/json": {"schema
                        "param": {"type": ["string", "null"]}, "code": {"type": "integer"}}}}}}}}
 
 #: one Server-Sent Event (a ``data:`` line, and the ``event:`` name some protocols give it)
-SSE_EVENT_SCHEMA = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+SSE_EVENT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 
 #: the statuses every route may answer with an error body
-ERROR_RESPONSES = {status: ERROR_SCHEMA for status in (400, 401, 403, 404, 413, 415, 422, 503, 504)}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: ERROR_SCHEMA for status in (400, 401, 403, 404, 413, 415, 422, 503, 504)}
 
 
 def error_response(err: MMServeError, server: ServerConfig | None = None,

@@ -28,7 +28,8 @@ logger = logging.getLogger("mmserve.ingress")
 class Ingress:
     """The single HTTP entry: the FastAPI app of :mod:`api.app` over the model router."""
 
-    async def __init__(self, server: ServerConfig) -> None:
+    # Serve awaits an async __init__ of a deployment class; Python's type rules know no such thing.
+    async def __init__(self, server: ServerConfig) -> None:  # type: ignore[misc]
         cpus.for_models()  # it runs models' steps (and engines' frontends) as a model's replica does
         self.server = server
         self.app_name = serve.get_replica_context().app_name  # its models' steps' apps are named after it
@@ -82,11 +83,13 @@ class Ingress:
         await self.router.check_local_engines()
 
     async def _scrape(self, extra: list) -> bytes:
+        assert self.exposed is not None  # with metrics off, GET /metrics refuses before it scrapes
         return await metrics.scrape_cluster(self.exposed.app, self.server.status_timeout_s, extra)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.router, self.server, echo_request_id=False, scrape=self._scrape)
 
     def __del__(self) -> None:
-        if getattr(self, "exposed", None) is not None:  # None too if __init__ failed early
-            self.exposed.close()
+        exposed = getattr(self, "exposed", None)  # None too if __init__ failed early
+        if exposed is not None:
+            exposed.close()

@@ -12,8 +12,12 @@ renderer (``api.errors``: the error's type).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from core import metrics as m
+
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
 
 _KEY = "metrics"  # where the record travels in the ASGI scope's ``state``
 
@@ -34,7 +38,7 @@ class RequestRecord:
         self.sse = False
         self.done = False
         self.gone = False
-        self.in_flight = None
+        self.in_flight: Gauge | None = None  # the model's series of IN_FLIGHT, once it is named
 
     def for_model(self, model_id: str) -> None:
         """The request is for this served model (the first one named counts)."""

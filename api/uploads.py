@@ -105,10 +105,13 @@ async def _from_form(request: Request) -> InferRequest:
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidField("file: a file upload is required", field="file")
-    media = await uploaded_media(upload, form.get("format"))
-    params = form.get("params") or "{}"
+    fmt = form.get("format")
+    if fmt is not None and not isinstance(fmt, str):
+        raise InvalidField("format: must be a text field, not a file", field="format")
+    media = await uploaded_media(upload, fmt)
+    raw_params = form.get("params") or "{}"
     try:
-        params = json.loads(params) if isinstance(params, str) else None
+        params = json.loads(raw_params) if isinstance(raw_params, str) else None
     except ValueError:
         params = None
     if not isinstance(params, dict):

@@ -435,9 +435,9 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
 
 def local_ray_cpus(server: ServerConfig, app: AppConfig | None) -> set[int] | None:
     """The CPUs of a local Ray's own processes for ``server.ray_cpus`` (None: every CPU)."""
-    from core.registry import engine_class
+    from core.registry import engine_of
 
-    binds = app is not None and any(engine_class(m.engine).hosting(m).binds_cores for m in app.model.values())
+    binds = app is not None and any(engine_of(m).hosting(m).binds_cores for m in app.model.values())
     try:
         return cpus.ray_cpus(server.ray_cpus, cpus.allowed(), local_gpu_count(), binds)
     except ValueError as err:

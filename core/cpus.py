@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Iterator, Literal
 
 logger = logging.getLogger("mmserve.cpus")
 
@@ -34,7 +34,7 @@ def allowed() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def ray_cpus(setting: str | list[int], cpus: set[int], gpus: int, binds_cores: bool) -> set[int] | None:
+def ray_cpus(setting: Literal["auto", "all"] | list[int], cpus: set[int], gpus: int, binds_cores: bool) -> set[int] | None:
     """The CPUs for a local Ray's own processes, or None for all of ``cpus``.
 
     ``setting``: ``all``; ``auto``: the last CPU when the host has no GPU, some model's engine
@@ -141,8 +141,8 @@ def processes(*names: str, under: int | None = None) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv0 = cmdline.read().split(b"\0", 1)[0].decode(errors="replace")
         except (OSError, IndexError, ValueError):  # it ended meanwhile
             continue
         if not names or any(argv0.startswith(n) if "::" in n else os.path.basename(argv0) == n

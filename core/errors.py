@@ -11,7 +11,7 @@ server's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 
 class MMServeError(Exception):
@@ -159,7 +159,7 @@ class MethodNotAllowed(MMServeError):
     type = "method_not_allowed"
 
 
-def from_validation_errors(errors: list[dict[str, Any]]) -> MMServeError:
+def from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> MMServeError:
     """The first of pydantic's (or FastAPI's) validation errors of a request body, as the error
     a client sees: 400 if the body is not an object at all, else 422 naming the field."""
     e = errors[0]

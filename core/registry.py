@@ -52,6 +52,15 @@ def engine_class(name: str) -> type["Engine"]:
     return _load(ENGINES, "engine", name)
 
 
+def engine_of(model: "ModelConfig") -> type["Engine"]:
+    """The class of ``model``'s engine, once :func:`core.validate.validate_config` has set an
+    engine the model leaves out to its pipeline's. Raises ``ValueError`` for a model whose engine
+    is still unset (not validated), ``KeyError`` for an unknown one."""
+    if model.engine is None:
+        raise ValueError(f"model {model.model_id!r} names no engine; validate_config sets its pipeline's")
+    return engine_class(model.engine)
+
+
 def node_class(name: str) -> type["Node"]:
     """The node class registered as ``name``; raises ``KeyError`` naming the known ones."""
     return _load(NODES, "node", name)
@@ -62,7 +71,7 @@ def engine_options_of(model: "ModelConfig", expected: type) -> Any:
     have what ``expected`` (a runtime-checkable ``Protocol`` of :mod:`core.protocol`) names:
     how a node reads them without knowing the engine. Raises TypeError naming the engine and
     what it lacks (validation finds it first: ``Node.engine_options``)."""
-    options = model.options(engine_class(model.engine).Kwargs)
+    options = model.options(engine_of(model).Kwargs)
     if not isinstance(options, expected):
         raise TypeError(f"engine {model.engine!r} has no options {expected.__name__} names "
                         f"({', '.join(expected.__annotations__)})")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from core.config import AppConfig, DeploymentOptions, DeploymentProfile, ServerConfig
-from core.registry import engine_class, node_class
+from core.registry import engine_class, engine_of, node_class
 
 
 class ConfigError(Exception):
@@ -78,7 +78,10 @@ def _with_model_deployments(raw: dict) -> dict:
     return raw
 
 
-def _lookup(loader, name: str, key: str, problems: list[tuple[str, str]]) -> type | None:
+T = TypeVar("T")
+
+
+def _lookup(loader: Callable[[str], T], name: str, key: str, problems: list[tuple[str, str]]) -> T | None:
     """The registered class called ``name``, or None with a problem recorded at ``key``."""
     try:
         return loader(name)
@@ -99,14 +102,14 @@ def validate_config(raw: dict) -> AppConfig:
         raise ConfigError(_pydantic_problems(err)) from None
 
     problems: list[tuple[str, str]] = []
-    for name, pipe in cfg.pipeline.items():
+    for name, pipeline in cfg.pipeline.items():
         for stage in ("preprocess", "postprocess"):
-            spec = getattr(pipe, stage)
+            spec = getattr(pipeline, stage)
             key = f"pipeline.{name}.{stage}"
-            cls = _lookup(node_class, spec.name, f"{key}.name", problems)
-            if cls is not None:
-                problems += check_with(cls.Kwargs, spec.kwargs, f"{key}.kwargs")
-        _lookup(engine_class, pipe.engine, f"pipeline.{name}.engine", problems)
+            node_cls = _lookup(node_class, spec.name, f"{key}.name", problems)
+            if node_cls is not None:
+                problems += check_with(node_cls.Kwargs, spec.kwargs, f"{key}.kwargs")
+        _lookup(engine_class, pipeline.engine, f"pipeline.{name}.engine", problems)
 
     seen: dict[str, str] = {}
     for key, model in cfg.model.items():
@@ -144,7 +147,7 @@ def validate_config(raw: dict) -> AppConfig:
 def _engine_options_problems(pipe, model, where: str) -> list[tuple[str, str]]:
     """A node that reads engine options (``Node.engine_options``, a ``core.protocol``
     Protocol) needs a model whose engine's options have them."""
-    options, problems = model.options(engine_class(model.engine).Kwargs), []
+    options, problems = model.options(engine_of(model).Kwargs), []
     for stage in ("preprocess", "postprocess"):
         name = getattr(pipe, stage).name
         try:
@@ -215,7 +218,7 @@ def resource_demands(cfg: AppConfig) -> list[Demand]:
         if dep.placement in ("engine", "split"):
             out.append(demand(f"model.{key}.deployment.engine", dep.engine))
         if dep.placement == "remote_core":
-            actors = engine_class(model.engine).hosting(model).core_actors
+            actors = engine_of(model).hosting(model).core_actors
             out.append(demand(f"model.{key}.deployment.engine", dep.engine,
                               actors * cfg.deployment.ingress.min_replicas))
         if dep.placement == "split":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, ClassVar
+from typing import Any, AsyncIterator, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -43,11 +43,18 @@ class Hosting:
         return self.core_actors > 0
 
 
-class Engine(ABC):
+#: an engine's ``Params``: what each request's params were validated as before :meth:`Engine.infer`
+P = TypeVar("P", bound=BaseModel)
+
+
+class Engine(ABC, Generic[P]):
     """Base of all engines.
 
     Subclasses set ``Kwargs`` (the schema of ``engine_kwargs``) and ``Params`` (the schema of
-    per-request ``params``); both reject unknown keys, so typos fail with the field's name.
+    per-request ``params``); both reject unknown keys, so typos fail with the field's name. An
+    engine names its ``Params`` also as ``P`` (``class EchoEngine(Engine[EchoParams])``): the
+    pipeline validates each request's params with ``Params`` (``pipelines.runner``), so
+    :meth:`infer` receives a ``P``.
     """
 
     Kwargs: ClassVar[type[BaseModel]] = NoOptions
@@ -67,7 +74,7 @@ class Engine(ABC):
         """Load weights and start the backend. Called once before any request."""
 
     @abstractmethod
-    def infer(self, inputs, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    def infer(self, inputs: Any, params: P, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         """Run one request; yield one or more results. Raises ``core.errors.MMServeError``."""
 
     @classmethod
@@ -112,6 +119,7 @@ async def collect(results: AsyncIterator[EngineResult]) -> EngineResult:
     if len(chunks) == 1:
         return chunks[0]
     last = chunks[-1]
+    output: str | list[Any]
     if all(isinstance(c.output, str) for c in chunks):
         output = "".join(c.output for c in chunks)
     else:

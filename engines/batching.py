@@ -25,18 +25,15 @@ import asyncio
 import collections
 import time
 from abc import abstractmethod
-from typing import Any, AsyncIterator, Generic, TypeVar, cast
+from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import metrics
 from core.errors import MMServeError
 from core.protocol import EngineResult, MediaPayload, RequestContext
-from engines.base import Engine
+from engines.base import Engine, P
 
-
-#: the engine's ``Params``: what each request's params were validated as
-P = TypeVar("P", bound=BaseModel)
 #: a request waiting for a batch: its payload, params, arrival time and the future of its output
 _Queued = tuple[MediaPayload, P, float, asyncio.Future]
 
@@ -56,7 +53,7 @@ class BatchKwargs(BaseModel):
                                       "replica's num_cpus, divided by instances).")
 
 
-class BatchedEngine(Engine, Generic[P]):
+class BatchedEngine(Engine[P]):
     """Base of batched engines: subclasses implement :meth:`load` and :meth:`run_batch`, and
     name their ``Params`` both as the class attribute and as ``P`` (``BatchedEngine[VADParams]``),
     so that :meth:`run_batch` sees each request's params as that type."""
@@ -109,11 +106,9 @@ class BatchedEngine(Engine, Generic[P]):
         """Run the model on a batch of ``(payload, params)``; one output per item, in order.
         An item's output may be an ``MMServeError`` to fail that request alone."""
 
-    async def infer(self, inputs: MediaPayload, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    async def infer(self, inputs: MediaPayload, params: P, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         done = asyncio.get_running_loop().create_future()
-        # The pipeline validated params with this engine's Params (pipelines.runner), which is P;
-        # Engine.infer takes any BaseModel because the base class is not generic over it.
-        self._queue.append((inputs, cast(P, params), time.perf_counter(), done))
+        self._queue.append((inputs, params, time.perf_counter(), done))
         self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._batches())

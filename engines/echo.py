@@ -25,16 +25,13 @@ class EchoParams(BaseModel):
     delay_s: float | None = Field(None, ge=0, le=60, description="Overrides the engine's delay_s.")
 
 
-class EchoEngine(Engine):
+class EchoEngine(Engine[EchoParams]):
     """Yields the input back, once, with ``finish_reason`` "stop"."""
 
     Kwargs = EchoKwargs
     Params = EchoParams
 
-    # params are always an EchoParams: the pipeline validates them with Params
-    # (pipelines.runner), a pairing mypy cannot see while Engine.infer takes any BaseModel.
-    async def infer(self, inputs, params: EchoParams,  # type: ignore[override]
-                    ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    async def infer(self, inputs, params: EchoParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         delay = self.kwargs.delay_s if params.delay_s is None else params.delay_s
         if delay:
             await asyncio.sleep(delay)

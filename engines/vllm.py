@@ -24,7 +24,7 @@ from core import metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import EngineResult, RequestContext
 from engines import vllm_internals
-from engines.base import Engine, Hosting
+from engines.base import Engine, Hosting, P
 from engines.vllm_core import RemoteCore, engine_args
 from engines.vllm_openai import OpenAIFrontend, routes_for
 
@@ -184,13 +184,16 @@ class TimedLLM:
                 timer.observe(self._model_id)
 
 
-class VLLMEngine(Engine):
-    """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
+class VLLMBase(Engine[P]):
+    """What every engine on vLLM's AsyncLLM shares: the engine core (in this replica, or in an
+    actor of its own that is started again when it dies), vLLM's serving layer over it for the
+    OpenAI-compatible routes, health and stats. Subclasses answer ``/v1/infer`` for their
+    ``Params``: :class:`VLLMEngine` (text), :class:`VLLMEmbedder`,
+    :class:`~engines.whisper.VLLMTranscriber`."""
 
-    requires = ("vllm",)
+    requires: ClassVar[tuple[str, ...]] = ("vllm",)
 
     Kwargs = VLLMKwargs
-    Params = TextParams
 
     #: seconds between checks that vLLM's engine core is alive (see :meth:`_watch_engine`)
     WATCH_PERIOD_S = 0.5
@@ -212,6 +215,8 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         from engines.checkpoints import resolve_source
 
+        if not self.model.source:  # refused by validation (check_config)
+            raise ValueError(f"model {self.model.model_id!r}: a vLLM model needs a source")
         self.path = resolve_source(self.model.source)
         if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
@@ -267,15 +272,19 @@ class VLLMEngine(Engine):
 
     @classmethod
     def check_config(cls, model) -> list[tuple[str, str]]:
-        """The engine's replica must let vLLM batch what it can: ``max_ongoing_requests`` at
-        least ``max_num_seqs``, or Serve caps vLLM's batch below it."""
+        """vLLM needs the model's weights (``source``); the engine's replica must let vLLM batch
+        what it can: ``max_ongoing_requests`` at least ``max_num_seqs``, or Serve caps vLLM's
+        batch below it."""
+        problems = []
+        if not model.source:
+            problems.append(("source", "a vLLM model needs its weights: a hub id or a local path"))
         seqs = model.options(cls.Kwargs).max_num_seqs
         ongoing = model.deployment.engine.max_ongoing_requests
         if seqs is not None and ongoing < seqs:
-            return [("deployment.engine.max_ongoing_requests",
-                     f"{ongoing} is below engine_kwargs.max_num_seqs ({seqs}): Serve would never let "
-                     f"vLLM batch more than {ongoing}; set it to {seqs}")]
-        return []
+            problems.append(("deployment.engine.max_ongoing_requests",
+                             f"{ongoing} is below engine_kwargs.max_num_seqs ({seqs}): Serve would never "
+                             f"let vLLM batch more than {ongoing}; set it to {seqs}"))
+        return problems
 
     async def _watch_engine(self) -> None:
         """When the engine core dies, vLLM marks itself errored (a core of its own) or the
@@ -291,12 +300,13 @@ class VLLMEngine(Engine):
                 task.cancel()
             if self.core is None:
                 return
-            await self._restart()
+            await self._restart(self.core.why)
 
-    async def _restart(self) -> None:
+    async def _restart(self, why: str) -> None:
+        """Start the engine core's actor again (it stopped: ``why``) until it serves."""
         self.recovering = True
         logger.warning("model %s: its vLLM engine core stopped (%s); starting another",
-                       self.model.model_id, self.core.why)
+                       self.model.model_id, why)
         delay = 1.0
         while True:
             self._close()
@@ -323,6 +333,7 @@ class VLLMEngine(Engine):
         if self.dead:
             raise self._died(ctx)
         task = asyncio.current_task()
+        assert task is not None  # a request's generator is iterated by its request's task
         self._inflight.add(task)
         try:
             async for chunk in chunks:
@@ -347,6 +358,38 @@ class VLLMEngine(Engine):
             raise InvalidField(str(err), model_id=ctx.model_id, field="params") from None
         finally:
             self._inflight.discard(task)
+
+    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+        return self._guarded(self.frontend.call(route, body, ctx), ctx)
+
+    async def model_card(self) -> dict[str, Any]:
+        return await self.frontend.model_card()
+
+    async def check_health(self) -> None:
+        if self.core is not None:
+            return  # the core restarts by itself (_watch_engine): no reason to restart this replica
+        if self.llm is None:
+            raise NotReady("the vLLM engine is starting")
+        try:
+            await self.llm.check_health()
+        except Exception as err:
+            raise NotReady(f"the vLLM engine is dead: {err}") from None
+
+    def stats(self) -> dict[str, Any]:
+        """``running_requests``: requests vLLM is still working on (aborted ones leave it)."""
+        running = 0 if self.llm is None else vllm_internals.vllm_unfinished_requests(self.llm)
+        return {"running_requests": running}
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._close()
+
+
+class VLLMEngine(VLLMBase[TextParams]):
+    """Generates text with vLLM's AsyncLLM from ``prompt_token_ids`` made by the preprocess node."""
+
+    Params = TextParams
 
     async def _generate(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         prompt = {"prompt_token_ids": inputs["prompt_token_ids"]}
@@ -383,36 +426,10 @@ class VLLMEngine(Engine):
                                    usage={"prompt_tokens": u["prompt_tokens"],
                                           "completion_tokens": u["completion_tokens"]})
 
-    def infer(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    def infer(self, inputs: dict[str, Any], params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         if "messages" in inputs:  # from the chat_media node: vLLM renders the chat and its media
             return self._guarded(self._chat(inputs["messages"], params, ctx), ctx)
         return self._guarded(self._generate(inputs, params, ctx), ctx)
-
-    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
-        return self._guarded(self.frontend.call(route, body, ctx), ctx)
-
-    async def model_card(self) -> dict[str, Any]:
-        return await self.frontend.model_card()
-
-    async def check_health(self) -> None:
-        if self.core is not None:
-            return  # the core restarts by itself (_watch_engine): no reason to restart this replica
-        if self.llm is None:
-            raise NotReady("the vLLM engine is starting")
-        try:
-            await self.llm.check_health()
-        except Exception as err:
-            raise NotReady(f"the vLLM engine is dead: {err}") from None
-
-    def stats(self) -> dict[str, Any]:
-        """``running_requests``: requests vLLM is still working on (aborted ones leave it)."""
-        running = 0 if self.llm is None else vllm_internals.vllm_unfinished_requests(self.llm)
-        return {"running_requests": running}
-
-    async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        self._close()
 
 
 class EmbedParams(BaseModel):
@@ -425,7 +442,7 @@ class EmbedParams(BaseModel):
         "The pooler's activation (for embeddings: L2 normalization); default: the model's."))
 
 
-class VLLMEmbedder(VLLMEngine):
+class VLLMEmbedder(VLLMBase[EmbedParams]):
     """An embedding model on vLLM's pooling runner: ``/v1/embeddings``, and ``/v1/infer`` with a
     string (one vector) or a list of strings (one vector each)."""
 

@@ -74,7 +74,7 @@ class RemoteCore:
     def __init__(self, model_id: str, actor_options: dict[str, Any]) -> None:
         self.model_id = model_id
         self.actor_options = actor_options
-        self.actor = None
+        self.actor: Any = None  # the CoreHost actor's handle, once launched
         self.ended: asyncio.Future | None = None  # done once the core has stopped, for any reason
         self.why = ""
 

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from pydantic import BaseModel
+
 from core.errors import (EngineError, InvalidField, InvalidParameter, MMServeError, ModelNotFound,
                          NotImplementedByEngine, NotReady, Unsupported)
 from core.protocol import RequestContext
@@ -77,7 +79,7 @@ def _load(path: str):
 
 
 @functools.cache
-def _declared(model_cls) -> frozenset[str]:
+def _declared(model_cls: type[BaseModel]) -> frozenset[str]:
     """The fields (and their aliases) of one of vLLM's request models."""
     names = set()
     for name, field in model_cls.model_fields.items():
@@ -128,7 +130,8 @@ def parse_request(route: str, body: dict[str, Any], model_id: str):
         named = re.search(r"\(parameter=([\w.]+)", msg)
         field = ".".join(loc) or (named.group(1) if named else "body")
         raise InvalidParameter(f"{field}: {msg}", model_id=model_id, field=field) from None
-    extra = set(body) - _declared(type(request))
+    request_cls: type[BaseModel] = type(request)  # one of vLLM's pydantic request models
+    extra = set(body) - _declared(request_cls)
     unknown = sorted(extra - openai_fields)
     if unknown:
         raise InvalidParameter(f"{unknown[0]}: unknown field (neither vLLM's {type(request).__name__} "
@@ -181,7 +184,8 @@ class OpenAIFrontend:
     def __init__(self, model_id: str, served_routes: frozenset[str]) -> None:
         self.model_id = model_id
         self.routes = served_routes
-        self.state = None
+        #: vLLM's app state (its serving objects), once :meth:`start` built it
+        self.state: Any = None
 
     async def start(self, llm, model_path: str, cli_args: list[str]) -> None:
         """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments. Raises
@@ -232,14 +236,13 @@ class OpenAIFrontend:
                                            f"takes text only", model_id=self.model_id, field=field)
 
     async def _answer(self, result) -> AsyncIterator[Any]:
-        from pydantic import BaseModel
         from starlette.responses import Response
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if isinstance(result, ErrorResponse):
             raise error_of(result, self.model_id)
         if isinstance(result, Response):  # the pooling routes answer with a response
-            body = json.loads(result.body)
+            body = json.loads(bytes(result.body))  # a rendered response's body: bytes
             if result.status_code >= 400:
                 raise error_of(ErrorResponse.model_validate(body), self.model_id)
             yield body

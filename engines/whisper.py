@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import InvalidField, InvalidParameter, MMServeError
 from core.protocol import EngineResult, MediaPayload, RequestContext
 from engines import vllm_internals
-from engines.vllm import VLLMEngine, VLLMKwargs
+from engines.vllm import VLLMBase, VLLMKwargs
 from engines.vllm_openai import error_of
 
 #: response formats vLLM's layer renders itself; the others come from its verbose_json
@@ -41,6 +41,10 @@ VLLM_FORMATS = ("json", "text", "verbose_json")
 #: request, not with the array: vLLM may copy the samples on their way to the split.
 WINDOW_OFFSETS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "mmserve_whisper_window_offsets", default=None)
+
+
+def _segment_granularity() -> list[Literal["segment"]]:
+    return ["segment"]
 
 
 class TranscriptionParams(BaseModel):
@@ -58,7 +62,7 @@ class TranscriptionParams(BaseModel):
     prompt: str = Field("", description="Text to guide the style, or to continue a previous window.")
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
     temperature: float = Field(0.0, ge=0, le=1, description="0 is greedy.")
-    timestamp_granularities: list[Literal["segment"]] = Field(default_factory=lambda: ["segment"])
+    timestamp_granularities: list[Literal["segment"]] = Field(default_factory=_segment_granularity)
     max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens per 30 s window.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
@@ -93,14 +97,14 @@ class SpeechKwargs(VLLMKwargs):
         return args
 
 
-class VLLMTranscriber(VLLMEngine):
+class VLLMTranscriber(VLLMBase[TranscriptionParams]):
     """A speech-to-text model (Whisper) on vLLM. ``/v1/infer`` takes the audio pipeline's
     samples and answers vLLM's transcription body (``{"text", "usage"}``, or with
     ``verbose_json`` also ``language``, ``duration`` and ``segments``)."""
 
     Kwargs = SpeechKwargs
     Params = TranscriptionParams
-    requires = (*VLLMEngine.requires, "silero_vad")
+    requires = (*VLLMBase.requires, "silero_vad")
 
     @classmethod
     def served_routes(cls, model) -> frozenset[str]:
@@ -214,7 +218,7 @@ class VLLMTranscriber(VLLMEngine):
         if isinstance(answer, ErrorResponse):
             raise error_of(answer, ctx.model_id)
         out = answer.model_dump(exclude_none=True)
-        if offsets and out.get("segments"):
+        if offsets and clip_s is not None and out.get("segments"):  # offsets: vLLM cut windows
             self._place(out["segments"], offsets, rate, clip_s)
         yield EngineResult(output=out, finish_reason="stop", info=inputs.info)
 

@@ -51,6 +51,7 @@ class ChatMedia(Node):
     """Checks (and, from allowed hosts, fetches) every image and video of a request."""
 
     Kwargs = ChatMediaKwargs
+    kwargs: ChatMediaKwargs  # Node.__init__ validates them with Kwargs
     requires = (*ImageDecode.requires, *VideoFrames.requires)
     checks_openai = True
     engine_options = MediaChatOptions
@@ -114,9 +115,9 @@ class ChatMedia(Node):
         try:
             raw, _ = media_bytes({"data": data, "format": fmt}, node.kwargs, kind, model_id)
             if kind == "image":  # decoded within the limits; the engine's processor resizes it itself
-                await asyncio.to_thread(node.pixels, raw, model_id)
+                await asyncio.to_thread(self.images.pixels, raw, model_id)
             else:
-                await asyncio.to_thread(node.decode, raw, None, 2, model_id)
+                await asyncio.to_thread(self.videos.decode, raw, None, 2, model_id)
         except MMServeError as err:  # the image node's own words, about this part
             err.message = err.message.replace("input.data", field).replace("input.format", field)
             err.field = field

@@ -23,7 +23,7 @@ class TextPrompt(Node):
 
     def __init__(self, kwargs, model) -> None:
         super().__init__(kwargs, model)
-        self.tokenizer = None
+        self.tokenizer: Any = None  # a transformers tokenizer, once started
         self.options: TokenizerOptions = engine_options_of(model, TokenizerOptions)
         self.max_model_len: int | None = self.options.max_model_len
 

@@ -81,6 +81,7 @@ class Transcript(Node):
     request's ``response_format`` param names (a string for text, srt and vtt)."""
 
     Kwargs = TranscriptKwargs
+    kwargs: TranscriptKwargs  # Node.__init__ validates them with Kwargs
 
     async def __call__(self, payload: EngineResult, ctx: RequestContext) -> dict[str, Any]:
         fmt = getattr(ctx.params, "response_format", "json")

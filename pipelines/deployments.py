@@ -17,8 +17,9 @@ from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
 from core.protocol import EngineResult, Refusal, RequestContext
-from core.registry import engine_class, node_class
-from engines.base import collect
+from core.registry import engine_of, node_class
+from engines.base import Engine, collect
+from nodes.base import Node
 
 async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """``chunks``, with an error of the vocabulary that ends them as a last :class:`Refusal`."""
@@ -29,7 +30,7 @@ async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield Refusal(err)
 
 
-def check_node(model_id: str, steps: list[type]) -> None:
+def check_node(model_id: str, steps: list[type[Engine] | type[Node]]) -> None:
     """Fail at start, with one message naming this node and each module missing, if a step
     hosted here (an engine or node class) needs what this node cannot import: on a cluster a
     node without the locked stack, or without FFmpeg's libraries for media, fails here rather
@@ -60,13 +61,14 @@ def check_node(model_id: str, steps: list[type]) -> None:
 class EngineServer:
     """Hosts one model's engine; healthy while the engine's own check passes."""
 
-    async def __init__(self, model: ModelConfig, metrics_on: bool = True) -> None:
+    # Serve awaits an async __init__ of a deployment class; Python's type rules know no such thing.
+    async def __init__(self, model: ModelConfig, metrics_on: bool = True) -> None:  # type: ignore[misc]
         cpus.for_models()
         self.model = model
-        check_node(model.model_id, [engine_class(model.engine)])
+        check_node(model.model_id, [engine_of(model)])
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
-        self.engine = engine_class(model.engine)(model)
+        self.engine = engine_of(model)(model)
         await self.engine.start()
 
     # Errors of the vocabulary go back as Refusal values (see core.protocol.Refusal).
@@ -103,17 +105,20 @@ class EngineServer:
         await self.engine.check_health()
 
     async def __del__(self) -> None:
-        if getattr(self, "exposed", None) is not None:  # None too if __init__ failed early
-            self.exposed.close()
-        if getattr(self, "engine", None) is not None:
-            await self.engine.stop()
+        exposed = getattr(self, "exposed", None)  # None too if __init__ failed early
+        if exposed is not None:
+            exposed.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            await engine.stop()
 
 
 @serve.deployment
 class NodeServer:
     """Hosts one pre- or postprocess node (``placement: split``)."""
 
-    async def __init__(self, spec: NodeSpec, model: ModelConfig, metrics_on: bool = True) -> None:
+    # Serve awaits an async __init__ of a deployment class; Python's type rules know no such thing.
+    async def __init__(self, spec: NodeSpec, model: ModelConfig, metrics_on: bool = True) -> None:  # type: ignore[misc]
         cpus.for_models()
         check_node(model.model_id, [node_class(spec.name)])
         metrics.configure(metrics_on)
@@ -128,8 +133,9 @@ class NodeServer:
             return Refusal(err)  # see core.protocol.Refusal
 
     def __del__(self) -> None:
-        if getattr(self, "exposed", None) is not None:  # None too if __init__ failed early
-            self.exposed.close()
+        exposed = getattr(self, "exposed", None)  # None too if __init__ failed early
+        if exposed is not None:
+            exposed.close()
 
 
 #: how many deployments of its own each placement gives a model, by step
@@ -173,17 +179,21 @@ def pipeline_for(spec: RouteSpec, handle_of: Callable[[str], Any] | None = None)
     remote = set(spec.remote_steps)
     if remote and handle_of is None:
         raise ValueError(f"model {m.model_id!r}: placement {m.deployment.placement} needs handles")
-    check_node(m.model_id, [node_class(s.name) for step, s in
-                            (("preprocess", spec.preprocess), ("postprocess", spec.postprocess))
-                            if step not in remote] + ([] if "engine" in remote else [engine_class(m.engine)]))
+    local: list[type[Engine] | type[Node]] = [node_class(s.name) for step, s in
+                                              (("preprocess", spec.preprocess), ("postprocess", spec.postprocess))
+                                              if step not in remote]
+    if "engine" not in remote:
+        local.append(engine_of(m))
+    check_node(m.model_id, local)
+    handles = {step: handle_of(step) for step in remote} if handle_of is not None else {}
 
     def node(step: str, node_spec: NodeSpec):
         if step in remote:
-            return RemoteNode(handle_of(step), m.model_id, m.deployment.node.scales_to_zero)
+            return RemoteNode(handles[step], m.model_id, m.deployment.node.scales_to_zero)
         return LocalNode(node_class(node_spec.name)(node_spec.kwargs, m))
 
-    engine = (RemoteEngine(handle_of("engine"), m.model_id, m.deployment.engine.scales_to_zero)
+    engine = (RemoteEngine(handles["engine"], m.model_id, m.deployment.engine.scales_to_zero)
               if "engine" in remote
-              else LocalEngine(engine_class(m.engine)(m)))
+              else LocalEngine(engine_of(m)(m)))
     return Pipeline(m, node("preprocess", spec.preprocess), engine, node("postprocess", spec.postprocess),
                     spec=spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from pydantic import ValidationError
 
@@ -12,7 +12,7 @@ from core import metrics
 from core.config import ModelConfig
 from core.errors import InvalidField, Unsupported
 from core.protocol import InferRequest, OpenAIBody, RequestContext
-from core.registry import engine_class, node_class
+from core.registry import engine_of, node_class
 from pipelines.stages import EngineStep, NodeStep
 
 
@@ -38,7 +38,7 @@ class Pipeline:
         self.in_flight = 0  # HTTP requests holding this pipeline (api.call.Call.pipeline)
         self._idle = asyncio.Event()
         self._idle.set()
-        cls = engine_class(model.engine)
+        cls = engine_of(model)
         self.params_schema = cls.Params
         #: the OpenAI-compatible routes the engine answers for the model (its hosting's)
         self.openai_routes = cls.hosting(model).routes
@@ -112,7 +112,7 @@ class Pipeline:
         with metrics.timed(self.timer("postprocess")):
             return await self.postprocess(result, ctx)
 
-    async def stream(self, payload: Any, params, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, payload: Any, params, ctx: RequestContext) -> AsyncGenerator[dict[str, Any], None]:
         """The answer to a prepared request, one postprocessed chunk at a time."""
         ctx.stage = "engine"
         post = 0.0  # the stream's engine time is its whole time less its postprocessing
@@ -127,7 +127,7 @@ class Pipeline:
             self.timer("engine").observe(time.perf_counter() - start - post)
             self.timer("postprocess").observe(post)
 
-    def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+    def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncGenerator[Any, None]:
         """An OpenAI-compatible request (``route``: ``chat``, ``completion``, ``embedding``...),
         answered by the engine in its own protocol: one dict, or SSE events as strings.
         Raises Unsupported, naming the routes the model serves, for another route."""
@@ -141,7 +141,7 @@ class Pipeline:
         ctx.stage = "engine"  # no extra generator on the text path: the engine's chunks as they come
         return self._timed(self.engine.openai(route, body, ctx), self.timer("engine"))
 
-    async def _checked_openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+    async def _checked_openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncGenerator[Any, None]:
         """The preprocess node's check of ``body`` (e.g. a chat's images), then the engine's answer."""
         ctx.stage = "preprocess"
         body = (await self.preprocess(OpenAIBody(route, body), ctx)).body
@@ -154,7 +154,7 @@ class Pipeline:
             await chunks.aclose()
 
     @staticmethod
-    async def _timed(chunks: AsyncIterator[Any], hist) -> AsyncIterator[Any]:
+    async def _timed(chunks: AsyncGenerator[Any, None], hist) -> AsyncGenerator[Any, None]:
         start = time.perf_counter()
         try:
             async for chunk in chunks:

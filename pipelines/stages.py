@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncGenerator, Protocol
 
 from pydantic import BaseModel
 
@@ -102,9 +102,9 @@ class EngineStep(Step, Protocol):
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult: ...
 
-    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]: ...
+    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncGenerator[EngineResult, None]: ...
 
-    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]: ...
+    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncGenerator[Any, None]: ...
 
     async def model_card(self) -> dict[str, Any]: ...
 
@@ -207,12 +207,12 @@ class LocalEngine:
         async with self.admission.slot():
             return await collect(self.engine.infer(payload, params, ctx))
 
-    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncGenerator[EngineResult, None]:
         async with self.admission.slot():
             async for chunk in self.engine.infer(payload, params, ctx):
                 yield chunk
 
-    async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+    async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncGenerator[Any, None]:
         async with self.admission.slot():
             async for chunk in self.engine.openai(route, body, ctx):
                 yield chunk
@@ -313,10 +313,10 @@ class RemoteEngine:
         except Exception as err:
             raise self._failed(err) from None
 
-    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[EngineResult]:
+    def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncGenerator[EngineResult, None]:
         return self._remote_stream("stream", payload, params, ctx)
 
-    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
+    def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncGenerator[Any, None]:
         return self._remote_stream("openai", route, body, ctx)
 
     async def model_card(self) -> dict[str, Any]:
@@ -328,7 +328,7 @@ class RemoteEngine:
     async def stats(self) -> dict[str, Any]:
         return await self.handle.stats.remote()
 
-    async def _remote_stream(self, method: str, *args) -> AsyncIterator[Any]:
+    async def _remote_stream(self, method: str, *args) -> AsyncGenerator[Any, None]:
         self._check_up()
         # Closing this generator (client gone) cancels the remote one, and the engine aborts the request.
         chunks = getattr(self.handle.options(stream=True), method).remote(*args)

@@ -9,7 +9,7 @@ and sends the engine's answer: one JSON body, or its Server-Sent Events as they 
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -38,7 +38,7 @@ ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _prepend(first: Any, rest: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
     try:
         yield first
         async for chunk in rest:
@@ -99,7 +99,7 @@ def publish_schemas(schema: dict[str, Any], models) -> None:
     schemas = schema["components"]["schemas"]
     for name, _summary, example in ROUTES.values():
         served = sorted(p.model.model_id for p in models if name in p.openai_routes)
-        model = {"type": "string", "description": "A model_id listed by GET /v1/models."}
+        model: dict[str, Any] = {"type": "string", "description": "A model_id listed by GET /v1/models."}
         if served:
             model["enum"] = served
         schemas[f"{name}_request"] = {

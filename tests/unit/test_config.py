@@ -87,6 +87,12 @@ def test_rules_across_keys_are_validated_with_dotted_paths():
     assert msg["model.tiny_llama.modality"] == "'vision', but pipeline 'text' serves 'text' models"
 
 
+def test_a_vllm_model_without_source_is_refused():
+    """Not in its replica, where vLLM's engine would fail on ``None`` as its weights' path."""
+    msg = problems(["model=[tiny_llama]", "~model.tiny_llama.source"])
+    assert "needs its weights" in msg["model.tiny_llama.source"]
+
+
 def test_the_former_placement_name_is_refused_with_the_valid_ones():
     """``engine_core`` became ``remote_core``: a config that still says it fails validation,
     naming the key and every valid placement (docs/deployment.md, "Migrating a config")."""
