@@ -111,7 +111,34 @@ async def vllm_serving_state(llm, args) -> Any:
     check_vllm_server()
     state = State()
     await _server_piece("init_app_state")(llm, state, args, supported_tasks=await llm.get_supported_tasks())
+    missing = [name for name in _STATE_NAMES if not hasattr(state, name)]
+    if missing:
+        raise RuntimeError(f"vLLM {installed_version('vllm')}: its server's app state has no "
+                           f"{', '.join(missing)}; mmserve cannot serve its OpenAI-compatible routes "
+                           "(pin the vLLM of the lock file)")
     return state
+
+
+#: what mmserve reads of the app state vLLM's server start-up builds, besides the route handlers
+#: (which a model has only for the tasks it supports: :func:`vllm_route_handler`)
+_STATE_NAMES = ("openai_serving_models", "vllm_config")
+
+
+async def vllm_model_cards(state) -> list[dict[str, Any]]:
+    """vLLM's ``/v1/models`` entries for the model of ``state`` (:func:`vllm_serving_state`)."""
+    cards = await state.openai_serving_models.show_available_models()
+    return [card.model_dump() for card in cards.data]
+
+
+def vllm_is_multimodal(state) -> bool:
+    """Whether the model of ``state`` takes media (vLLM's model config says)."""
+    return bool(state.vllm_config.model_config.is_multimodal_model)
+
+
+def vllm_route_handler(state, name: str) -> Any | None:
+    """vLLM's serving object ``name`` (``openai_serving_chat``...) of ``state``, or None where
+    the model does not support the route's task (vLLM's server then leaves it unset)."""
+    return getattr(state, name, None)
 
 
 def vllm_error_response(err: BaseException) -> Any:

@@ -195,8 +195,8 @@ class OpenAIFrontend:
 
     async def model_card(self) -> dict[str, Any]:
         """vLLM's ``/v1/models`` entry of this model (``max_model_len``, ``root``, ``permission``)."""
-        cards = await self.state.openai_serving_models.show_available_models()
-        return cards.data[0].model_dump() if cards.data else {}
+        cards = await vllm_internals.vllm_model_cards(self.state)
+        return cards[0] if cards else {}
 
     async def call(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
         """Answer one OpenAI-compatible request: one dict (not streamed) or SSE strings."""
@@ -204,10 +204,10 @@ class OpenAIFrontend:
             raise Unsupported(f"model {self.model_id!r} does not serve this route "
                               f"(it serves: {', '.join(sorted(self.routes))})", model_id=self.model_id)
         request = parse_request(route, body, self.model_id)
-        if route == "chat" and not self.state.vllm_config.model_config.is_multimodal_model:
+        if route == "chat" and not vllm_internals.vllm_is_multimodal(self.state):
             self._text_only(body)
         spec = ROUTES[route]
-        handler = getattr(self.state, spec.handler, None)
+        handler = vllm_internals.vllm_route_handler(self.state, spec.handler)
         if handler is None:
             raise Unsupported(f"model {self.model_id!r} does not serve {route}", model_id=self.model_id)
         call = handler if spec.method is None else getattr(handler, spec.method)
