@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import re
 import sys
 import types
@@ -274,8 +275,8 @@ def conf_index() -> str:
               "keys of `server` on top of `conf/server/default.yaml`.", ""]
     for f in sorted((ROOT / "conf/host").glob("*.yaml")):
         body = f.read_text()
-        about = " ".join(line[2:] for line in body.splitlines()[1:]
-                         if line.startswith("# ")).split(". ")[0]
+        header = itertools.takewhile(lambda line: line.startswith("#"), body.splitlines()[1:])
+        about = " ".join(line[2:] for line in header).split(". ")[0]  # its header's first sentence
         name = f"**`{f.stem}`**" if f.stem == default_host else f"`{f.stem}`"
         values = yaml.safe_dump(yaml.safe_load(body), sort_keys=False, default_flow_style=False, width=100)
         lines += [f"- {name}: {about}.", "", "  ```yaml", *(f"  {v}" for v in values.splitlines()), "  ```", ""]
