@@ -39,12 +39,16 @@ def run_bench(args: list[str], sweep_dir: Path, timeout_s: float) -> str:
     return out
 
 
-def test_sweep_of_two_models_with_an_invalid_job(tmp_path):
-    # 4 jobs: echo in the ingress and echo in a deployment of its own, each with a valid and an
-    # invalid ingress limit (0); the invalid ones are refused before anything starts. (What a
-    # sweep measures of a vLLM model's streamed tokens is checked on the vLLM set, in
-    # tests/integration/vllm/test_text.py, without a vLLM start of its own here.)
-    out = run_bench(["model=echo,echo_remote", "deployment.ingress.max_ongoing_requests=100,0",
+def test_sweep_over_both_http_proxies_with_invalid_jobs_each_on_a_ray_of_its_own(tmp_path):
+    # 4 jobs: echo-remote (its engine in a deployment of its own) behind HAProxy and behind
+    # Serve's Python proxy, each with a valid and an invalid ingress limit (0); the invalid ones
+    # are refused before anything starts. Serve's processes read server.http_proxy when they
+    # start: each job of the basic launcher starts (and stops) its own local Ray, so the second
+    # valid job does not inherit the first's mode. (What a sweep measures of a vLLM model's
+    # streamed tokens is checked on the vLLM set, in tests/integration/vllm/test_text.py,
+    # without a vLLM start of its own here.)
+    out = run_bench(["model=echo_remote", "server.http_proxy=haproxy,ray",
+                     "deployment.ingress.max_ongoing_requests=100,0",
                      "load.concurrency=4", "load.duration_s=2", "load.warmup_s=1"],
                     tmp_path, timeout_s=300)
 
@@ -53,12 +57,14 @@ def test_sweep_of_two_models_with_an_invalid_job(tmp_path):
         [(r["status"], r["error"]) for r in rows.values()]
     for n in (1, 3):
         assert "deployment.ingress.max_ongoing_requests" in rows[n]["error"]
-    inline, remote = rows[0], rows[2]
-    assert inline["model_id"] == "echo" and remote["model_id"] == "echo-remote"
-    for row in (inline, remote):
+    haproxy, python_proxy = rows[0], rows[2]
+    assert "server.http_proxy=haproxy" in haproxy["overrides"] and "server.http_proxy=ray" in python_proxy["overrides"]
+    for row in (haproxy, python_proxy):
+        assert row["model_id"] == "echo-remote"
         assert float(row["rps"]) > 0 and int(row["errors"]) == 0
         assert 0 < float(row["p50_ms"]) <= float(row["p99_ms"])
         assert row["output_tok_s"] == ""  # echo counts no tokens
+    assert "started a local Ray (http_proxy haproxy)" in out and "started a local Ray (http_proxy ray)" in out
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best"] in (0, 2) and summary["axes"] == ["p99_ms", "rps"]
@@ -78,13 +84,3 @@ def test_ray_launcher_runs_jobs_as_ray_tasks(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"], out[-4000:]
     assert "_run_job" in out  # the jobs' logs come from Ray tasks
-
-
-def test_sweep_over_the_http_proxy_serves_each_job_on_a_ray_of_its_own(tmp_path):
-    # Serve's processes read server.http_proxy when they start: each job of the basic launcher
-    # starts (and stops) its own local Ray, so the second job does not inherit the first's mode.
-    out = run_bench(["server.http_proxy=haproxy,ray", "load.concurrency=2", "load.duration_s=1",
-                     "load.warmup_s=0.5"], tmp_path, timeout_s=180)
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [r["status"] for r in rows] == ["ok", "ok"], out[-4000:]
-    assert "started a local Ray (http_proxy haproxy)" in out and "started a local Ray (http_proxy ray)" in out

@@ -36,7 +36,7 @@ class FakeResponse:
 @pytest.fixture(autouse=True)
 def fake_serve_router(monkeypatch):
     """What ``core.internals`` reads from Serve's router, as the fake handle says (the real
-    objects are read by tests/integration/test_echo_serve.py)."""
+    objects are read by tests/integration/pipelines/test_echo_serve.py)."""
     monkeypatch.setattr(internals, "assignment", lambda response: response.assigned())
     monkeypatch.setattr(internals, "routable_replicas", lambda handle: handle.replicas)
 

@@ -17,7 +17,12 @@ from apps.serving import free_port
 SET = ["model=[tiny_llama,all_minilm_l6_v2,tiny_whisper,tiny_qwen2_vl]",
        "pipeline=[text,embedding,speech,vlm]",
        # a small max_pixels, so that a "too large" image is cheap to make (test_vlm.py)
-       "pipeline.vlm.preprocess.kwargs.max_pixels=1000000"]
+       "pipeline.vlm.preprocess.kwargs.max_pixels=1000000",
+       # without torch.compile, as vLLM's own CPU CI runs: compiling the four models' graphs with
+       # the inductor at every start took 65 s of CPU of the set's 480 (start 256-266 s against
+       # 337 s, docs/testing.md); the compiled path is what `make run` and the benchmarks serve
+       *(f"+model.{key}.engine_kwargs.enforce_eager=true"
+         for key in ("tiny_llama", "all_minilm_l6_v2", "tiny_whisper", "tiny_qwen2_vl"))]
 
 
 @pytest.fixture(scope="package")
