@@ -23,6 +23,7 @@ from ray.serve import Application
 from api.ingress import Ingress
 from core import internals
 from core.config import AppConfig, DeploymentOptions, ServerConfig
+from core.registry import engine_of
 from pipelines.deployments import EngineServer, NodeServer, RouteSpec, deployment_name, step_app_name
 
 #: options of a deployment that Serve changes on running replicas (left out of its version)
@@ -73,6 +74,8 @@ def step_app(spec: RouteSpec, step: str, metrics_on: bool) -> Application:
     """The application of one model's step: an engine or node server, alone."""
     m = spec.model
     opts = (m.deployment.engine if step == "engine" else m.deployment.node).serve_options()
+    if step == "engine":
+        opts.update(gpu_group_options(m))
     cls = EngineServer if step == "engine" else NodeServer
     # @serve.deployment makes the class a Deployment (with .options); mypy keeps the class's type
     deployment = internals.pinned_version(
@@ -81,6 +84,20 @@ def step_app(spec: RouteSpec, step: str, metrics_on: bool) -> Application:
     if step == "engine":
         return deployment.bind(m, metrics_on)
     return deployment.bind(getattr(spec, step), m, metrics_on)
+
+
+def gpu_group_options(model) -> dict:
+    """Serve's options that reserve the GPUs an engine replica drives together (its hosting's
+    ``devices``) as one placement group per replica, the replica itself in the first bundle
+    with no GPU of its own (the engine's first GPU worker takes that one); none where the
+    replica reserves its ``num_gpus`` alone."""
+    actor = model.deployment.engine.ray_actor_options
+    bundles = engine_of(model).hosting(model).gpu_bundles(actor.num_cpus, actor.num_gpus)
+    if bundles is None:
+        return {}
+    opts = model.deployment.engine.serve_options()["ray_actor_options"]
+    return {"placement_group_bundles": bundles, "placement_group_strategy": "PACK",
+            "ray_actor_options": {**opts, "num_gpus": 0}}
 
 
 def ingress_app(server: ServerConfig, ingress: DeploymentOptions, user_config: dict | None) -> Application:

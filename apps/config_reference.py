@@ -267,7 +267,8 @@ def conf_index() -> str:
         key = f"**`{f.stem}`**" if f.stem in default_models else f"`{f.stem}`"
         engine = m.get("engine") or pipelines[m["pipeline"]]["engine"]
         placement = (m.get("deployment") or {}).get("placement", profile["placement"])
-        lines.append(f"| {key} | `{m['model_id']}` | {m['modality']} | `{m['pipeline']}` | `{engine}` | "
+        model_id = f"`{m['model_id']}`" if "model_id" in m else "from `source`"
+        lines.append(f"| {key} | {model_id} | {m['modality']} | `{m['pipeline']}` | `{engine}` | "
                      f"`{placement}` | {text(m.get('description', ''))} |")
     default_host = next(d["host"] for d in embedded if isinstance(d, dict) and "host" in d)
     lines += ["", "Host profiles (`conf/host/<name>.yaml`, selected with `host=<name>`; **bold**: the "

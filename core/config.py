@@ -296,9 +296,14 @@ class PipelineConfig(Strict):
 class ModelConfig(Strict):
     """One served model. ``deployment`` holds the profile merged with this model's overrides."""
 
-    model_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
-                          description="The id clients send as model_id.")
-    source: str | None = Field(None, description="Hub id or local path of the weights, if any.")
+    model_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", description=(
+        "The id clients send as model_id (and as model on the OpenAI routes). Default: from the "
+        "source: a hub id as it is (as LLM servers name a model they serve from the hub), a local "
+        "directory's name, a generated checkpoint's name."))
+    source: str | None = Field(None, description=(
+        "The weights: a hub id (Qwen/Qwen3-0.6B), a local directory, generated:<name> (a "
+        "checkpoint the project generates, conf/model/tiny_*.yaml) or package:<module>/<dir> "
+        "(weights inside an installed package)."))
     modality: Modality = Field(..., description=(
         "What the model takes in; its pipeline must serve this modality (or any)."))
     pipeline: str = Field(..., description="Name of the pipeline config (conf/pipeline).")
@@ -315,6 +320,22 @@ class ModelConfig(Strict):
 
     _options: Any = PrivateAttr(default=None)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _model_id_from_source(cls, data: Any, handler) -> Any:
+        if isinstance(data, dict) and data.get("model_id") is None:
+            if isinstance(data.get("source"), str):
+                data = {**data, "model_id": model_id_of(data["source"])}
+            else:  # a model file whose source the user gives (conf/model/llm.yaml)
+                from pydantic import ValidationError
+                from pydantic_core import InitErrorDetails, PydanticCustomError
+
+                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                    type=PydanticCustomError("source_required", "required: the weights (a hub id or a local "
+                                             "directory), or a model_id for a model without weights"),
+                    loc=("source",), input=None)])
+        return handler(data)
+
     def options(self, schema: type[BaseModel]) -> Any:
         """``engine_kwargs`` as ``schema`` (the engine's ``Kwargs``), typed and defaulted:
         resolved once (by :func:`core.validate.validate_config`) and carried with the model to
@@ -322,6 +343,22 @@ class ModelConfig(Strict):
         if not isinstance(self._options, schema):
             self._options = schema.model_validate(self.engine_kwargs)
         return self._options
+
+
+def model_id_of(source: str) -> str:
+    """The model id a source gives when the config names none: a hub id as it is (an LLM
+    server given ``Qwen/Qwen3-0.6B`` serves it as ``Qwen/Qwen3-0.6B``), a local directory's
+    name, the name of a generated checkpoint or of a torchvision model, the module of weights
+    inside a package."""
+    if source.startswith("generated:"):
+        return source.removeprefix("generated:")
+    if source.startswith("torchvision:"):  # torchvision:ResNet50_Weights.DEFAULT -> resnet50
+        return source.removeprefix("torchvision:").split(".")[0].removesuffix("_Weights").lower()
+    if source.startswith("package:"):
+        return source.removeprefix("package:").split("/")[0].replace("_", "-")
+    if source.startswith(("/", ".", "~")) or os.path.isdir(source):
+        return os.path.basename(os.path.normpath(os.path.expanduser(source)))
+    return source
 
 
 # --- the whole tree ------------------------------------------------------------------------

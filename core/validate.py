@@ -137,7 +137,7 @@ def validate_config(raw: dict) -> AppConfig:
             model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
             problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
             problems += _engine_options_problems(pipe, model, where)
-        problems += _placement_problems(cls.hosting(model), model, where)
+            problems += _placement_problems(cls.hosting(model), model, where)
 
     if problems:
         raise ConfigError(problems)
@@ -164,12 +164,21 @@ def _placement_problems(hosting, model, where: str) -> list[tuple[str, str]]:
     """What ``model``'s placement asks of its engine's :class:`~engines.base.Hosting`:
     ``remote_core`` needs an engine that declares a core of its own, and starts its core's
     actors for the one ingress replica's frontend."""
+    opts = model.deployment.engine
+    gpus = opts.ray_actor_options.num_gpus
+    if hosting.devices > 1 and gpus > 0:
+        where_gpus = f"{where}.deployment.engine.ray_actor_options.num_gpus"
+        if gpus != 1:
+            return [(where_gpus, f"{gpus:g}, but the engine drives {hosting.devices} GPUs together per "
+                     "replica (a placement group of one-GPU bundles): set 1 (whole GPUs)")]
+        if model.deployment.placement == "inline":
+            return [(f"{where}.deployment.placement", f"inline: the ingress cannot reserve the "
+                     f"{hosting.devices} GPUs the engine drives together; use engine or remote_core")]
     if model.deployment.placement != "remote_core":
         return []
     if not hosting.core:
         return [(f"{where}.deployment.placement", f"remote_core: engine {model.engine!r} declares no "
                  "core to run apart from its frontend (its hosting has no core actors); use engine")]
-    opts = model.deployment.engine
     if opts.autoscaling_config is not None or opts.num_replicas != 1:
         key = "autoscaling_config" if opts.autoscaling_config is not None else "num_replicas"
         return [(f"{where}.deployment.engine.{key}", "placement remote_core starts the engine's core "
@@ -207,20 +216,22 @@ def resource_demands(cfg: AppConfig) -> list[Demand]:
     ``remote_core`` model's core actors count as its engine's replicas: as many per ingress
     replica as its engine's hosting declares)."""
 
-    def demand(key: str, opts: DeploymentOptions, replicas: int | None = None) -> Demand:
+    def demand(key: str, opts: DeploymentOptions, replicas: int | None = None, hosting: Any = None) -> Demand:
         r = opts.min_replicas if replicas is None else replicas
         a = opts.ray_actor_options
-        return Demand(key, r, r * a.num_cpus, r * a.num_gpus)
+        # an engine driving several GPUs reserves them all per replica
+        gpus = a.num_gpus if hosting is None else hosting.gpus_per_replica(a.num_gpus)
+        return Demand(key, r, r * a.num_cpus, r * gpus)
 
     out = [demand("deployment.ingress", cfg.deployment.ingress)]
     for key, model in cfg.model.items():
         dep = model.deployment
+        hosting = engine_of(model).hosting(model)
         if dep.placement in ("engine", "split"):
-            out.append(demand(f"model.{key}.deployment.engine", dep.engine))
+            out.append(demand(f"model.{key}.deployment.engine", dep.engine, hosting=hosting))
         if dep.placement == "remote_core":
-            actors = engine_of(model).hosting(model).core_actors
             out.append(demand(f"model.{key}.deployment.engine", dep.engine,
-                              actors * cfg.deployment.ingress.min_replicas))
+                              hosting.core_actors * cfg.deployment.ingress.min_replicas, hosting))
         if dep.placement == "split":
             out.append(demand(f"model.{key}.deployment.node (preprocess)", dep.node))
             out.append(demand(f"model.{key}.deployment.node (postprocess)", dep.node))

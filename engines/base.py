@@ -36,11 +36,29 @@ class Hosting:
     #: CPU policy: on a host without GPUs, the engine's worker binds its threads to cores, so a
     #: local Ray's own processes keep off them (``server.ray_cpus``, ``core.cpus``)
     binds_cores: bool = False
+    #: GPUs one replica of the engine (or one core actor) drives together (vLLM: tensor x
+    #: pipeline parallel). Where the model reserves GPUs (``ray_actor_options.num_gpus``) and
+    #: this is above 1, each replica reserves them at once as a placement group of this many
+    #: one-GPU bundles (:meth:`gpu_bundles`), its own process in the first
+    devices: int = 1
 
     @property
     def core(self) -> bool:
         """Whether the engine can run its core in actors of its own (``placement: remote_core``)."""
         return self.core_actors > 0
+
+    def gpu_bundles(self, num_cpus: float, num_gpus: float) -> list[dict[str, float]] | None:
+        """The placement group bundles of one replica that drives :attr:`devices` GPUs (its
+        own process, ``num_cpus``, in the first, beside the first GPU's worker), or None where
+        the replica reserves ``num_gpus`` alone (one GPU or a share of one, or none)."""
+        if self.devices <= 1 or num_gpus <= 0:
+            return None
+        return [{"CPU": num_cpus, "GPU": 1.0}] + [{"GPU": 1.0} for _ in range(self.devices - 1)]
+
+    def gpus_per_replica(self, num_gpus: float) -> float:
+        """The GPUs one replica reserves: its ``num_gpus``, or :attr:`devices` of them in a
+        placement group (:meth:`gpu_bundles`)."""
+        return float(self.devices) if self.devices > 1 and num_gpus > 0 else num_gpus
 
 
 #: an engine's ``Params``: what each request's params were validated as before :meth:`Engine.infer`

@@ -36,75 +36,82 @@ CPU_DEFAULTS = {"gpu_memory_utilization": 0.1}
 
 
 class VLLMKwargs(BaseModel):
-    """``engine_kwargs`` of a vLLM model: passed to vLLM's engine arguments when set."""
+    """``engine_kwargs`` of a vLLM model: every engine argument of the installed vLLM and every
+    option of its OpenAI server (``vllm serve``'s flags), under vLLM's names, with vLLM's
+    meaning and types, checked against vLLM's own definitions (:mod:`engines.vllm_options`;
+    ``python -m engines.vllm_options`` lists them). The fields below are the options mmserve
+    reads itself (each one of vLLM's); the others are passed on as given. On the CPU,
+    ``gpu_memory_utilization`` defaults to 0.1 (the user's value wins)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
-    dtype: str = Field("auto", description="auto | float16 | bfloat16 | float32.")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description=(
-        "Share of GPU memory (of NUMA node 0's memory on the CPU) vLLM may use; CPU default 0.1."))
-    max_model_len: int | None = Field(None, ge=16, description="Context length; default from the model.")
-    max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once.")
-    max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step.")
-    enforce_eager: bool | None = Field(None, description="Disable CUDA graphs.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
-    trust_remote_code: bool = Field(False, description="Run code shipped with the model (off unless set).")
-    seed: int | None = Field(None, description="Engine-wide random seed.")
-    tokenizer: str | None = Field(None, description="Tokenizer id/path if not the model's.")
-    revision: str | None = Field(None, description="Hub revision of the model.")
-    quantization: str | None = Field(None, description="Quantization method, e.g. awq, gptq, fp8.")
-    enable_prefix_caching: bool | None = Field(None, description="Reuse KV cache of shared prefixes.")
-    block_size: int | None = Field(None, ge=1, description="KV cache block size in tokens.")
-    stream_interval: int | None = Field(None, ge=1, description=(
-        "Tokens per streamed chunk after the first (which is sent at once); fewer, larger chunks "
-        "cost less per token across the graph."))
-    kv_cache_space_gib: float | None = Field(None, gt=0, description=(
-        "CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); overrides gpu_memory_utilization."))
-    runner: Literal["generate", "pooling"] | None = Field(None, description=(
-        "generate: a text generation model (chat, completions); pooling: an embedding model "
-        "(/v1/embeddings). Default: generate."))
-    max_logprobs: int | None = Field(None, ge=0, description="Most logprobs a request may ask for (vLLM: 20).")
-    limit_mm_per_prompt: dict[str, int] | None = Field(None, description=(
-        "Multi-modal models: most items of each kind per prompt, e.g. {image: 2, video: 0}."))
-    mm_processor_cache_gb: float | None = Field(None, ge=0, description=(
-        "Multi-modal models: vLLM's cache of processed media (GiB); 0 turns it off, which the "
-        "pinned transformers needs for Qwen2-VL (docs/models.md, \"Vision-language chat\")."))
-    json_whitespace: bool | None = Field(None, description=(
-        "false: structured JSON outputs (response_format, tool calls) leave out free whitespace "
-        "(vLLM's structured_outputs_config.disable_any_whitespace); default: vLLM's, allowed."))
-    # vLLM's OpenAI server options (``vllm serve`` flags), not engine arguments
-    tool_call_parser: str | None = Field(None, description=(
-        "vLLM's --tool-call-parser (hermes, llama3_json, mistral, ...): enables tool_choice auto."))
-    chat_template: str | None = Field(None, description="vLLM's --chat-template: a file or a template.")
-    response_role: str | None = Field(None, description="vLLM's --response-role (default assistant).")
+    # vLLM's options that mmserve reads itself (the nodes' tokenizer and context, the engine's
+    # routes, the replica's batch, the GPUs a replica reserves); their values are checked by
+    # vLLM's definitions like every other
+    tokenizer: str | None = Field(None, description="vLLM's tokenizer: its id or path, if not the model's.")
+    revision: str | None = Field(None, description="vLLM's revision: the hub revision of the model.")
+    trust_remote_code: bool = Field(False, description="vLLM's trust_remote_code (off unless set).")
+    max_model_len: int | None = Field(None, description="vLLM's max_model_len; default from the model.")
+    max_num_seqs: int | None = Field(None, description="vLLM's max_num_seqs: sequences batched at once.")
+    runner: str | None = Field(None, description=(
+        "vLLM's runner: generate (chat, completions) or pooling (embeddings, score, rerank, "
+        "classify); default: from the model's architecture."))
+    limit_mm_per_prompt: dict[str, Any] | None = Field(None, description=(
+        "vLLM's limit_mm_per_prompt: most items of each kind per prompt, e.g. {image: 2, video: 0}."))
+    tensor_parallel_size: int = Field(1, description="vLLM's tensor_parallel_size: GPUs a replica shards the model over.")
+    pipeline_parallel_size: int = Field(1, description="vLLM's pipeline_parallel_size: pipeline stages, one GPU group each.")
+    gpu_memory_utilization: float | None = Field(None, description=(
+        "vLLM's gpu_memory_utilization: the share of a GPU's memory (on the CPU: of NUMA node 0's "
+        "memory) the model may use; CPU default 0.1, since vLLM's 0.92 fails on a shared machine."))
 
-    SERVER_OPTIONS: ClassVar[tuple[str, ...]] = ("tool_call_parser", "chat_template", "response_role")
+    @model_validator(mode="wrap")
+    @classmethod
+    def _vllms_own(cls, data: Any, handler):
+        """Every key that is not mmserve's own checked against vLLM's definitions, each problem
+        under its key; then the fields above as typed."""
+        if isinstance(data, dict):
+            from pydantic import ValidationError
+            from pydantic_core import InitErrorDetails, PydanticCustomError
 
-    def engine_args(self, cpu: bool) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.AsyncEngineArgs`` (None means vLLM's own default)."""
-        args = self.model_dump(exclude_none=True, exclude={"kv_cache_space_gib", "json_whitespace",
-                                                          *self.SERVER_OPTIONS})
-        if self.json_whitespace is not None:
-            from vllm.config import StructuredOutputsConfig
+            from engines import vllm_options
 
-            # vLLM's default backend ("auto") picks xgrammar or guidance per request; both honour it
-            args["structured_outputs_config"] = StructuredOutputsConfig(
-                backend="xgrammar", disable_any_whitespace=not self.json_whitespace)
+            found = vllm_options.problems(data, own=cls.own_options())
+            if found:
+                raise ValidationError.from_exception_data(cls.__name__, [
+                    InitErrorDetails(type=PydanticCustomError("vllm_option", message), loc=(key,),
+                                     input=data[key]) for key, message in found])
+        return handler(data)
+
+    @classmethod
+    def own_options(cls) -> set[str]:
+        """mmserve's own options of this engine (the fields that are not vLLM's)."""
+        from engines import vllm_options
+
+        return set(cls.model_fields) - set(vllm_options.definitions())
+
+    def vllm_options(self, cpu: bool) -> dict[str, Any]:
+        """The vLLM options that are set (defaults left to vLLM), as given."""
+        values = self.model_dump(exclude_unset=True, exclude=self.own_options())
+        values.update(self.model_extra or {})
         if cpu:
             for k, v in CPU_DEFAULTS.items():
-                args.setdefault(k, v)
-        return args
+                values.setdefault(k, v)
+        return values
 
-    def server_args(self) -> list[str]:
-        """The ``vllm serve`` flags of the OpenAI server options that are set."""
-        flags = []
-        if self.tool_call_parser:
-            flags += ["--tool-call-parser", self.tool_call_parser, "--enable-auto-tool-choice"]
-        if self.chat_template:
-            flags += ["--chat-template", self.chat_template]
-        if self.response_role:
-            flags += ["--response-role", self.response_role]
-        return flags
+    def engine_args(self, cpu: bool) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.AsyncEngineArgs``, as vLLM's types (with vLLM imported)."""
+        from engines import vllm_options
+
+        engine, _server = vllm_options.split(self.vllm_options(cpu))
+        return vllm_options.typed(engine)
+
+    def server_options(self) -> dict[str, Any]:
+        """The options of vLLM's OpenAI server that are set, and the engine arguments it reads
+        too, as vLLM's types (with vLLM imported)."""
+        from engines import vllm_options
+
+        engine, server = vllm_options.split(self.vllm_options(cpu=False))
+        return vllm_options.typed({**engine, **server})
 
 
 class TextParams(BaseModel):
@@ -220,7 +227,8 @@ class VLLMBase(Engine[P]):
         self.path = resolve_source(self.model.source)
         if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
-            self.core = RemoteCore(self.model.model_id, actor)
+            bundles = self.hosting(self.model).gpu_bundles(actor.get("num_cpus", 1), actor.get("num_gpus", 0))
+            self.core = RemoteCore(self.model.model_id, actor, bundles)
             self.core.launch()  # its import of vLLM overlaps this process's (in _open)
         try:
             await self._open()
@@ -234,7 +242,9 @@ class VLLMBase(Engine[P]):
         serving layer over it."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args(self.kwargs, self.path, self.model.model_id)
+        actor = self.model.deployment.engine.ray_actor_options
+        in_group = self.hosting(self.model).gpu_bundles(actor.num_cpus, actor.num_gpus) is not None
+        args = engine_args(self.kwargs, self.path, self.model.model_id, in_group)
         if self.core is None:
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both
@@ -245,7 +255,7 @@ class VLLMBase(Engine[P]):
         vllm_internals.check_vllm_engine(self.llm)
         self.client = TimedLLM(self.llm, self.model.model_id)
         self.frontend = OpenAIFrontend(self.model.model_id, self.served_routes(self.model))
-        await self.frontend.start(self.client, self.path, self.kwargs.server_args())
+        await self.frontend.start(self.client, self.path, self.kwargs.server_options())
         await self._opened()
 
     async def _opened(self) -> None:
@@ -263,12 +273,14 @@ class VLLMBase(Engine[P]):
         """vLLM's serving layer answers the routes of the model's runner; its engine core can run
         in a Ray actor of its own, one per frontend (:mod:`engines.vllm_core`); its CPU worker
         binds its threads to every core but the last (:mod:`core.cpus`)."""
-        return Hosting(routes=cls.served_routes(model), core_actors=1, binds_cores=True)
+        options = model.options(cls.Kwargs)
+        return Hosting(routes=cls.served_routes(model), core_actors=1, binds_cores=True,
+                       devices=options.tensor_parallel_size * options.pipeline_parallel_size)
 
     @classmethod
     def served_routes(cls, model) -> frozenset[str]:
         """The OpenAI-compatible routes vLLM's serving layer answers for ``model``."""
-        return routes_for(model.options(cls.Kwargs).runner)
+        return routes_for("embed" if model.options(cls.Kwargs).runner == "pooling" else "generate")
 
     @classmethod
     def check_config(cls, model) -> list[tuple[str, str]]:
@@ -278,12 +290,21 @@ class VLLMBase(Engine[P]):
         problems = []
         if not model.source:
             problems.append(("source", "a vLLM model needs its weights: a hub id or a local path"))
-        seqs = model.options(cls.Kwargs).max_num_seqs
+        options = model.options(cls.Kwargs)
+        seqs = options.max_num_seqs
         ongoing = model.deployment.engine.max_ongoing_requests
         if seqs is not None and ongoing < seqs:
             problems.append(("deployment.engine.max_ongoing_requests",
                              f"{ongoing} is below engine_kwargs.max_num_seqs ({seqs}): Serve would never "
                              f"let vLLM batch more than {ongoing}; set it to {seqs}"))
+        share = model.deployment.engine.ray_actor_options.num_gpus
+        used = options.gpu_memory_utilization if options.gpu_memory_utilization is not None else 0.92
+        if 0 < share < 1 and used > share + 1e-9:
+            problems.append(("engine_kwargs.gpu_memory_utilization",
+                             f"{used:g} of the GPU's memory, but the model reserves {share:g} of a GPU "
+                             f"(deployment.engine.ray_actor_options.num_gpus): the models Ray places on one "
+                             f"card could ask for more than it has; set it to {share:g} or less"
+                             + ("" if options.gpu_memory_utilization is not None else " (vLLM's default is 0.92)")))
         return problems
 
     async def _watch_engine(self) -> None:
@@ -454,7 +475,11 @@ class VLLMEmbedder(VLLMBase[EmbedParams]):
 
     @classmethod
     def served_routes(cls, model) -> frozenset[str]:
-        return routes_for("pooling")
+        """An embedding model's pooling routes; a classification model's (vLLM's ``convert:
+        classify``, which a ``*ForSequenceClassification`` checkpoint such as a cross-encoder
+        needs to be served so here) instead."""
+        convert = (model.options(cls.Kwargs).model_extra or {}).get("convert")
+        return routes_for("classify" if convert == "classify" else "embed")
 
     async def _embed(self, inputs: Any, params: EmbedParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         if not (isinstance(inputs, str) or (isinstance(inputs, list) and inputs

@@ -37,17 +37,18 @@ CORE_OF = "MMSERVE_ENGINE_CORE_OF"
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 
-def engine_args(kwargs, path: str, model_id: str):
+def engine_args(kwargs, path: str, model_id: str, gpu_group: bool = False):
     """vLLM's ``AsyncEngineArgs`` of a model (``kwargs``: its ``VLLMKwargs``), the same for its
-    frontend and its core; on the CPU, ``kv_cache_space_gib`` is set in this process's
-    environment (vLLM reads it there)."""
+    frontend and its core. ``gpu_group``: the replica (or core actor) reserved its GPUs as one
+    placement group (``engines.base.Hosting.gpu_bundles``): vLLM's workers then go in it as Ray
+    actors, as Ray Serve LLM has them (unless the config sets ``distributed_executor_backend``)."""
     from vllm import AsyncEngineArgs
     from vllm.platforms import current_platform
 
-    cpu = current_platform.is_cpu()
-    if cpu and kwargs.kv_cache_space_gib:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kwargs.kv_cache_space_gib)
-    return AsyncEngineArgs(model=path, served_model_name=[model_id], **kwargs.engine_args(cpu))
+    args = kwargs.engine_args(current_platform.is_cpu())
+    if gpu_group:
+        args.setdefault("distributed_executor_backend", "ray")
+    return AsyncEngineArgs(model=path, served_model_name=[model_id], **args)
 
 
 class CoreHost:
@@ -61,9 +62,9 @@ class CoreHost:
         cpus.for_models()  # before vLLM binds its worker to the cores it sees
         vllm_internals.vllm_import_core()
 
-    def run(self, kwargs, path: str, model_id: str, handshake: str) -> None:
-        config = engine_args(kwargs, path, model_id).create_engine_config(vllm_internals.vllm_usage_context(),
-                                                                          headless=True)
+    def run(self, kwargs, path: str, model_id: str, handshake: str, gpu_group: bool) -> None:
+        config = engine_args(kwargs, path, model_id, gpu_group).create_engine_config(
+            vllm_internals.vllm_usage_context(), headless=True)
         vllm_internals.vllm_run_core(config, handshake)
 
 
@@ -71,9 +72,14 @@ class RemoteCore:
     """The frontend's side of one :class:`CoreHost`: starts it, hands vLLM's handshake its
     addresses and tells when it is gone."""
 
-    def __init__(self, model_id: str, actor_options: dict[str, Any]) -> None:
+    def __init__(self, model_id: str, actor_options: dict[str, Any],
+                 gpu_bundles: list[dict[str, float]] | None = None) -> None:
         self.model_id = model_id
         self.actor_options = actor_options
+        #: the GPUs the core drives together, reserved as one placement group per actor
+        #: (``engines.base.Hosting.gpu_bundles``); None: the actor's own num_gpus
+        self.gpu_bundles = gpu_bundles
+        self.group: Any = None  # that placement group, once launched
         self.actor: Any = None  # the CoreHost actor's handle, once launched
         self.ended: asyncio.Future | None = None  # done once the core has stopped, for any reason
         self.why = ""
@@ -91,6 +97,14 @@ class RemoteCore:
         runtime_env = dict(self.actor_options.get("runtime_env") or {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), CORE_OF: self.model_id}
         options = {**self.actor_options, "runtime_env": runtime_env}
+        if self.gpu_bundles:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            # the actor in the first bundle, vLLM's GPU workers (its children) in all of them
+            self.group = ray.util.placement_group(self.gpu_bundles, strategy="PACK", name=name)
+            options["num_gpus"] = 0
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
         self.actor = ray.remote(CoreHost).options(name=name, max_restarts=0, **options).remote()
 
     async def start(self, kwargs, path: str, vllm_config) -> dict[str, str]:
@@ -103,7 +117,7 @@ class RemoteCore:
         handshake, addresses, client = vllm_internals.vllm_core_addresses(ray.util.get_node_ip_address())
         if self.actor is None:
             self.launch()
-        run = self.actor.run.remote(kwargs, path, self.model_id, handshake)
+        run = self.actor.run.remote(kwargs, path, self.model_id, handshake, bool(self.gpu_bundles))
         gone_r, gone_w = os.pipe()
         self.ended = asyncio.ensure_future(self._watch(run, gone_w))
         try:
@@ -135,3 +149,6 @@ class RemoteCore:
         if self.actor is not None:
             ray.kill(self.actor, no_restart=True)
             self.actor = None
+        if self.group is not None:
+            ray.util.remove_placement_group(self.group)
+            self.group = None

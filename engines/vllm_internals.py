@@ -67,6 +67,7 @@ _SERVER_PIECES = {
     "FlexibleArgumentParser": "vllm.utils.argparse_utils",
     "create_error_response": "vllm.entrypoints.serve.exception_handling.error_response",
     "UsageContext": "vllm.usage.usage_lib",
+    "FrontendArgs": "vllm.entrypoints.launchers.cli_args",
 }
 
 
@@ -94,11 +95,53 @@ def vllm_usage_context() -> Any:
     return _server_piece("UsageContext").OPENAI_API_SERVER
 
 
-def vllm_server_args(model_path: str, model_id: str, cli_args: list[str]) -> Any:
-    """The arguments ``vllm serve --model model_path --served-model-name model_id *cli_args``
-    parses (an ``argparse.Namespace``): its defaults, and its checks of the flags."""
+def vllm_server_args(model_path: str, model_id: str, options: dict[str, Any]) -> Any:
+    """The arguments ``vllm serve --model model_path --served-model-name model_id`` parses (an
+    ``argparse.Namespace``: vLLM's defaults), with ``options`` (engine arguments and server
+    options by vLLM's names, as their types, :func:`engines.vllm_options.typed`) set on it as
+    ``vllm serve``'s flags would set them."""
     parser = _server_piece("make_arg_parser")(_server_piece("FlexibleArgumentParser")(prog="mmserve"))
-    return parser.parse_args(["--model", model_path, "--served-model-name", model_id, *cli_args])
+    args = parser.parse_args(["--model", model_path, "--served-model-name", model_id])
+    for name, value in options.items():
+        setattr(args, name, value)
+    return args
+
+
+def vllm_option_types() -> dict[str, tuple[Any, str]]:
+    """Every option of this vLLM, by name: ``(its type annotation, "engine" | "server" |
+    "both")``. Engine arguments are the fields of ``AsyncEngineArgs`` (public), server options
+    those of the dataclass ``vllm serve`` builds its own flags from (not public): what
+    ``vllm serve`` takes, less the few flags of its process (``--headless``,
+    ``--api-server-count``, ``--config``, ``--grpc``). Raises RuntimeError naming the version
+    if this vLLM defines them otherwise."""
+    import dataclasses
+    import typing
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    frontend = _server_piece("FrontendArgs")
+    found: dict[str, tuple[Any, str]] = {}
+    for cls, where in ((AsyncEngineArgs, "engine"), (frontend, "server")):
+        module = __import__(cls.__module__, fromlist=["*"])
+        # names the module imports for type checkers only (a forward reference vLLM leaves in
+        # one annotation of its engine arguments, quantization_config)
+        extra = {}
+        try:
+            from vllm.config.quantization import QuantizationConfigArgs
+            extra["QuantizationConfigArgs"] = QuantizationConfigArgs
+        except ImportError:
+            pass
+        try:
+            hints = typing.get_type_hints(cls, globalns=vars(module), localns=extra)
+        except (NameError, TypeError) as err:
+            raise RuntimeError(f"vLLM {installed_version('vllm')}: the options of {cls.__name__} "
+                               f"cannot be read ({err}); pin the vLLM of the lock file") from None
+        for field in dataclasses.fields(cls):
+            if field.name.startswith("_"):
+                continue
+            where_now = "both" if field.name in found else where
+            found[field.name] = (hints[field.name], where_now)
+    return found
 
 
 async def vllm_serving_state(llm, args) -> Any:

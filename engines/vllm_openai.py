@@ -58,6 +58,14 @@ ROUTES: dict[str, Route] = {
     "embedding": Route("vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest",
                        "serving_embedding", None, "embed",
                        "openai.types.embedding_create_params:EmbeddingCreateParams"),
+    # the pooling routes of vLLM's server: score and rerank (Jina's and Cohere's form) for an
+    # embedding model (cosine similarity of the two texts' vectors) or a cross-encoder (its
+    # one logit), pooling for any pooling model, classify for a classification model
+    "score": Route("vllm.entrypoints.pooling.scoring.protocol:ScoreRequest", "serving_scores", None, "embed"),
+    "rerank": Route("vllm.entrypoints.pooling.scoring.protocol:RerankRequest", "serving_scores", None, "embed"),
+    "pooling": Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling", None, "embed"),
+    "classify": Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest",
+                      "serving_classification", None, "classify"),
     "tokenize": Route("vllm.entrypoints.serve.tokenize.protocol:TokenizeRequest",
                       "serving_tokenization", "create_tokenize", "any"),
     "detokenize": Route("vllm.entrypoints.serve.tokenize.protocol:DetokenizeRequest",
@@ -65,10 +73,16 @@ ROUTES: dict[str, Route] = {
 }
 
 
-def routes_for(runner: str | None) -> frozenset[str]:
-    """The routes a vLLM model serves: generation routes, or embeddings for a pooling model."""
-    task = "embed" if runner == "pooling" else "generate"
-    return frozenset(name for name, r in ROUTES.items() if r.task in (task, "any"))
+def routes_for(task: str) -> frozenset[str]:
+    """The routes a vLLM model of ``task`` serves (vLLM's server answers the same for it):
+    ``generate`` (chat, completions, the Responses and Messages APIs), ``embed`` (embeddings,
+    score, rerank, pooling), ``classify`` (classify, pooling, and score and rerank from a
+    cross-encoder's one logit); tokenize and detokenize for all."""
+    tasks = {"generate": {"generate"}, "embed": {"embed"}, "classify": {"classify"}}[task]
+    names = {name for name, r in ROUTES.items() if r.task in tasks or r.task == "any"}
+    if task == "classify":
+        names |= {"score", "rerank", "pooling"}
+    return frozenset(names)
 
 
 def _load(path: str):
@@ -187,10 +201,11 @@ class OpenAIFrontend:
         #: vLLM's app state (its serving objects), once :meth:`start` built it
         self.state: Any = None
 
-    async def start(self, llm, model_path: str, cli_args: list[str]) -> None:
-        """Build vLLM's app state over ``llm`` from ``vllm serve`` arguments. Raises
-        RuntimeError naming the vLLM version if this vLLM builds it otherwise."""
-        args = vllm_internals.vllm_server_args(model_path, self.model_id, cli_args)
+    async def start(self, llm, model_path: str, options: dict[str, Any]) -> None:
+        """Build vLLM's app state over ``llm`` as ``vllm serve`` with ``options`` (vLLM's, by
+        name) would. Raises RuntimeError naming the vLLM version if this vLLM builds it
+        otherwise."""
+        args = vllm_internals.vllm_server_args(model_path, self.model_id, options)
         self.state = await vllm_internals.vllm_serving_state(llm, args)
 
     async def model_card(self) -> dict[str, Any]:

@@ -91,11 +91,6 @@ class SpeechKwargs(VLLMKwargs):
         "silero-vad package); false, or where it finds none: at the quietest 100 ms of the "
         "window's last second, as vLLM does."))
 
-    def engine_args(self, cpu: bool) -> dict[str, Any]:
-        args = super().engine_args(cpu)
-        args.pop("split_on_silence", None)
-        return args
-
 
 class VLLMTranscriber(VLLMBase[TranscriptionParams]):
     """A speech-to-text model (Whisper) on vLLM. ``/v1/infer`` takes the audio pipeline's

@@ -75,7 +75,7 @@ class VLLMProtocolEngine(Engine):
     def hosting(cls, model) -> Hosting:
         from engines.vllm_openai import routes_for
 
-        return Hosting(routes=routes_for(None))
+        return Hosting(routes=routes_for("generate"))
 
     async def infer(self, inputs, params, ctx):
         yield EngineResult(output=inputs, finish_reason="stop")

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible routes (and tokenize's and Anthropic's beside them): chat, completions,
-embeddings, the Responses API, Anthropic's Messages API, tokenize and detokenize (the audio
-routes are ``api.routes.audio``).
+"""The OpenAI-compatible routes (and the engines' own and Anthropic's beside them): chat,
+completions, embeddings, the Responses API, Anthropic's Messages API, score, rerank, pooling and
+classify, tokenize and detokenize (the audio routes are ``api.routes.audio``).
 
 The text routes take the request surface of the model's engine: its own request models and
 serving layer answer them (the engine's ``openai``), in whichever process the engine runs. This module only finds the model, applies the server's limits and deadline,
@@ -33,6 +33,20 @@ ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "/v1/responses": ("responses", "OpenAI Responses API", {"input": "Hello", "max_output_tokens": 8}),
     "/v1/messages": ("messages", "Anthropic Messages API",
                      {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}),
+    # the pooling routes, under the paths LLM servers give them
+    "/score": ("score", "Scores of text pairs (the engine's /score)",
+               {"queries": "What is the capital of France?", "documents": ["Paris is its capital.", "Bananas."]}),
+    "/v1/score": ("score", "Scores of text pairs (the engine's /v1/score, as /score)",
+                  {"queries": "What is the capital of France?", "documents": ["Paris is its capital.", "Bananas."]}),
+    "/rerank": ("rerank", "Documents ranked by relevance to a query (Jina's form, the engine's /rerank)",
+                {"query": "What is the capital of France?", "documents": ["Paris is its capital.", "Bananas."]}),
+    "/v1/rerank": ("rerank", "Documents ranked by relevance to a query (as /rerank)",
+                   {"query": "What is the capital of France?", "documents": ["Paris is its capital.", "Bananas."]}),
+    "/v2/rerank": ("rerank", "Documents ranked by relevance to a query (Cohere's form, as /rerank)",
+                   {"query": "What is the capital of France?", "documents": ["Paris is its capital.", "Bananas."]}),
+    "/pooling": ("pooling", "The pooler's raw output (the engine's /pooling)", {"input": "a cat sits on the mat"}),
+    "/classify": ("classify", "Class probabilities of a classification model (the engine's /classify)",
+                  {"input": "a cat sits on the mat"}),
     "/tokenize": ("tokenize", "Tokenize a prompt or chat messages (the engine's /tokenize)", {"prompt": "Hello"}),
     "/detokenize": ("detokenize", "Token ids back to text (the engine's /detokenize)", {"tokens": [1, 2, 3]}),
 }
@@ -79,7 +93,7 @@ def _route(path: str, name: str, summary: str):
     async def handler(call: CallDep):
         return await answer(call, name)
 
-    handler.__name__ = name
+    handler.__name__ = name + path.replace("/", "_")  # one operation per path
     router.add_api_route(path, handler, methods=["POST"], summary=summary,
                          responses={200: {"content": {"application/json": {"schema": {"type": "object"}},
                                                       "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
@@ -97,7 +111,8 @@ def publish_schemas(schema: dict[str, Any], models) -> None:
     whose ``model`` is one of the models serving that route, with an example. The full
     surface is the engine's request model of the route."""
     schemas = schema["components"]["schemas"]
-    for name, _summary, example in ROUTES.values():
+    for name, _summary, example in {name: (name, summary, example)
+                                     for name, summary, example in ROUTES.values()}.values():
         served = sorted(p.model.model_id for p in models if name in p.openai_routes)
         model: dict[str, Any] = {"type": "string", "description": "A model_id listed by GET /v1/models."}
         if served:

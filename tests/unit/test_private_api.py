@@ -24,7 +24,8 @@ What counts as public, and why:
   what its reference documents is PublicAPI or DeveloperAPI (DeveloperAPI being "explicitly
   exposed to advanced Ray users and library developers", e.g. ``serve.run_many``). The modules
   below are the ones the Ray Core and Ray Serve API references document: ``ray``,
-  ``ray.exceptions``, ``ray.util`` and ``ray.util.metrics``, ``ray.serve`` and its documented
+  ``ray.exceptions``, ``ray.util`` and ``ray.util.metrics``, ``ray.util.placement_group`` and
+  ``ray.util.scheduling_strategies``, ``ray.serve`` and its documented
   submodules ``handle``, ``exceptions``, ``schema`` and ``config``.
 - vLLM: its deprecation policy (docs.vllm.ai, "Deprecation Policy") covers "public Python APIs
   for the vllm library" and "APIs in the OpenAI-compatible API server". Its API reference
@@ -63,6 +64,8 @@ FOREIGN = ("ray", "vllm")
 #: modules of Ray and vLLM whose every name without a leading underscore is public API
 PUBLIC_MODULES = frozenset({
     "ray", "ray.exceptions", "ray.util", "ray.util.metrics",
+    # Ray Core's reference, "Placement Group" and "Scheduling Strategies"
+    "ray.util.placement_group", "ray.util.scheduling_strategies",
     "ray.serve", "ray.serve.handle", "ray.serve.exceptions", "ray.serve.schema", "ray.serve.config",
     "vllm", "vllm.config", "vllm.engine.arg_utils", "vllm.sampling_params", "vllm.exceptions",
     "vllm.v1.engine.exceptions",
@@ -275,14 +278,20 @@ def test_the_allowlist_names_what_the_pinned_ray_and_vllm_have():
 
 def test_the_fenced_vllm_server_pieces_work_on_the_pinned_vllm():
     """What ``engines.vllm_internals`` takes of vLLM's server, against the real vLLM (no
-    engine): its start-up check passes, ``vllm serve``'s parser reads mmserve's flags, the usage
-    context is the server's, and an exception becomes vLLM's error body."""
+    engine): its start-up check passes, ``vllm serve``'s parser gives its defaults and options
+    set by name, every option of ``vllm serve`` is read with its type, the usage context is the
+    server's, and an exception becomes vLLM's error body."""
     from engines import vllm_internals as internals
 
     internals.check_vllm_server()
-    args = internals.vllm_server_args("/models/m", "m", ["--tool-call-parser", "hermes",
-                                                         "--enable-auto-tool-choice"])
+    args = internals.vllm_server_args("/models/m", "m", {"tool_call_parser": "hermes",
+                                                         "enable_auto_tool_choice": True})
     assert (args.model, args.served_model_name, args.tool_call_parser) == ("/models/m", ["m"], "hermes")
+    assert args.enable_auto_tool_choice is True and args.response_role == "assistant"  # a default
+    types = internals.vllm_option_types()
+    # every destination of vllm serve's parser but the few flags of its own process
+    assert set(vars(args)) - set(types) <= {"model_tag", "headless", "api_server_count", "config", "grpc"}
+    assert types["max_num_seqs"][1] == "engine" and types["tool_call_parser"][1] == "server"
     assert internals.vllm_usage_context().name == "OPENAI_API_SERVER"
     error = internals.vllm_error_response(ValueError("temperature: too hot"))
     assert (error.error.code, error.error.message) == (400, "temperature: too hot")

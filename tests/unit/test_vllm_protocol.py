@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import InvalidParameter
-from engines.vllm import EmbedParams, TextParams, VLLMKwargs
+from engines.vllm import EmbedParams, TextParams
 from engines.vllm_openai import ROUTES, parse_request, routes_for
 
 
@@ -48,8 +48,9 @@ def test_every_route_names_a_vllm_request_model_and_handler():
     for name, route in ROUTES.items():
         module, attr = route.request.split(":")
         assert getattr(importlib.import_module(module), attr), name
-    assert routes_for(None) == {"chat", "completion", "responses", "messages", "tokenize", "detokenize"}
-    assert routes_for("pooling") == {"embedding", "tokenize", "detokenize"}
+    assert routes_for("generate") == {"chat", "completion", "responses", "messages", "tokenize", "detokenize"}
+    assert routes_for("embed") == {"embedding", "score", "rerank", "pooling", "tokenize", "detokenize"}
+    assert routes_for("classify") == {"classify", "score", "rerank", "pooling", "tokenize", "detokenize"}
 
 
 def test_requests_parse_into_vllms_models():
@@ -86,15 +87,6 @@ def test_invalid_values_name_their_field():
             {"type": "function", "function": {"name": "f"}}],
             "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "m")
     assert e.value.field == "tool_choice" and "does not match" in e.value.message
-
-
-def test_server_options_become_vllm_serve_flags_not_engine_args():
-    kw = VLLMKwargs(tool_call_parser="hermes", chat_template="t.jinja", max_logprobs=5, runner="pooling")
-    assert kw.server_args() == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice",
-                                "--chat-template", "t.jinja"]
-    args = kw.engine_args(cpu=True)
-    assert args["max_logprobs"] == 5 and args["runner"] == "pooling" and "tool_call_parser" not in args
-    assert args["gpu_memory_utilization"] == 0.1
 
 
 def test_min_tokens_cannot_exceed_max_tokens():

@@ -6,6 +6,12 @@ model, the generated tiny Whisper and tiny Qwen2-VL (each engine in a deployment
 Started one after the other, per module, they cost a Ray and a vLLM start-up each; side by side
 their imports and loads overlap on the 2 cores. Each module checks its own model, and the models
 listing and metrics by model id, so that the others being there changes nothing it asserts.
+
+Whisper and Qwen2-VL are served as a user's own model is, in one override of the kind's model
+file (``model=speech_to_text model.speech_to_text.source=<directory>``, ``model=vlm ...``) with
+the generated checkpoints' directories as their sources: their model ids come from the
+directories' names, and the few settings the tests rely on (a short answer for random weights,
+a fixed seed, two images per prompt, a 1024-token context) are set beside it.
 """
 
 from __future__ import annotations
@@ -14,15 +20,31 @@ import pytest
 
 from apps.serving import free_port
 
-SET = ["model=[tiny_llama,all_minilm_l6_v2,tiny_whisper,tiny_qwen2_vl]",
-       "pipeline=[text,embedding,speech,vlm]",
-       # a small max_pixels, so that a "too large" image is cheap to make (test_vlm.py)
-       "pipeline.vlm.preprocess.kwargs.max_pixels=1000000",
-       # without torch.compile, as vLLM's own CPU CI runs: compiling the four models' graphs with
-       # the inductor at every start took 65 s of CPU of the set's 480 (start 256-266 s against
-       # 337 s, docs/testing.md); the compiled path is what `make run` and the benchmarks serve
-       *(f"+model.{key}.engine_kwargs.enforce_eager=true"
-         for key in ("tiny_llama", "all_minilm_l6_v2", "tiny_whisper", "tiny_qwen2_vl"))]
+def overrides() -> list[str]:
+    """The set's Hydra overrides (the generated checkpoints made if missing)."""
+    from engines.checkpoints import resolve_source
+
+    whisper, qwen2_vl = resolve_source("generated:tiny-whisper"), resolve_source("generated:tiny-qwen2-vl")
+    return [
+        "model=[tiny_llama,all_minilm_l6_v2,speech_to_text,vlm]",
+        "pipeline=[text,embedding,speech,vlm]",
+        # a user's own models, from their directories (model ids: tiny-whisper, tiny-qwen2-vl)
+        f"model.speech_to_text.source={whisper}", f"model.vlm.source={qwen2_vl}",
+        # what the tests rely on: random weights seldom end a window by themselves
+        "+model.speech_to_text.params.max_completion_tokens=32", "+model.vlm.params.max_tokens=32",
+        "+model.speech_to_text.engine_kwargs.seed=0", "+model.vlm.engine_kwargs.seed=0",
+        "+model.vlm.engine_kwargs.max_model_len=1024",
+        "+model.vlm.engine_kwargs.limit_mm_per_prompt={image: 2, video: 1}",
+        # a vLLM server option whose effect test_text.py checks
+        "+model.tiny_llama.engine_kwargs.enable_prompt_tokens_details=true",
+        # a small max_pixels, so that a "too large" image is cheap to make (test_vlm.py)
+        "pipeline.vlm.preprocess.kwargs.max_pixels=1000000",
+        # without torch.compile, as vLLM's own CPU CI runs: compiling the four models' graphs
+        # with the inductor at every start took 65 s of CPU of the set's 480 (start 256-266 s
+        # against 337 s, docs/testing.md); the compiled path is what `make run` and the
+        # benchmarks serve
+        *(f"+model.{key}.engine_kwargs.enforce_eager=true"
+          for key in ("tiny_llama", "all_minilm_l6_v2", "speech_to_text", "vlm"))]
 
 
 @pytest.fixture(scope="package")
@@ -31,7 +53,7 @@ def serve_app():
     from apps.config import compose
     from apps.serving import served
 
-    cfg = compose([*SET, f"server.port={free_port()}"])
+    cfg = compose([*overrides(), f"server.port={free_port()}"])
     with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False) as server:
         yield server.url
 

@@ -316,6 +316,55 @@ def test_embeddings_as_base64_and_on_infer(http, client):
     assert "does not serve chat" in refused(http, "/v1/chat/completions", {"model": EMBED, "messages": HI})["message"]
 
 
+def test_a_vllm_server_option_set_in_the_config_does_what_it_does_there(http):
+    # enable_prompt_tokens_details (conftest.py): vLLM's usage then tells the prompt tokens its
+    # prefix cache held; the same long prompt again finds its full blocks there
+    prompt = " ".join(f"word{i}" for i in range(150)) + f" {time.time()}"
+    body = {"model": LLM, "prompt": prompt, "max_tokens": 1}
+    first = http.post("/v1/completions", json=body).json()["usage"]
+    second = http.post("/v1/completions", json=body).json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0, first
+    assert second["prompt_tokens"] == first["prompt_tokens"] > 256, first  # two full blocks or more
+    assert second["prompt_tokens_details"]["cached_tokens"] >= 128, second  # vLLM's CPU blocks: 128 tokens
+
+
+QUERY = "What is the capital of France?"
+DOCS = ["Bananas are a yellow fruit rich in potassium.", "Paris is the capital and largest city of France.",
+        "The Eiffel Tower was built for the 1889 World's Fair.", "Berlin is the capital of Germany."]
+
+
+def test_rerank_and_score_rank_by_relevance_as_vllms_server_does(http, client):
+    # the real all-MiniLM-L6-v2 as a bi-encoder: vLLM scores a pair by its vectors' cosine
+    ranked = http.post("/rerank", json={"model": EMBED, "query": QUERY, "documents": DOCS}).json()
+    order = [r["index"] for r in ranked["results"]]
+    assert order[0] == 1 and order[-1] == 0, ranked  # Paris first, bananas last
+    scores = [r["relevance_score"] for r in ranked["results"]]
+    assert scores == sorted(scores, reverse=True) and ranked["results"][0]["document"]["text"] == DOCS[1]
+    assert ranked["usage"]["prompt_tokens"] > 0
+    # Jina's /v1/rerank and Cohere's /v2/rerank are the same ranking; top_n cuts it
+    for path in ("/v1/rerank", "/v2/rerank"):
+        again = http.post(path, json={"model": EMBED, "query": QUERY, "documents": DOCS, "top_n": 2}).json()
+        assert [r["index"] for r in again["results"]] == order[:2]
+    # /score gives the same numbers in the documents' order: the embeddings' cosine
+    scored = http.post("/score", json={"model": EMBED, "queries": QUERY, "documents": DOCS}).json()
+    by_index = {d["index"]: d["score"] for d in scored["data"]}
+    for r in ranked["results"]:
+        assert abs(by_index[r["index"]] - r["relevance_score"]) < 1e-4
+    vectors = [d.embedding for d in client.embeddings.create(model=EMBED, input=[QUERY, DOCS[1]]).data]
+    assert abs(by_index[1] - _cos(*vectors)) < 1e-3
+    v1 = http.post("/v1/score", json={"model": EMBED, "text_1": QUERY, "text_2": DOCS[1]}).json()
+    assert abs(v1["data"][0]["score"] - by_index[1]) < 1e-4
+    # /pooling: the pooler's output, the same vector as /v1/embeddings
+    pooled = http.post("/pooling", json={"model": EMBED, "input": QUERY}).json()
+    assert max(abs(x - y) for x, y in zip(pooled["data"][0]["data"], vectors[0])) < 1e-4
+    # a text model answers none of them, a classify route none for an embedding model, and a
+    # bad body names its field
+    assert "does not serve rerank" in refused(http, "/rerank", {"model": LLM, "query": "q", "documents": ["d"]})["message"]
+    assert "does not serve classify" in refused(http, "/classify", {"model": EMBED, "input": "x"})["message"]
+    err = refused(http, "/rerank", {"model": EMBED, "query": QUERY, "documents": "not a list"})
+    assert "documents" in err["message"]
+
+
 def test_tokenize_and_detokenize_round_trip(http):
     r = http.post("/tokenize", json={"model": LLM, "prompt": "Hello there"}).json()
     assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
@@ -328,7 +377,8 @@ def test_models_carry_what_vllms_server_gives(http):
     data = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
     llm = data[LLM]
     assert llm["max_model_len"] == 2048 and llm["root"].endswith("tiny-llama") and llm["permission"]
-    assert "chat" in llm["openai_routes"] and data[EMBED]["openai_routes"] == ["detokenize", "embedding", "tokenize"]
+    assert "chat" in llm["openai_routes"] and data[EMBED]["openai_routes"] == [
+        "detokenize", "embedding", "pooling", "rerank", "score", "tokenize"]
     assert data[EMBED]["max_model_len"] == 256
 
 
