@@ -37,6 +37,7 @@ def serve_config(cfg: AppConfig) -> None:
 
     Console().print(graph_table(cfg))
     try:
+        serving.fetch_weights(cfg)
         with serving.served(cfg, handle_signals=True) as server:
             current = [cfg]
 

@@ -433,6 +433,31 @@ def ray_serve(server: ServerConfig, *, fits: AppConfig | None = None, num_cpus: 
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
+def fetch_weights(cfg: AppConfig) -> None:
+    """Each model's weights onto this machine before anything starts, with progress on the
+    terminal (``Engine.fetch``: a hub model's download), where the models run here: a local
+    Ray (joining a cluster, each node fetches its own). The config must fit this machine's
+    CPUs and GPUs first (nothing is downloaded for a config that cannot start). Exits 1
+    naming the model if a model's weights cannot be had.
+
+    Raises:
+        ConfigError: the deployments need more CPUs or GPUs than this machine has.
+    """
+    import sys
+
+    from core.registry import engine_of
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    check_resources(cfg, float(os.cpu_count() or 1), float(local_gpu_count()))
+    for key, model in cfg.model.items():
+        try:
+            engine_of(model).fetch(model)
+        except RuntimeError as err:
+            logger.error("model.%s.source: %s", key, err)
+            sys.exit(1)
+
+
 def local_ray_cpus(server: ServerConfig, app: AppConfig | None) -> set[int] | None:
     """The CPUs of a local Ray's own processes for ``server.ray_cpus`` (None: every CPU)."""
     from core.registry import engine_of

@@ -108,6 +108,13 @@ class Engine(ABC, Generic[P]):
         own, no cores bound."""
         return Hosting()
 
+    @classmethod
+    def fetch(cls, model: ModelConfig) -> None:
+        """Bring ``model``'s weights onto this machine ahead of its start, showing progress on
+        the terminal (the launcher calls it where a local Ray runs, so that a long download is
+        seen, not silent inside a replica); raises RuntimeError if they cannot be had. Here:
+        nothing (the engine loads what it needs when it starts)."""
+
     def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
         """Answer an OpenAI-compatible request in the engine's own protocol: yield one dict (the
         JSON body) or, streamed, the SSE events as strings. Raises ``core.errors.MMServeError``."""

@@ -320,3 +320,35 @@ def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
 if __name__ == "__main__":
     for arg in sys.argv[1:] or list(GENERATORS):
         print(resolve_source(PREFIX + arg))
+
+
+#: what an LLM server reads of a hub checkpoint: its configs, weights and tokenizer files
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` names a repository of the Hugging Face hub (``org/name``), not a
+    local directory, a generated checkpoint or weights inside a package."""
+    import re
+
+    if source.startswith((PREFIX, PACKAGE_PREFIX, "torchvision:")) or os.path.exists(source):
+        return False
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+
+
+def fetch_from_hub(repo: str, revision: str | None = None) -> str:
+    """Download ``repo`` (at ``revision``) into the hub's cache (``HF_HOME``, ``HF_HUB_CACHE``;
+    ``HF_TOKEN`` for a gated model), with the hub client's progress bars, and return its
+    directory; a cached copy is kept, and used as it is with ``HF_HUB_OFFLINE=1``.
+
+    Raises:
+        RuntimeError: it cannot be had (no such repository, a gated one without a token, no
+            network and no cached copy), naming the repository and why.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES)
+    except Exception as err:  # the hub client's errors: network, 401/403, 404, disk
+        raise RuntimeError(f"{repo}: cannot fetch it from the hub ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''})") from None

@@ -278,6 +278,15 @@ class VLLMBase(Engine[P]):
                        devices=options.tensor_parallel_size * options.pipeline_parallel_size)
 
     @classmethod
+    def fetch(cls, model) -> None:
+        """A hub model's configs, weights and tokenizer into the hub's cache, with progress
+        (vLLM then loads them from there; a directory or a generated checkpoint is left alone)."""
+        from engines.checkpoints import fetch_from_hub, is_hub_id
+
+        if model.source and is_hub_id(model.source):
+            fetch_from_hub(model.source, model.options(cls.Kwargs).revision)
+
+    @classmethod
     def served_routes(cls, model) -> frozenset[str]:
         """The OpenAI-compatible routes vLLM's serving layer answers for ``model``."""
         return routes_for("embed" if model.options(cls.Kwargs).runner == "pooling" else "generate")
@@ -297,6 +306,11 @@ class VLLMBase(Engine[P]):
             problems.append(("deployment.engine.max_ongoing_requests",
                              f"{ongoing} is below engine_kwargs.max_num_seqs ({seqs}): Serve would never "
                              f"let vLLM batch more than {ongoing}; set it to {seqs}"))
+        placed = sorted(k for k in (options.model_extra or {}) if k.startswith("data_parallel_"))
+        if model.deployment.placement == "remote_core" and placed:
+            problems.append((f"engine_kwargs.{placed[0]}", "placement remote_core places the one engine "
+                             "core of each frontend itself; for several engines use placement engine "
+                             "with deployment.engine.num_replicas"))
         share = model.deployment.engine.ray_actor_options.num_gpus
         used = options.gpu_memory_utilization if options.gpu_memory_utilization is not None else 0.92
         if 0 < share < 1 and used > share + 1e-9:

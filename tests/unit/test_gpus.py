@@ -88,3 +88,10 @@ def test_the_launcher_refuses_more_gpus_than_the_machine_has_before_starting_any
     line, = [ln for ln in r.stderr.splitlines() if "num_gpus" in ln]
     assert "2 GPUs in total" in line and "the cluster has 0" in line
     assert "Started" not in r.stdout + r.stderr
+
+
+def test_where_mmserve_places_the_engine_core_vllms_own_placement_options_are_refused():
+    with pytest.raises(ConfigError) as err:
+        compose([*HUB, "+model.llm.engine_kwargs.data_parallel_size=2"])
+    (key, msg), = err.value.problems
+    assert key == "model.llm.engine_kwargs.data_parallel_size" and "placement engine" in msg

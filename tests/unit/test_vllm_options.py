@@ -163,3 +163,37 @@ def test_a_model_file_without_its_source_says_what_to_set():
         compose(["model=llm"])
     (key, msg), = err.value.problems
     assert key == "model.llm.source" and msg.startswith("required: the weights")
+
+
+def test_a_hub_model_is_fetched_before_anything_starts_and_a_directory_is_not(monkeypatch, tmp_path, caplog):
+    import huggingface_hub
+
+    from apps import serving
+    from engines.checkpoints import HUB_FILES
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None, allow_patterns=None: calls.append((repo, revision, allow_patterns)))
+    cfg = compose(["model=[llm,vlm,echo]", "model.llm.source=Qwen/Qwen3-0.6B",
+                   "+model.llm.engine_kwargs.revision=main", f"model.vlm.source={tmp_path}"])
+    serving.fetch_weights(cfg)
+    assert calls == [("Qwen/Qwen3-0.6B", "main", HUB_FILES)]
+
+    def offline(repo, **_):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached copy and no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(SystemExit) as err:
+        serving.fetch_weights(cfg)
+    assert err.value.code == 1
+    assert "model.llm.source: Qwen/Qwen3-0.6B: cannot fetch it from the hub (LocalEntryNotFoundError" in caplog.text
+
+
+def test_the_launcher_exits_1_naming_a_hub_model_it_cannot_fetch():
+    r = subprocess.run([sys.executable, "-m", "apps.launch", "model=llm", "model.llm.source=nobody/no-such-model"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "model.llm.source: nobody/no-such-model: cannot fetch it from the hub" in r.stdout + r.stderr
+    assert "Started" not in r.stdout + r.stderr
