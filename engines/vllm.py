@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, ClassVar, Literal
+from typing import Any, AsyncIterator, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

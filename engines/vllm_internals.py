@@ -9,7 +9,8 @@ mmserve needs five things vLLM does not offer publicly (vLLM 0.32.0):
   arguments ``vllm serve`` parses (:func:`vllm_serving_state`, :func:`vllm_server_args`), the
   usage context its config is made with (:func:`vllm_usage_context`), and the error body it
   answers an exception with (:func:`vllm_error_response`), checked at start
-  (:func:`check_vllm_server`);
+  (:func:`check_vllm_server`); and the definitions of its server's options beside the public
+  engine arguments (:func:`vllm_option_types`, which ``engines.vllm_options`` checks configs by);
 - to hand vLLM's speech-to-text layer samples that mmserve's audio node decoded, where it
   takes file bytes and decodes them itself (:func:`vllm_speech_from_samples`), and to read what
   that layer knows of its model: its rate and window (:func:`vllm_speech_clip`), the languages
@@ -115,22 +116,23 @@ def vllm_option_types() -> dict[str, tuple[Any, str]]:
     ``--api-server-count``, ``--config``, ``--grpc``). Raises RuntimeError naming the version
     if this vLLM defines them otherwise."""
     import dataclasses
+    import importlib
     import typing
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     frontend = _server_piece("FrontendArgs")
+    # a name vLLM's engine arguments import for type checkers only, which one annotation
+    # (quantization_config) refers to
+    extra: dict[str, Any] = {}
+    try:
+        from vllm.config.quantization import QuantizationConfigArgs
+        extra["QuantizationConfigArgs"] = QuantizationConfigArgs
+    except ImportError:
+        pass
     found: dict[str, tuple[Any, str]] = {}
     for cls, where in ((AsyncEngineArgs, "engine"), (frontend, "server")):
-        module = __import__(cls.__module__, fromlist=["*"])
-        # names the module imports for type checkers only (a forward reference vLLM leaves in
-        # one annotation of its engine arguments, quantization_config)
-        extra = {}
-        try:
-            from vllm.config.quantization import QuantizationConfigArgs
-            extra["QuantizationConfigArgs"] = QuantizationConfigArgs
-        except ImportError:
-            pass
+        module = importlib.import_module(cls.__module__)
         try:
             hints = typing.get_type_hints(cls, globalns=vars(module), localns=extra)
         except (NameError, TypeError) as err:

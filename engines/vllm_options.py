@@ -134,7 +134,7 @@ def problems(values: dict[str, Any], own: frozenset[str] | set[str] = frozenset(
             continue
         errors = sorted(_validator(key).iter_errors(value), key=lambda e: list(e.absolute_path))
         if errors:
-            found.append((key, f"{_message(errors[0])} (vLLM's type for {key}; got {value!r})"))
+            found.append((key, f"{_message(errors[0])}, by vLLM's definition of {key}"))
     return found
 
 

@@ -21,7 +21,7 @@ import contextvars
 import functools
 import io
 import threading
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
