@@ -5,9 +5,9 @@ launcher on another machine would join it:
 - the launcher, run from a copy of the project that is deleted once it has deployed, ships the
   code in the job's runtime environment: an engine pinned to the second node runs there, and
   after the copy is gone a replacement of that replica still starts and answers;
-- under steady load on one model, ``python -m apps.launch --update`` adds a model and removes
-  another in place: no failed request, no replica of the others restarted, the removed model's
-  requests in flight answered before it goes;
+- then, under steady load on that model, ``python -m apps.launch --update`` adds a model (from
+  the shipped code alone) and removes another in place: no failed request, no replica of the
+  others restarted, the removed model's requests in flight answered before it goes;
 - ``python -m apps.export`` writes a Serve config that ``serve deploy`` serves on that cluster,
   and deployed again with other models, updates it in place just as well.
 """
@@ -129,37 +129,6 @@ print(len(names))
 """
 
 
-def test_launcher_ships_the_code_and_pins_an_engine_to_the_second_node(cluster):
-    copy = cluster["base"] / "copy" / "mmserve"
-    shutil.copytree(PROJECT_ROOT, copy, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "outputs", "multirun", "__pycache__", ".hypothesis", ".pytest_cache"))
-    url = f"http://127.0.0.1:{cluster['http']}"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "apps.launch", "model=[echo,echo_remote]", "pipeline=[echo]",
-         f"server.port={cluster['http']}", "server.proxy_location=HeadOnly", "server.http_proxy=ray",
-         "++model.echo_remote.deployment.engine.ray_actor_options.resources={node2: 1}"],
-        cwd=copy, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        until(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 240, "the app became ready",
-              launcher)
-        shutil.rmtree(copy.parent)  # the driver's copy of the code is gone from here on
-
-        body = {"model_id": REMOTE, "input": "from node 2"}
-        assert httpx.post(f"{url}/v1/infer", json=body, timeout=30).json()["output"] == "from node 2"
-        assert ray_state(cluster, NODE_OF_ENGINE) == "True"
-
-        # a new replica of the engine imports everything again: only the shipped code is left
-        assert ray_state(cluster, KILL_ENGINE) == "1"
-        answer = until(lambda: (r := httpx.post(f"{url}/v1/infer", json=body, timeout=30)).status_code == 200 and r,
-                       120, "a replacement engine replica answered")
-        assert answer.json()["output"] == "from node 2"
-        assert ray_state(cluster, NODE_OF_ENGINE) == "True"
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        out, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 0, out[-3000:]
-
-
 REPLICAS = """
 import json, ray
 from ray.util.state import list_actors
@@ -224,24 +193,40 @@ def in_flight(url: str, model_id: str) -> float:
                if f.name == "mmserve_requests_in_flight" for s in f.samples if s.labels["model_id"] == model_id)
 
 
-def test_an_update_adds_and_removes_models_in_place_under_load(cluster):
+def test_a_launcher_from_a_copy_of_the_code_serves_from_node_2_and_updates_in_place_under_load(cluster):
+    # A: echo-remote, its engine pinned to the second node; C: echo in an engine deployment of
+    # its own, so that removing it deletes one. The launcher runs from a copy of the project
+    # that is deleted once it is ready: what runs from then on (a replacement replica, the
+    # models an update adds) has only the code the launcher shipped.
+    copy = cluster["base"] / "copy" / "mmserve"
+    shutil.copytree(PROJECT_ROOT, copy, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "multirun", "__pycache__", ".hypothesis", ".pytest_cache", ".mypy_cache"))
     url = f"http://127.0.0.1:{cluster['http']}"
     common = ["pipeline=[echo]", f"server.port={cluster['http']}", "server.proxy_location=HeadOnly",
               "server.http_proxy=ray", "server.app_name=live",
               "++model.echo_remote.deployment.engine.ray_actor_options.resources={node2: 1}"]
-    # C: the echo model in an engine deployment of its own, so that removing it deletes one
     c_placed = ["++model.echo.deployment.placement=engine",
                 "++model.echo.deployment.engine.ray_actor_options.num_cpus=0"]
     log_path = cluster["base"] / "live-launcher.log"
     log = log_path.open("w")
     launcher = subprocess.Popen([sys.executable, "-m", "apps.launch", "model=[echo_remote,echo]", *common, *c_placed],
-                                cwd=PROJECT_ROOT, env=cluster["env"], stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
+                                cwd=copy, env=cluster["env"], stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        until(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 240, "the app became ready")
+        until(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 240, "the app became ready", launcher)
+        shutil.rmtree(copy.parent)  # the driver's copy of the code is gone from here on
+
+        body = {"model_id": REMOTE, "input": "from node 2"}
+        assert httpx.post(f"{url}/v1/infer", json=body, timeout=30).json()["output"] == "from node 2"
+        assert ray_state(cluster, NODE_OF_ENGINE) == "True"
+        # a new replica of the engine imports everything again: only the shipped code is left
+        assert ray_state(cluster, KILL_ENGINE) == "1"
+        answer = until(lambda: (r := httpx.post(f"{url}/v1/infer", json=body, timeout=30)).status_code == 200 and r,
+                       120, "a replacement engine replica answered")
+        assert answer.json()["output"] == "from node 2"
+        assert ray_state(cluster, NODE_OF_ENGINE) == "True"
+
         kept = replicas(cluster, "live", "ingress", f"{REMOTE}.engine")
         assert len(kept) == 2
-
         with SteadyLoad(url, {"model_id": REMOTE, "input": "steady"}) as load, ThreadPoolExecutor(3) as pool:
             slow = [pool.submit(httpx.post, f"{url}/v1/infer", timeout=60, json={
                 "model_id": "echo", "input": f"in flight {i}", "params": {"delay_s": 4}}) for i in range(3)]
