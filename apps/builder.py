@@ -92,7 +92,7 @@ def gpu_group_options(model) -> dict:
     with no GPU of its own (the engine's first GPU worker takes that one); none where the
     replica reserves its ``num_gpus`` alone."""
     actor = model.deployment.engine.ray_actor_options
-    bundles = engine_of(model).hosting(model).gpu_bundles(actor.num_cpus, actor.num_gpus)
+    bundles = engine_of(model).hosting(model).gpu_bundles(actor.num_cpus, actor.num_gpus, actor.resources)
     if bundles is None:
         return {}
     opts = model.deployment.engine.serve_options()["ray_actor_options"]

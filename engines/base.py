@@ -47,13 +47,16 @@ class Hosting:
         """Whether the engine can run its core in actors of its own (``placement: remote_core``)."""
         return self.core_actors > 0
 
-    def gpu_bundles(self, num_cpus: float, num_gpus: float) -> list[dict[str, float]] | None:
+    def gpu_bundles(self, num_cpus: float, num_gpus: float,
+                    resources: dict[str, float] | None = None) -> list[dict[str, float]] | None:
         """The placement group bundles of one replica that drives :attr:`devices` GPUs (its
-        own process, ``num_cpus``, in the first, beside the first GPU's worker), or None where
-        the replica reserves ``num_gpus`` alone (one GPU or a share of one, or none)."""
+        own process, ``num_cpus`` and its custom ``resources``, in the first, beside the first
+        GPU's worker, as Serve requires), or None where the replica reserves ``num_gpus`` alone
+        (one GPU or a share of one, or none)."""
         if self.devices <= 1 or num_gpus <= 0:
             return None
-        return [{"CPU": num_cpus, "GPU": 1.0}] + [{"GPU": 1.0} for _ in range(self.devices - 1)]
+        first = {"GPU": 1.0, **({"CPU": num_cpus} if num_cpus > 0 else {}), **(resources or {})}
+        return [first] + [{"GPU": 1.0} for _ in range(self.devices - 1)]
 
     def gpus_per_replica(self, num_gpus: float) -> float:
         """The GPUs one replica reserves: its ``num_gpus``, or :attr:`devices` of them in a

@@ -227,7 +227,8 @@ class VLLMBase(Engine[P]):
         self.path = resolve_source(self.model.source)
         if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
-            bundles = self.hosting(self.model).gpu_bundles(actor.get("num_cpus", 1), actor.get("num_gpus", 0))
+            bundles = self.hosting(self.model).gpu_bundles(actor.get("num_cpus", 1), actor.get("num_gpus", 0),
+                                                           actor.get("resources"))
             self.core = RemoteCore(self.model.model_id, actor, bundles)
             self.core.launch()  # its import of vLLM overlaps this process's (in _open)
         try:

@@ -45,6 +45,10 @@ def test_the_text_default_placement_reserves_them_for_its_core_actor():
 
     model = cfg.model["llm"]
     assert VLLMEngine.hosting(model).gpu_bundles(1, 1) == [{"CPU": 1, "GPU": 1.0}] + [{"GPU": 1.0}] * 3
+    # a replica pinned by a custom resource carries it in its first bundle, as Serve requires;
+    # one without CPUs of its own asks for none there
+    pinned = VLLMEngine.hosting(model).gpu_bundles(0, 1, {"node2": 1})
+    assert pinned == [{"GPU": 1.0, "node2": 1}] + [{"GPU": 1.0}] * 3
     one = compose(HUB).model["llm"]  # one GPU: the actor's own num_gpus, no group
     assert VLLMEngine.hosting(one).gpu_bundles(1, 1) is None and gpu_group_options(one) == {}
 
