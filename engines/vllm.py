@@ -216,6 +216,10 @@ class VLLMBase(Engine[P]):
         #: the engine core's actor (``placement: remote_core``); None: vLLM starts the core
         #: itself, as a child process of this replica
         self.core: RemoteCore | None = None
+        #: the GPUs this engine drives together, reserved as one placement group per replica or
+        #: core actor (``Hosting.gpu_bundles``); None: its own num_gpus, if any
+        actor = model.deployment.engine.ray_actor_options
+        self.gpu_bundles = self.hosting(model).gpu_bundles(actor.num_cpus, actor.num_gpus, actor.resources)
         self._inflight: set[asyncio.Task] = set()
         self._watchdog: asyncio.Task | None = None
 
@@ -227,9 +231,7 @@ class VLLMBase(Engine[P]):
         self.path = resolve_source(self.model.source)
         if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
-            bundles = self.hosting(self.model).gpu_bundles(actor.get("num_cpus", 1), actor.get("num_gpus", 0),
-                                                           actor.get("resources"))
-            self.core = RemoteCore(self.model.model_id, actor, bundles)
+            self.core = RemoteCore(self.model.model_id, actor, self.gpu_bundles)
             self.core.launch()  # its import of vLLM overlaps this process's (in _open)
         try:
             await self._open()
@@ -243,9 +245,7 @@ class VLLMBase(Engine[P]):
         serving layer over it."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        actor = self.model.deployment.engine.ray_actor_options
-        in_group = self.hosting(self.model).gpu_bundles(actor.num_cpus, actor.num_gpus) is not None
-        args = engine_args(self.kwargs, self.path, self.model.model_id, in_group)
+        args = engine_args(self.kwargs, self.path, self.model.model_id, self.gpu_bundles is not None)
         if self.core is None:
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both

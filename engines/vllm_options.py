@@ -53,17 +53,32 @@ def _cache_file(version: str) -> Path:
     return cache_dir() / "vllm-options" / f"{build}-{version}.json"
 
 
-def _schema_of(annotation: Any) -> dict[str, Any]:
-    """The JSON Schema of values of ``annotation`` ({}: anything, where it has none, such as
-    ``torch.dtype``)."""
+@functools.cache
+def _types() -> dict[str, tuple[Any, str]]:
+    """vLLM's options with their annotations (imports vLLM), read once per process."""
+    from engines import vllm_internals
+
+    return vllm_internals.vllm_option_types()
+
+
+@functools.cache
+def _adapter(name: str):
+    """pydantic's validator of option ``name``'s annotation (one such as ``str | torch.dtype``
+    needs arbitrary types allowed)."""
     from pydantic import ConfigDict, TypeAdapter
 
+    annotation = _types()[name][0]
     try:
-        try:
-            adapter = TypeAdapter(annotation)
-        except Exception:  # a type pydantic knows no schema for without being told
-            adapter = TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
-        return adapter.json_schema(mode="validation")
+        return TypeAdapter(annotation)
+    except Exception:  # a type pydantic knows no schema for without being told
+        return TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
+
+
+def _schema_of(name: str) -> dict[str, Any]:
+    """The JSON Schema of option ``name``'s values ({}: anything, where it has none, such as
+    ``torch.dtype``)."""
+    try:
+        return _adapter(name).json_schema(mode="validation")
     except Exception:
         return {}
 
@@ -71,10 +86,8 @@ def _schema_of(annotation: Any) -> dict[str, Any]:
 def read_from_vllm() -> dict[str, Any]:
     """``{"vllm": version, "options": {name: {"where": ..., "schema": ...}}}`` from the
     installed vLLM (imports it)."""
-    from engines import vllm_internals
-
-    options = {name: {"where": where, "schema": _schema_of(annotation)}
-               for name, (annotation, where) in sorted(vllm_internals.vllm_option_types().items())}
+    options = {name: {"where": where, "schema": _schema_of(name)}
+               for name, (_, where) in sorted(_types().items())}
     return {"vllm": _version(), "options": options}
 
 
@@ -151,20 +164,7 @@ def typed(values: dict[str, Any]) -> dict[str, Any]:
     """Server options as the types vLLM's server reads (``lora_modules`` as vLLM's
     ``LoRAModulePath`` objects...), validated by vLLM's own annotations: where a replica builds
     vLLM's serving layer, with vLLM imported."""
-    from pydantic import ConfigDict, TypeAdapter
-
-    from engines import vllm_internals
-
-    types = vllm_internals.vllm_option_types()
-    out = {}
-    for name, value in values.items():
-        annotation = types[name][0]
-        try:
-            adapter = TypeAdapter(annotation)
-        except Exception:
-            adapter = TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
-        out[name] = adapter.validate_python(value)
-    return out
+    return {name: _adapter(name).validate_python(value) for name, value in values.items()}
 
 
 def main() -> None:
