@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.errors import error_response
 from api.metrics import RequestMetrics, record_of
 from api.middleware import RequestEnvelope
-from api.routes import audio, infer, metrics, models, openai
+from api.routes import adapters, audio, infer, metrics, models, openai
 from api.uploads import InferUpload
 from core.config import ServerConfig
 from core.errors import BadRequest, MethodNotAllowed, MMServeError, RouteNotFound, from_validation_errors
@@ -42,7 +42,7 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     app.state.started = int(time.time())
     app.state.schema_generation = -1
     app.state.scrape = scrape or metrics.local_scrape
-    for module in (infer, openai, audio, models, metrics):
+    for module in (infer, openai, audio, adapters, models, metrics):
         app.include_router(module.router)
 
     @app.exception_handler(MMServeError)

@@ -3,7 +3,8 @@
 Every route takes one (``call: CallDep``) and reaches the served models, the request's context,
 its metrics and its responses only through it, so that a route cannot forget a part:
 
-- ``call.pipeline(model_id)``: the model's pipeline (404 naming the served ids if none). The
+- ``call.pipeline(model_id)``: the model's pipeline (an adapter's: its base model's; 404
+  naming the served ids if none). The
   call holds it (``Pipeline.enter``) until its response has been sent, a stream to its last
   event or to the client going away, so that an update removing the model waits for it; the
   request's metrics count it for that model from then on.
@@ -66,13 +67,14 @@ class Call:
         self._held: Pipeline | None = None
 
     def pipeline(self, model_id: str) -> Pipeline:
-        """The pipeline of ``model_id`` (ModelNotFound, 404, naming the served ids, if none),
-        held until the response is sent; the first model named is the request's."""
+        """The pipeline of ``model_id`` (an adapter's: its base model's; ModelNotFound, 404,
+        naming the served ids, if none), held until the response is sent; the first model
+        named is the request's."""
         pipeline = self.router.get(model_id)
         if self._held is None:
             pipeline.enter()
             self._held = pipeline
-            self.model_id = pipeline.model.model_id
+            self.model_id = model_id  # an adapter's own id: its metrics are its own
             self.record.for_model(self.model_id)
         return pipeline
 
@@ -84,12 +86,14 @@ class Call:
     def context(self, model_id: str, timeout: Any = None, field: str = "params.timeout_s") -> RequestContext:
         """The request's context: its id, and its deadline from ``timeout`` (a body field named
         ``field``) or the ``x-request-timeout`` header (seconds), else
-        ``server.request_timeout_s``, capped by ``server.max_request_timeout_s``."""
+        ``server.request_timeout_s``, capped by ``server.max_request_timeout_s``. An adapter's
+        id carries the adapter (``RequestContext.adapter``) to its base model's engine."""
         if timeout is None and "x-request-timeout" in self.request.headers:
             timeout, field = self.request.headers["x-request-timeout"], "x-request-timeout"
         seconds = timeout_of(timeout, field, self.server, model_id)
         return RequestContext(request_id=self.request_id, model_id=model_id,
-                              deadline=time.time() + seconds, timeout_s=seconds)
+                              deadline=time.time() + seconds, timeout_s=seconds,
+                              adapter=self.router.adapters.get(model_id))
 
     def infer_context(self, body: InferRequest) -> RequestContext:
         """The context of a ``/v1/infer`` request (see :meth:`context`): the body's shape is

@@ -206,20 +206,10 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def engine_flags(model) -> list[str]:
-    """``vllm serve`` flags for the model's engine arguments (as mmserve's engine passes them)."""
+    """``vllm serve`` flags for the model's vLLM options (as mmserve's engine passes them)."""
     from engines.vllm import VLLMKwargs
 
-    kw = model.options(VLLMKwargs)
-    flags = []
-    for key, value in kw.engine_args(cpu=True).items():
-        if key == "structured_outputs_config":
-            continue  # unused by plain completions
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags += [flag] if value else []
-        else:
-            flags += [flag, str(value)]
-    return flags + kw.server_args()
+    return model.options(VLLMKwargs).serve_flags(cpu=True)
 
 
 def vllm_side(model, name: str = "vllm", env: dict[str, str] | None = None) -> Side:

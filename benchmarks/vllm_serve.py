@@ -24,6 +24,10 @@ default side: an A/B of a setting within one run.
 ``--cpu`` also prints, for each run, the CPU seconds each process of the machine spent during it
 (psutil; the benchmark client included), to see where each side's CPU goes (a frozen side's
 processes spend none).
+
+``--adapters N`` serves N generated LoRA adapters of the tiny Llama on both sides (vLLM's
+``lora_modules``, with ``max_loras`` N) and has the client send each request to one of them at
+random (its ``--lora-modules``): throughput with several adapters in use.
 """
 
 from __future__ import annotations
@@ -53,8 +57,25 @@ def cpu_spent(before: dict[int, tuple[str, float]]) -> list[tuple[str, float]]:
     return sorted((s for s in spent if s[1] >= 0.05), key=lambda s: -s[1])
 
 
+def adapter_overrides(model_key: str, count: int) -> tuple[list[str], list[str]]:
+    """``count`` LoRA adapters of the tiny Llama (generated, seeds 1 to ``count``, in the cache),
+    as Hydra overrides serving them (vLLM's ``lora_modules``, ``max_loras``), and their names."""
+    from engines.checkpoints import cache_dir, make_tiny_llama_lora
+
+    modules = []
+    for seed in range(1, count + 1):
+        path = cache_dir() / "bench-adapters" / f"lora-{seed}"
+        if not (path / "adapter_config.json").is_file():
+            make_tiny_llama_lora(path, seed=seed)
+        modules.append({"name": f"lora-{seed}", "path": str(path)})
+    listed = ", ".join(f"{{name: {m['name']}, path: '{m['path']}'}}" for m in modules)
+    key = f"model.{model_key}.engine_kwargs"
+    return ([f"{key}.enable_lora=true", f"++{key}.max_loras={count}", f"++{key}.lora_modules=[{listed}]"],
+            [m["name"] for m in modules])
+
+
 def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_len: int,
-          output_len: int, per_slot: int, cpu: bool = False) -> dict:
+          output_len: int, per_slot: int, cpu: bool = False, adapters: list[str] | None = None) -> dict:
     """One ``vllm bench serve`` run; the figures this benchmark reports (with ``cpu``, also
     each process's CPU seconds during it)."""
     from vllm.benchmarks.serve import add_cli_args, main
@@ -67,7 +88,8 @@ def bench(base_url: str, model_id: str, tokenizer: str, concurrency: int, input_
         "--random-input-len", str(input_len), "--random-output-len", str(output_len),
         "--num-prompts", str(per_slot * concurrency), "--max-concurrency", str(concurrency),
         "--ignore-eos", "--disable-tqdm", "--seed", "0", "--num-warmups", "2",
-        "--percentile-metrics", "ttft", "--metric-percentiles", "50,99"])
+        "--percentile-metrics", "ttft", "--metric-percentiles", "50,99",
+        *(["--lora-modules", *adapters] if adapters else [])])
     before = cpu_seconds() if cpu else {}
     stolen = steal()
     r = main(args)
@@ -89,6 +111,7 @@ def main() -> None:
     parser.add_argument("--per-slot", type=int, default=8, help="requests per client slot")
     add_steal_args(parser)
     parser.add_argument("--cpu", action="store_true", help="print each process's CPU seconds per run")
+    parser.add_argument("--adapters", type=int, default=0, help="LoRA adapters in use (random per request)")
     add_also_arg(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the mmserve side")
     opts = parser.parse_args()
@@ -97,7 +120,8 @@ def main() -> None:
     from apps.config import compose
     from engines.checkpoints import resolve_source
 
-    base = [f"model=[{opts.model}]", *opts.overrides]
+    lora, adapters = adapter_overrides(opts.model, opts.adapters) if opts.adapters else ([], [])
+    base = [f"model=[{opts.model}]", *lora, *opts.overrides]
     model = compose(base).model[opts.model]
     tokenizer = resolve_source(model.source)
     levels = [int(c) for c in opts.concurrency.split(",")]
@@ -110,7 +134,7 @@ def main() -> None:
                 for side in sides if i % 2 == 0 else sides[::-1]:
                     with side.running() as url:
                         run = least_stolen(lambda: bench(url, model.model_id, tokenizer, c, opts.input_len,
-                                                         opts.output_len, opts.per_slot, opts.cpu),
+                                                         opts.output_len, opts.per_slot, opts.cpu, adapters),
                                            opts.max_stolen, opts.retries)
                     runs[side.name][c].append(run)
             print(json.dumps({"round": i + 1, **{name: {c: r[c][-1] for c in levels}
@@ -120,7 +144,8 @@ def main() -> None:
 
     for name, overrides in configs.items():
         placement = compose(overrides).model[opts.model].deployment.placement
-        print(f"\n{name}: {model.model_id}, placement {placement}, {opts.rounds} "
+        print(f"\n{name}: {model.model_id}{f' through {len(adapters)} adapters' if adapters else ''}, "
+              f"placement {placement}, {opts.rounds} "
               f"rounds, {opts.input_len} in / {opts.output_len} out tokens, vllm bench serve "
               "(--ignore-eos), each run against the vLLM run of its round")
         table(runs["vllm"], runs[name], levels)

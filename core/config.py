@@ -230,6 +230,10 @@ class ServerConfig(Strict):
         "Environment variable holding more comma-separated keys; the launcher adds them after "
         "validation (apps.config.with_env_api_keys), so a config validates the same in every shell."))
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    allow_runtime_lora_updating: bool = Field(False, description=(
+        "Answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (an LLM server's routes "
+        "for adapters loaded at run time): a load reads any path of the serving machine, so they "
+        "are off unless set, as in the LLM server; the adapters of a model's config need no such key."))
     metrics: bool = Field(True, description=(
         "Record Prometheus metrics in every replica and answer GET /metrics with all of them "
         "(core.metrics); false: record nothing, /metrics is 404."))

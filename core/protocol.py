@@ -65,6 +65,17 @@ class InferResponse(BaseModel):
     usage: dict[str, int] | None = None
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter of a base model (e.g. a LoRA adapter of an LLM), served under its own model
+    id: ``name`` (that id), ``path`` (a directory, a hub id or a ``generated:`` checkpoint, as
+    the config or the load request gave it) and ``base`` (the base model's id)."""
+
+    name: str
+    path: str
+    base: str
+
+
 @dataclass
 class RequestContext:
     """Travels with a request through every node.
@@ -79,6 +90,7 @@ class RequestContext:
     timeout_s: float | None = None
     stage: str = "ingress"
     params: Any = None  # the request's validated params, the engine's Params (set by the pipeline)
+    adapter: Adapter | None = None  # the adapter ``model_id`` names, if it names one of a base model
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""

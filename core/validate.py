@@ -112,6 +112,7 @@ def validate_config(raw: dict) -> AppConfig:
         _lookup(engine_class, pipeline.engine, f"pipeline.{name}.engine", problems)
 
     seen: dict[str, str] = {}
+    adapters: dict[str, tuple] = {}
     for key, model in cfg.model.items():
         where = f"model.{key}"
         if model.model_id in seen:
@@ -137,7 +138,16 @@ def validate_config(raw: dict) -> AppConfig:
             model.options(cls.Kwargs)  # resolved once: engines and nodes receive the typed object
             problems += [(f"{where}.{key}", msg) for key, msg in cls.check_config(model)]
             problems += _engine_options_problems(pipe, model, where)
-            problems += _placement_problems(cls.hosting(model), model, where)
+            hosting = cls.hosting(model)
+            problems += _placement_problems(hosting, model, where)
+            adapters[key] = hosting.adapters
+
+    for key, served in adapters.items():  # an adapter is served under its own model id
+        for adapter in served:
+            if adapter.name in seen:
+                problems.append((f"model.{key}.engine_kwargs", f"adapter {adapter.name!r} has the model_id "
+                                 f"of model.{seen[adapter.name]}: each served id names one model"))
+            seen.setdefault(adapter.name, key)
 
     if problems:
         raise ConfigError(problems)

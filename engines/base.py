@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from core.config import ModelConfig
 from core.errors import Unsupported
-from core.protocol import EngineResult, NoOptions, RequestContext
+from core.protocol import Adapter, EngineResult, NoOptions, RequestContext
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class Hosting:
     #: this is above 1, each replica reserves them at once as a placement group of this many
     #: one-GPU bundles (:meth:`gpu_bundles`), its own process in the first
     devices: int = 1
+    #: adapters the engine serves beside the model, each under its own model id, from the
+    #: model's config (vLLM: ``lora_modules``); the ingress routes their ids to this model
+    adapters: tuple[Adapter, ...] = ()
+    #: the engine loads adapters named at run time (vLLM: ``enable_lora``): ``POST
+    #: /v1/load_lora_adapter`` may name this model as their base
+    takes_adapters: bool = False
+    #: adapters one replica of the engine holds at once (vLLM: ``max_cpu_loras``, else
+    #: ``max_loras``); with several replicas, a request for an adapter goes first to a replica
+    #: that holds it (Serve's model multiplexing, ``pipelines.deployments.EngineServer``)
+    adapter_slots: int = 0
 
     @property
     def core(self) -> bool:
@@ -123,6 +133,12 @@ class Engine(ABC, Generic[P]):
         JSON body) or, streamed, the SSE events as strings. Raises ``core.errors.MMServeError``."""
         raise Unsupported(f"model {ctx.model_id!r} does not serve OpenAI-compatible requests",
                           model_id=ctx.model_id)
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """Make ``adapter`` ready to serve in this replica (its weights read), ahead of its
+        requests, for an engine that takes adapters (``Hosting.takes_adapters``). Raises
+        ``core.errors.MMServeError`` (a path it cannot load: 400 naming ``lora_path``)."""
+        raise Unsupported(f"model {adapter.base!r} takes no adapters", model_id=adapter.name)
 
     async def model_card(self) -> dict[str, Any]:
         """Facts for ``GET /v1/models`` that only the running engine knows (e.g. max_model_len)."""

@@ -229,8 +229,42 @@ def make_tiny_resnet18(out: Path) -> None:
     _save_torch_checkpoint(out, {"arch": "resnet18", "labels": IMAGE_LABELS}, model)
 
 
+#: the tiny Llama's adapted projections, and its LoRA rank
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_RANK = 8
+
+
+def make_tiny_llama_lora(out: Path, seed: int = 1) -> None:
+    """A LoRA adapter of the tiny Llama in PEFT's layout (``adapter_config.json`` and
+    ``adapter_model.safetensors``, as ``peft``'s ``save_pretrained`` writes them and vLLM and
+    ``peft`` load them): rank 8 on the attention projections of both layers, random A and B
+    (PEFT starts B at zero; random, the adapter changes the greedy output). ``seed`` makes
+    other adapters (tests load several)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, layers = 256, 2  # make_tiny_llama's
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for proj in LORA_TARGETS:
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(LORA_RANK, hidden, generator=generator) / hidden ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, LORA_RANK, generator=generator) / LORA_RANK ** 0.5
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "generated:tiny-llama",
+              "r": LORA_RANK, "lora_alpha": 2 * LORA_RANK, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": list(LORA_TARGETS), "fan_in_fan_out": False, "modules_to_save": None,
+              "use_rslora": False, "use_dora": False, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
+
+
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": make_tiny_llama,
+    "tiny-llama-lora": make_tiny_llama_lora,
     "tiny-wav2vec2": make_tiny_wav2vec2,
     "tiny-whisper": make_tiny_whisper,
     "tiny-qwen2-vl": make_tiny_qwen2_vl,

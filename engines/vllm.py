@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
-from core.protocol import EngineResult, RequestContext
+from core.protocol import Adapter, EngineResult, RequestContext
 from engines import vllm_internals
 from engines.base import Engine, Hosting, P
 from engines.vllm_core import RemoteCore, engine_args
@@ -60,6 +60,12 @@ class VLLMKwargs(BaseModel):
         "vLLM's limit_mm_per_prompt: most items of each kind per prompt, e.g. {image: 2, video: 0}."))
     tensor_parallel_size: int = Field(1, description="vLLM's tensor_parallel_size: GPUs a replica shards the model over.")
     pipeline_parallel_size: int = Field(1, description="vLLM's pipeline_parallel_size: pipeline stages, one GPU group each.")
+    enable_lora: bool = Field(False, description=(
+        "vLLM's enable_lora: serve LoRA adapters of the model, each under its own model id "
+        "(lora_modules, and POST /v1/load_lora_adapter at run time)."))
+    lora_modules: list[dict[str, Any]] | None = Field(None, description=(
+        "vLLM's lora_modules: the adapters served from the start, [{name, path}]; a path is a "
+        "directory, a hub id or a generated: checkpoint."))
     gpu_memory_utilization: float | None = Field(None, description=(
         "vLLM's gpu_memory_utilization: the share of a GPU's memory (on the CPU: of NUMA node 0's "
         "memory) the model may use; CPU default 0.1, since vLLM's 0.92 fails on a shared machine."))
@@ -98,6 +104,25 @@ class VLLMKwargs(BaseModel):
                 values.setdefault(k, v)
         return values
 
+    def serve_flags(self, cpu: bool) -> list[str]:
+        """These options as ``vllm serve`` flags, engine arguments and server options alike: a
+        dict as JSON, a list as one value each, an adapter's ``generated:`` path resolved (how
+        the benchmarks and tests start vLLM's own server with a model's config)."""
+        from engines.checkpoints import resolve_source
+
+        flags = []
+        for key, value in self.vllm_options(cpu).items():
+            flag = "--" + key.replace("_", "-")
+            if key == "lora_modules":
+                value = [{**m, "path": resolve_source(m["path"])} for m in value]
+            if isinstance(value, bool):
+                flags += [flag] if value else []
+            elif isinstance(value, list):
+                flags += [flag, *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+            else:
+                flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+        return flags
+
     def engine_args(self, cpu: bool) -> dict[str, Any]:
         """Keyword arguments for ``vllm.AsyncEngineArgs``, as vLLM's types (with vLLM imported)."""
         from engines import vllm_options
@@ -107,10 +132,13 @@ class VLLMKwargs(BaseModel):
 
     def server_options(self) -> dict[str, Any]:
         """The options of vLLM's OpenAI server that are set, and the engine arguments it reads
-        too, as vLLM's types (with vLLM imported)."""
+        too, as vLLM's types (with vLLM imported); the adapters' ``generated:`` paths resolved."""
         from engines import vllm_options
+        from engines.checkpoints import resolve_source
 
         engine, server = vllm_options.split(self.vllm_options(cpu=False))
+        if server.get("lora_modules"):
+            server["lora_modules"] = [{**m, "path": resolve_source(m["path"])} for m in server["lora_modules"]]
         return vllm_options.typed({**engine, **server})
 
 
@@ -273,10 +301,24 @@ class VLLMBase(Engine[P]):
     def hosting(cls, model) -> Hosting:
         """vLLM's serving layer answers the routes of the model's runner; its engine core can run
         in a Ray actor of its own, one per frontend (:mod:`engines.vllm_core`); its CPU worker
-        binds its threads to every core but the last (:mod:`core.cpus`)."""
+        binds its threads to every core but the last (:mod:`core.cpus`); with ``enable_lora``
+        it serves LoRA adapters, those of ``lora_modules`` and those loaded at run time."""
         options = model.options(cls.Kwargs)
+        adapters = tuple(Adapter(name=m["name"], path=m["path"], base=model.model_id)
+                         for m in options.lora_modules or ())
         return Hosting(routes=cls.served_routes(model), core_actors=1, binds_cores=True,
-                       devices=options.tensor_parallel_size * options.pipeline_parallel_size)
+                       devices=options.tensor_parallel_size * options.pipeline_parallel_size,
+                       adapters=adapters, takes_adapters=options.enable_lora,
+                       adapter_slots=cls._adapter_slots(options))
+
+    @staticmethod
+    def _adapter_slots(options: VLLMKwargs) -> int:
+        """The adapters vLLM keeps in a replica's memory: ``max_cpu_loras``, else ``max_loras``
+        (vLLM's defaults: ``max_loras``, and 1); none without ``enable_lora``."""
+        if not options.enable_lora:
+            return 0
+        extra = options.model_extra or {}
+        return int(extra.get("max_cpu_loras") or extra.get("max_loras") or 1)
 
     @classmethod
     def fetch(cls, model) -> None:
@@ -290,7 +332,8 @@ class VLLMBase(Engine[P]):
     @classmethod
     def served_routes(cls, model) -> frozenset[str]:
         """The OpenAI-compatible routes vLLM's serving layer answers for ``model``."""
-        return routes_for("embed" if model.options(cls.Kwargs).runner == "pooling" else "generate")
+        options = model.options(cls.Kwargs)
+        return routes_for("embed" if options.runner == "pooling" else "generate", options.enable_lora)
 
     @classmethod
     def check_config(cls, model) -> list[tuple[str, str]]:
@@ -307,6 +350,9 @@ class VLLMBase(Engine[P]):
             problems.append(("deployment.engine.max_ongoing_requests",
                              f"{ongoing} is below engine_kwargs.max_num_seqs ({seqs}): Serve would never "
                              f"let vLLM batch more than {ongoing}; set it to {seqs}"))
+        if options.lora_modules and not options.enable_lora:
+            problems.append(("engine_kwargs.lora_modules", "adapters need enable_lora: true (as vllm serve's "
+                             "--lora-modules needs --enable-lora)"))
         placed = sorted(k for k in (options.model_extra or {}) if k.startswith("data_parallel_"))
         if model.deployment.placement == "remote_core" and placed:
             problems.append((f"engine_kwargs.{placed[0]}", "placement remote_core places the one engine "
@@ -398,6 +444,9 @@ class VLLMBase(Engine[P]):
     def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
         return self._guarded(self.frontend.call(route, body, ctx), ctx)
 
+    async def load_adapter(self, adapter: Adapter) -> None:
+        await self.frontend.adapter(adapter)
+
     async def model_card(self) -> dict[str, Any]:
         return await self.frontend.model_card()
 
@@ -412,9 +461,12 @@ class VLLMBase(Engine[P]):
             raise NotReady(f"the vLLM engine is dead: {err}") from None
 
     def stats(self) -> dict[str, Any]:
-        """``running_requests``: requests vLLM is still working on (aborted ones leave it)."""
+        """``running_requests``: requests vLLM is still working on (aborted ones leave it);
+        ``adapters``: the LoRA adapters this replica's serving layer has loaded."""
         running = 0 if self.llm is None else vllm_internals.vllm_unfinished_requests(self.llm)
-        return {"running_requests": running}
+        frontend = getattr(self, "frontend", None)
+        adapters = sorted(vllm_internals.vllm_loras(frontend.state)) if frontend and frontend.state else []
+        return {"running_requests": running, "adapters": adapters}
 
     async def stop(self) -> None:
         if self._watchdog is not None:
@@ -430,8 +482,9 @@ class VLLMEngine(VLLMBase[TextParams]):
     async def _generate(self, inputs: dict, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         prompt = {"prompt_token_ids": inputs["prompt_token_ids"]}
         request_id = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
+        lora = None if ctx.adapter is None else await self.frontend.adapter(ctx.adapter)
         completion = 0
-        async for out in self.client.generate(prompt, params.sampling_params(), request_id):
+        async for out in self.client.generate(prompt, params.sampling_params(), request_id, lora_request=lora):
             c = out.outputs[0]
             completion += len(c.token_ids)
             yield EngineResult(output=c.text, finish_reason=c.finish_reason if out.finished else None,
@@ -441,7 +494,7 @@ class VLLMEngine(VLLMBase[TextParams]):
     async def _chat(self, messages: list, params: TextParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         """Chat ``messages`` with media parts (a vision-language model's ``/v1/infer``), rendered
         and processed by vLLM's own chat serving, streamed back as text chunks."""
-        body = {**params.model_dump(exclude_none=True), "model": self.model.model_id, "messages": messages,
+        body = {**params.model_dump(exclude_none=True), "model": ctx.model_id, "messages": messages,
                 "stream": True, "stream_options": {"include_usage": True}}
         if params.logit_bias:
             body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
@@ -501,7 +554,7 @@ class VLLMEmbedder(VLLMBase[EmbedParams]):
                                             and all(isinstance(x, str) for x in inputs))):
             raise InvalidField("input: an embedding model takes a string or a list of strings",
                                model_id=ctx.model_id, field="input")
-        body = {"model": self.model.model_id, "input": inputs, **params.model_dump(exclude_none=True)}
+        body = {"model": ctx.model_id, "input": inputs, **params.model_dump(exclude_none=True)}
         async for answer in self.frontend.call("embedding", body, ctx):
             vectors = [d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])]
             usage = answer.get("usage") or {}

@@ -35,6 +35,10 @@ CORE_OF = "MMSERVE_ENGINE_CORE_OF"
 # instead. Set here, where both the engine (engines.vllm imports this module) and a core's
 # actor import from, before either imports vLLM.
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+# vLLM's CPU LoRA kernels give base-model tokens the last adapter's weights in a mixed batch:
+# fixed by mmserve's vLLM plugin in the processes of its engines, vLLM's workers included
+# (engines.vllm_internals.register_cpu_lora_fix)
+os.environ.setdefault("MMSERVE_VLLM_CPU_LORA_FIX", "1")
 
 
 def engine_args(kwargs, path: str, model_id: str, gpu_group: bool = False):

@@ -1,7 +1,7 @@
 """Every use of vLLM's non-public API, in one place (the vLLM engines' fence; Ray's is
 ``core/internals.py``).
 
-mmserve needs five things vLLM does not offer publicly (vLLM 0.32.0):
+mmserve needs six things vLLM does not offer publicly (vLLM 0.32.0):
 
 - whether AsyncLLM's engine core has died, and how many requests vLLM's output processor still
   holds (the engine's ``stats``, which the tests use to see that aborted requests leave vLLM);
@@ -17,7 +17,10 @@ mmserve needs five things vLLM does not offer publicly (vLLM 0.32.0):
   it takes (:func:`vllm_check_language`);
 - AsyncLLM here and its engine core in a Ray actor (``placement: remote_core``): vLLM's
   handshake with a remote headless core, and the core's own entry point (:func:`vllm_await_core`,
-  :func:`vllm_run_core`), checked at start (:func:`check_vllm_remote_core`).
+  :func:`vllm_run_core`), checked at start (:func:`check_vllm_remote_core`);
+- its LoRA adapters by name, their loading and unloading (:func:`vllm_serving_models`), and a
+  fix of its CPU LoRA kernels, which give a base-model token the last adapter in a mixed batch
+  (:func:`register_cpu_lora_fix`, a vLLM plugin applied only where the probe finds the bug).
 
 :func:`check_vllm_engine` runs when an engine first opens: if what it reads is not there, a
 warning names the installed version and what degrades. What has no fallback (vLLM's serving
@@ -28,7 +31,9 @@ when the model starts. The integration tests exercise these against real vLLM ob
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import os
+from typing import Any, Callable
 
 from core.internals import installed_version, warn_once
 
@@ -173,6 +178,18 @@ async def vllm_model_cards(state) -> list[dict[str, Any]]:
     """vLLM's ``/v1/models`` entries for the model of ``state`` (:func:`vllm_serving_state`)."""
     cards = await state.openai_serving_models.show_available_models()
     return [card.model_dump() for card in cards.data]
+
+
+def vllm_serving_models(state) -> Any:
+    """vLLM's ``OpenAIServingModels`` of ``state``: the model's names, its LoRA adapters, and
+    their loading and unloading."""
+    return state.openai_serving_models
+
+
+def vllm_loras(state) -> dict[str, Any]:
+    """The LoRA adapters vLLM's serving layer of ``state`` knows, by name (its ``LoRARequest``s:
+    what a request naming one generates with)."""
+    return vllm_serving_models(state).lora_requests
 
 
 def vllm_is_multimodal(state) -> bool:
@@ -321,3 +338,107 @@ def vllm_run_core(vllm_config, handshake: str) -> None:
     EngineCoreProc.run_engine_core(vllm_config=vllm_config, local_client=False, handshake_address=handshake,
                                    executor_class=Executor.get_class(vllm_config), log_stats=True,
                                    dp_rank=0, local_dp_rank=0)
+
+
+# --- vLLM: a fix of its CPU LoRA kernels ------------------------------------------------------
+#
+# A vLLM general plugin (entry point ``vllm.general_plugins`` in pyproject.toml: vLLM loads it
+# in each of its processes, the workers that run the model included). vLLM's CPU kernels
+# (``vllm.lora.ops.torch_ops``) gather each token's adapter weights with its adapter slot as an
+# index, and a token without an adapter has slot -1: Python's last slot. A batch that mixes
+# base-model requests with adapter requests then adds the last slot's adapter to the base
+# model's tokens (with ``max_loras: 1``, the one adapter loaded): the base model answers as the
+# adapter would. Open upstream (vllm-project/vllm#48421, #49656); vLLM's GPU kernels skip -1.
+# Seen here: the tiny Llama's base requests batched with its adapter's answered the adapter's
+# greedy text (tests/integration/vllm/test_lora.py).
+#
+# The fix wraps the three ``bgmv`` kernels (the ``sgmv`` ones call them): rows of slot -1 are
+# computed with slot 0 and then given back what they held (added to) or zero (assigned), so
+# that they get no adapter. It applies only where mmserve's engines run vLLM (the variable
+# below, set by ``engines.vllm_core``; vLLM's own server in the benchmarks is left as vLLM
+# ships it), only on the CPU, and only if a probe of the kernel shows the bug: a vLLM that
+# fixed it is left alone.
+
+#: set to 1 in the processes of mmserve's vLLM engines (and so in vLLM's workers, their children)
+CPU_LORA_FIX = "MMSERVE_VLLM_CPU_LORA_FIX"
+
+def register_cpu_lora_fix() -> None:
+    """vLLM's plugin hook: wrap the CPU LoRA kernels if they alias slot -1 (see the module)."""
+    if os.environ.get(CPU_LORA_FIX) != "1":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import importlib
+
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    if getattr(lora_ops.bgmv_shrink, "mmserve_fixed", False) or not aliases_last_slot(lora_ops.bgmv_shrink):
+        return
+    fixed = {"bgmv_shrink": _shrink(lora_ops.bgmv_shrink), "bgmv_expand": _expand(lora_ops.bgmv_expand),
+             "bgmv_expand_slice": _expand_slice(lora_ops.bgmv_expand_slice)}
+    for module in ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops",
+                   "vllm.lora.punica_wrapper.punica_cpu"):
+        target = importlib.import_module(module)
+        for name, fn in fixed.items():
+            if hasattr(target, name):
+                setattr(target, name, fn)
+    logging.getLogger("mmserve.vllm").info("vLLM's CPU LoRA kernels: tokens without an adapter no longer take the last slot's "
+                "(vllm-project/vllm#48421)")
+
+
+def aliases_last_slot(bgmv_shrink: Callable[..., Any]) -> bool:
+    """Whether ``bgmv_shrink`` gives a token of slot -1 the last slot's adapter."""
+    import torch
+
+    out = torch.zeros(1, 2)
+    bgmv_shrink(torch.ones(1, 2), torch.ones(1, 1, 2, 2), out, torch.tensor([-1]), 1.0)
+    return bool(out.abs().sum() > 0)
+
+
+def _marked(fn: Callable[..., None], kernel: Callable[..., None]) -> Callable[..., None]:
+    fn.mmserve_fixed = True  # type: ignore[attr-defined]
+    fn.__wrapped__ = kernel  # type: ignore[attr-defined]
+    return fn
+
+
+def _shrink(kernel: Callable[..., None]) -> Callable[..., None]:
+    def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+        none = lora_indices_tensor < 0
+        if not bool(none.any()) or none.shape[0] != output_tensor.shape[0]:
+            return kernel(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+        kernel(inputs, lora_a_weights, output_tensor, lora_indices_tensor.clamp(min=0), scaling)
+        output_tensor[none, : lora_a_weights.shape[-2]] = 0
+    return _marked(bgmv_shrink, kernel)
+
+
+def _expand(kernel: Callable[..., None]) -> Callable[..., None]:
+    def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+        none = lora_indices_tensor < 0
+        if not bool(none.any()) or none.shape[0] != output_tensor.shape[0]:
+            return kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        held = output_tensor[none].clone()
+        kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor.clamp(min=0), add_inputs)
+        if add_inputs:
+            output_tensor[none] = held
+        else:
+            output_tensor[none, : min(lora_b_weights.shape[-2], output_tensor.shape[1])] = 0
+    return _marked(bgmv_expand, kernel)
+
+
+def _expand_slice(kernel: Callable[..., None]) -> Callable[..., None]:
+    def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                          slice_size: int, add_inputs: bool = True):
+        none = lora_indices_tensor < 0
+        if not bool(none.any()) or none.shape[0] != output_tensor.shape[0]:
+            return kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset,
+                          slice_size, add_inputs)
+        held = output_tensor[none].clone()
+        kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor.clamp(min=0), slice_offset,
+               slice_size, add_inputs)
+        if add_inputs:
+            output_tensor[none] = held
+        else:
+            output_tensor[none, slice_offset: slice_offset + slice_size] = 0
+    return _marked(bgmv_expand_slice, kernel)

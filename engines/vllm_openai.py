@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from core.errors import (EngineError, InvalidField, InvalidParameter, MMServeError, ModelNotFound,
                          NotImplementedByEngine, NotReady, Unsupported)
-from core.protocol import RequestContext
+from core.protocol import Adapter, RequestContext
 from engines import vllm_internals
 
 logger = logging.getLogger("mmserve.vllm")
@@ -66,6 +66,11 @@ ROUTES: dict[str, Route] = {
     "pooling": Route("vllm.entrypoints.pooling.pooling.protocol:PoolingRequest", "serving_pooling", None, "embed"),
     "classify": Route("vllm.entrypoints.pooling.classify.protocol:ClassificationRequest",
                       "serving_classification", None, "classify"),
+    # vLLM's routes that load and unload LoRA adapters at run time (a model with enable_lora)
+    "load_lora_adapter": Route("vllm.entrypoints.serve.lora.protocol:LoadLoRAAdapterRequest",
+                               "openai_serving_models", "load_lora_adapter", "lora"),
+    "unload_lora_adapter": Route("vllm.entrypoints.serve.lora.protocol:UnloadLoRAAdapterRequest",
+                                 "openai_serving_models", "unload_lora_adapter", "lora"),
     "tokenize": Route("vllm.entrypoints.serve.tokenize.protocol:TokenizeRequest",
                       "serving_tokenization", "create_tokenize", "any"),
     "detokenize": Route("vllm.entrypoints.serve.tokenize.protocol:DetokenizeRequest",
@@ -73,12 +78,15 @@ ROUTES: dict[str, Route] = {
 }
 
 
-def routes_for(task: str) -> frozenset[str]:
+def routes_for(task: str, lora: bool = False) -> frozenset[str]:
     """The routes a vLLM model of ``task`` serves (vLLM's server answers the same for it):
     ``generate`` (chat, completions, the Responses and Messages APIs), ``embed`` (embeddings,
     score, rerank, pooling), ``classify`` (classify, pooling, and score and rerank from a
-    cross-encoder's one logit); tokenize and detokenize for all."""
+    cross-encoder's one logit); tokenize and detokenize for all; with ``lora`` (vLLM's
+    ``enable_lora``), loading and unloading LoRA adapters."""
     tasks = {"generate": {"generate"}, "embed": {"embed"}, "classify": {"classify"}}[task]
+    if lora:
+        tasks |= {"lora"}
     names = {name for name, r in ROUTES.items() if r.task in tasks or r.task == "any"}
     if task == "classify":
         names |= {"score", "rerank", "pooling"}
@@ -200,6 +208,8 @@ class OpenAIFrontend:
         self.routes = served_routes
         #: vLLM's app state (its serving objects), once :meth:`start` built it
         self.state: Any = None
+        #: adapters' paths as given -> as vLLM reads them (a generated one resolved once)
+        self._paths: dict[str, str] = {}
 
     async def start(self, llm, model_path: str, options: dict[str, Any]) -> None:
         """Build vLLM's app state over ``llm`` as ``vllm serve`` with ``options`` (vLLM's, by
@@ -219,9 +229,14 @@ class OpenAIFrontend:
             raise Unsupported(f"model {self.model_id!r} does not serve this route "
                               f"(it serves: {', '.join(sorted(self.routes))})", model_id=self.model_id)
         request = parse_request(route, body, self.model_id)
+        spec = ROUTES[route]
+        if spec.task == "lora":
+            yield await self._adapter_route(route, request)
+            return
+        if ctx.adapter is not None:  # vLLM's serving layer then finds it by the body's model
+            await self.adapter(ctx.adapter)
         if route == "chat" and not vllm_internals.vllm_is_multimodal(self.state):
             self._text_only(body)
-        spec = ROUTES[route]
         handler = vllm_internals.vllm_route_handler(self.state, spec.handler)
         if handler is None:
             raise Unsupported(f"model {self.model_id!r} does not serve {route}", model_id=self.model_id)
@@ -237,6 +252,50 @@ class OpenAIFrontend:
             raise error from None
         async for item in self._answer(result):
             yield item
+
+    async def adapter(self, adapter: Adapter) -> Any:
+        """vLLM's ``LoRARequest`` of ``adapter``, registered with vLLM's serving layer first
+        where it is not yet (an adapter loaded through another replica, or one of the config's
+        after a restart) or is from another path. vLLM's engine loads its weights when a
+        request first needs them and keeps at most ``max_loras`` of them in a batch and
+        ``max_cpu_loras`` in memory, evicting the least recently used."""
+        from engines.checkpoints import resolve_source
+
+        path = self._paths.get(adapter.path) or self._paths.setdefault(adapter.path, resolve_source(adapter.path))
+        known = vllm_internals.vllm_loras(self.state).get(adapter.name)
+        if known is None or known.lora_path != path:
+            await self._adapter_route("load_lora_adapter", parse_request(
+                "load_lora_adapter", {"lora_name": adapter.name, "lora_path": path,
+                                      "load_inplace": known is not None}, self.model_id))
+        return vllm_internals.vllm_loras(self.state)[adapter.name]
+
+    async def _adapter_route(self, route: str, request) -> str:
+        """vLLM's load or unload of an adapter, answered with vLLM's text. A load resolves a
+        ``generated:`` path and names this model as the base; a failed load is the client's
+        400 naming ``lora_path``, with vLLM's reason. Unloading an adapter that this replica
+        never loaded succeeds: the ingress keeps the list of adapters (``pipelines.router``)."""
+        from engines.checkpoints import resolve_source
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        models = vllm_internals.vllm_serving_models(self.state)
+        if route == "load_lora_adapter":
+            request.lora_path = resolve_source(request.lora_path)
+            known = vllm_internals.vllm_loras(self.state).get(request.lora_name)
+            if known is not None and known.lora_path == request.lora_path and not request.load_inplace:
+                return f"Success: LoRA adapter '{request.lora_name}' added successfully."  # held here already
+            request.load_inplace = request.load_inplace or known is not None
+            result = await models.load_lora_adapter(request, base_model_name=self.model_id)
+            if isinstance(result, ErrorResponse):
+                raise InvalidParameter(f"lora_path: adapter {request.lora_name!r} from {request.lora_path!r} "
+                                       f"cannot be loaded: {result.error.message}", model_id=self.model_id,
+                                       field="lora_path")
+            return result
+        if request.lora_name not in vllm_internals.vllm_loras(self.state):
+            return f"Success: LoRA adapter '{request.lora_name}' removed successfully."
+        result = await models.unload_lora_adapter(request)
+        if isinstance(result, ErrorResponse):
+            raise error_of(result, self.model_id)
+        return result
 
     def _text_only(self, body: dict[str, Any]) -> None:
         """Refuse, naming the part, a non-text content part sent to a text-only model (vLLM's

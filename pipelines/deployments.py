@@ -7,7 +7,7 @@ Each hosts one of the plain objects of ``nodes``/``engines``.
 from __future__ import annotations
 
 import re
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 from ray import serve
@@ -16,7 +16,7 @@ from core import cpus, metrics
 from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
-from core.protocol import EngineResult, Refusal, RequestContext
+from core.protocol import Adapter, EngineResult, Refusal, RequestContext
 from core.registry import engine_of, node_class
 from engines.base import Engine, collect
 from nodes.base import Node
@@ -70,28 +70,63 @@ class EngineServer:
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.engine = engine_of(model)(model)
         await self.engine.start()
+        self.adapter_loads = 0  # adapters this replica took on (each time Serve's multiplexing did)
+        self._hold = self._holder(engine_of(model).hosting(model).adapter_slots)
+
+    def _holder(self, slots: int) -> Callable[[Adapter], Awaitable[None]] | None:
+        """With adapters, Serve's model multiplexing: each replica tells Serve's routers which
+        adapters it holds (the ``slots`` it used last), and a request for one (its handle
+        call's ``multiplexed_model_id``, ``pipelines.stages.RemoteEngine``) goes to a replica
+        holding it, else, when those are busy, to the replica holding fewest."""
+        if not slots:
+            return None
+        named: dict[str, Adapter] = {}
+
+        async def load(name: str) -> Adapter:
+            await self.engine.load_adapter(named[name])
+            self.adapter_loads += 1
+            return named[name]
+
+        held = serve.multiplexed(max_num_models_per_replica=slots)(load)
+
+        async def hold(adapter: Adapter) -> None:
+            named[adapter.name] = adapter  # the newest path of the name: the one to load
+            await held(adapter.name)
+        return hold
+
+    async def _held(self, chunks: AsyncIterator[Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        """``chunks`` once the request's adapter, if any, is held here."""
+        if ctx.adapter is not None and self._hold is not None:
+            await self._hold(ctx.adapter)
+        async for chunk in chunks:
+            yield chunk
 
     # Errors of the vocabulary go back as Refusal values (see core.protocol.Refusal).
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult | Refusal:
         try:
-            return await within_deadline(collect(self.engine.infer(payload, params, ctx)), ctx)
+            chunks = self._held(self.engine.infer(payload, params, ctx), ctx)
+            return await within_deadline(collect(chunks), ctx)
         except MMServeError as err:
             return Refusal(err)
 
     async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[Any]:
-        async for chunk in _refused_as_values(iterate_within_deadline(self.engine.infer(payload, params, ctx), ctx)):
+        chunks = self._held(self.engine.infer(payload, params, ctx), ctx)
+        async for chunk in _refused_as_values(iterate_within_deadline(chunks, ctx)):
             yield chunk
 
     async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
-        async for chunk in _refused_as_values(iterate_within_deadline(self.engine.openai(route, body, ctx), ctx)):
+        chunks = self._held(self.engine.openai(route, body, ctx), ctx)
+        async for chunk in _refused_as_values(iterate_within_deadline(chunks, ctx)):
             yield chunk
 
     async def model_card(self) -> dict[str, Any]:
         return await self.engine.model_card()
 
     def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        """The engine's counters, this replica's id, and the adapters it took on."""
+        replica = serve.get_replica_context().replica_tag
+        return {**self.engine.stats(), "replica": replica, "adapter_loads": self.adapter_loads}
 
     async def status(self) -> str:
         try:

@@ -7,16 +7,21 @@ import logging
 from typing import Any, Callable, Iterator
 
 from core.errors import ModelNotFound
+from core.protocol import Adapter
 from pipelines.runner import Pipeline
 
 logger = logging.getLogger("mmserve.router")
 
 
 class ModelRouter:
-    """Every served model's :class:`~pipelines.runner.Pipeline`, by ``model_id``."""
+    """Every served model's :class:`~pipelines.runner.Pipeline`, by ``model_id``, and the
+    adapters served under their own ids (``core.protocol.Adapter``): those of the models'
+    configs, and those loaded at run time (``POST /v1/load_lora_adapter``), which this router
+    keeps for as long as their base model is served."""
 
     def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = {p.model.model_id: p for p in pipelines}
+        self.adapters: dict[str, Adapter] = {a.name: a for p in pipelines for a in p.adapters}
         self.generation = 0  # bumped by each update: what caches of the model set key on
 
     async def update(self, specs: list[Any], build: Callable[[Any], Pipeline], drain_timeout_s: float) -> None:
@@ -37,6 +42,9 @@ class ModelRouter:
         new = {p.model.model_id: p for p in fresh}
         retired = [p for p in self.pipelines.values() if p.model.model_id not in kept]
         self.pipelines = {s.model.model_id: kept.get(s.model.model_id) or new[s.model.model_id] for s in specs}
+        # a kept model keeps the adapters loaded into it; a new or changed one has its config's
+        self.adapters = {**{n: a for n, a in self.adapters.items() if a.base in kept},
+                         **{a.name: a for p in fresh for a in p.adapters}}
         self.generation += 1
         if fresh or retired:
             logger.info("models now %s (started %s, retired %s)", sorted(self.pipelines),
@@ -53,13 +61,29 @@ class ModelRouter:
         await asyncio.gather(*(p.start() for p in self.pipelines.values()))
 
     def get(self, model_id: str) -> Pipeline:
-        """The model's pipeline; raises ModelNotFound listing the served ids."""
-        try:
-            return self.pipelines[model_id]
-        except KeyError:
-            known = ", ".join(sorted(self.pipelines))
+        """The model's pipeline (an adapter's: its base model's); raises ModelNotFound listing
+        the served ids."""
+        pipeline = self.pipelines.get(model_id)
+        if pipeline is None and (adapter := self.adapters.get(model_id)) is not None:
+            pipeline = self.pipelines.get(adapter.base)
+        if pipeline is None:
+            known = ", ".join(sorted([*self.pipelines, *self.adapters]))
             raise ModelNotFound(f"unknown model_id {model_id!r}; served: {known}",
                                 model_id=model_id) from None
+        return pipeline
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        """Serve ``adapter`` (loaded into its base model's engine) under its own id from now on."""
+        self.adapters[adapter.name] = adapter
+
+    def remove_adapter(self, name: str) -> Adapter:
+        """Stop serving the adapter ``name``; raises ModelNotFound, listing the adapters, if none."""
+        try:
+            return self.adapters.pop(name)
+        except KeyError:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise ModelNotFound(f"The lora adapter {name!r} cannot be found (adapters: {known}).",
+                                model_id=name, field="lora_name") from None
 
     def __iter__(self) -> Iterator[Pipeline]:
         return iter(self.pipelines.values())

@@ -40,8 +40,13 @@ class Pipeline:
         self._idle.set()
         cls = engine_of(model)
         self.params_schema = cls.Params
+        hosting = cls.hosting(model)
         #: the OpenAI-compatible routes the engine answers for the model (its hosting's)
-        self.openai_routes = cls.hosting(model).routes
+        self.openai_routes = hosting.routes
+        #: the adapters of the model's config, each served under its own id, and whether the
+        #: engine takes more at run time
+        self.adapters = hosting.adapters
+        self.takes_adapters = hosting.takes_adapters
         node = getattr(preprocess, "node", None)  # a local node; a remote one by its config's name
         pre = type(node) if node is not None else (node_class(spec.preprocess.name) if spec is not None else None)
         #: the preprocess node checks OpenAI-compatible bodies too (e.g. a chat's images)

@@ -304,9 +304,16 @@ class RemoteEngine:
                 pass
             await asyncio.sleep(self.PROBE_PERIOD_S)  # the probing period
 
+    def _handle(self, ctx: RequestContext, stream: bool = False):
+        """The engine's handle for ``ctx``'s request: an adapter's goes first to a replica that
+        holds it (Serve's model multiplexing, ``pipelines.deployments.EngineServer``)."""
+        if ctx.adapter is None:
+            return self.handle.options(stream=True) if stream else self.handle
+        return self.handle.options(stream=stream, multiplexed_model_id=ctx.adapter.name)
+
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         self._check_up()
-        response = self.handle.generate.remote(payload, params, ctx)
+        response = self._handle(ctx).generate.remote(payload, params, ctx)
         try:
             await assigned(response, self.handle, self.model_id, self.scales_to_zero)
             return unwrap(await response)
@@ -331,7 +338,7 @@ class RemoteEngine:
     async def _remote_stream(self, method: str, *args) -> AsyncGenerator[Any, None]:
         self._check_up()
         # Closing this generator (client gone) cancels the remote one, and the engine aborts the request.
-        chunks = getattr(self.handle.options(stream=True), method).remote(*args)
+        chunks = getattr(self._handle(args[-1], stream=True), method).remote(*args)
         try:
             await assigned(chunks, self.handle, self.model_id, self.scales_to_zero)
             async for chunk in chunks:

@@ -6,7 +6,7 @@ from typing import AsyncIterator
 
 from core.config import ModelConfig, NodeSpec, ServerConfig
 from core.errors import InvalidField, NotReady
-from core.protocol import EngineResult, RequestContext
+from core.protocol import Adapter, EngineResult, RequestContext
 from engines.base import Engine, Hosting
 from core.protocol import NoOptions
 from engines.echo import EchoEngine
@@ -66,6 +66,36 @@ class ScriptedOpenAIEngine(Engine):
         yield {"route": route, "body": body}
 
 
+class ScriptedAdapterEngine(Engine):
+    """Takes adapters as a vLLM engine with ``enable_lora`` does, in a protocol of its own
+    making: its config's adapter ``static`` (path ``/adapters/static``), loads of any path but
+    one containing "bad" (refused naming ``lora_path``), and answers that name the adapter the
+    request reached it with (``ctx.adapter``)."""
+
+    @classmethod
+    def hosting(cls, model) -> Hosting:
+        return Hosting(routes=frozenset({"completion", "load_lora_adapter", "unload_lora_adapter"}),
+                       adapters=(Adapter(f"{model.model_id}-static", "/adapters/static", model.model_id),),
+                       takes_adapters=True)
+
+    async def infer(self, inputs, params, ctx):
+        yield EngineResult(output={"input": inputs, "adapter": ctx.adapter and ctx.adapter.name},
+                           finish_reason="stop")
+
+    async def openai(self, route, body, ctx):
+        from core.errors import InvalidParameter
+
+        if route == "load_lora_adapter":
+            if "bad" in body["lora_path"]:
+                raise InvalidParameter(f"lora_path: no adapter at {body['lora_path']!r}",
+                                       model_id=ctx.model_id, field="lora_path")
+            yield f"Success: LoRA adapter '{body['lora_name']}' added successfully."
+        elif route == "unload_lora_adapter":
+            yield f"Success: LoRA adapter '{body['lora_name']}' removed successfully."
+        else:
+            yield {"model": body["model"], "adapter": ctx.adapter and ctx.adapter.path, "base": ctx.adapter and ctx.adapter.base}
+
+
 class VLLMProtocolEngine(Engine):
     """Reads every OpenAI-compatible request with vLLM's own request models, as the vLLM engine
     does (``engines.vllm_openai.parse_request``), and answers a fixed body: the API's handling
@@ -98,7 +128,8 @@ def model(model_id: str, **kw) -> ModelConfig:
 def local_pipeline(m: ModelConfig, engine_cls: type[Engine] = EchoEngine) -> Pipeline:
     p = Pipeline(m, LocalNode(Identity({}, m)), LocalEngine(engine_cls(m)), LocalNode(Result({}, m)))
     p.params_schema = engine_cls.Params
-    p.openai_routes = engine_cls.hosting(m).routes
+    hosting = engine_cls.hosting(m)
+    p.openai_routes, p.adapters, p.takes_adapters = hosting.routes, hosting.adapters, hosting.takes_adapters
     return p
 
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from api.call import Call, CallDep
 from api.errors import ERROR_SCHEMA
 from core.errors import NotReady
+from core.protocol import Adapter
 from pipelines.runner import Pipeline
 
 logger = logging.getLogger("mmserve.api")
@@ -35,18 +36,29 @@ async def _entry(call: Call, pipeline: Pipeline, status: str) -> dict[str, Any]:
             "status": status}
 
 
-@router.get("/v1/models", summary="Every served model, with its status")
+def _adapter_entry(call: Call, adapter: Adapter, status: str) -> dict[str, Any]:
+    """An adapter's entry, as an LLM server lists a LoRA adapter (``parent``: its base model's
+    id, ``root``: its path), with its base model's status."""
+    return {"id": adapter.name, "object": "model", "created": call.app.started, "owned_by": "mmserve",
+            "root": adapter.path, "parent": adapter.base, "status": status}
+
+
+@router.get("/v1/models", summary="Every served model and adapter, with its status")
 async def list_models(call: CallDep):
     statuses = await call.router.statuses(call.server.status_timeout_s)
     data = await asyncio.gather(*(_entry(call, p, statuses[p.model.model_id]) for p in call.router))
-    return {"object": "list", "data": list(data)}
+    adapters = [_adapter_entry(call, a, statuses.get(a.base, "unavailable")) for a in call.router.adapters.values()]
+    return {"object": "list", "data": [*data, *adapters]}
 
 
 @router.get("/v1/models/{model_id:path}", responses={404: ERROR_SCHEMA},
-            summary="One served model, with its status")
+            summary="One served model or adapter, with its status")
 async def get_model(model_id: str, call: CallDep):
     pipeline = call.pipeline(model_id)
-    return await _entry(call, pipeline, await pipeline.status(call.server.status_timeout_s))
+    status = await pipeline.status(call.server.status_timeout_s)
+    if (adapter := call.router.adapters.get(model_id)) is not None:
+        return _adapter_entry(call, adapter, status)
+    return await _entry(call, pipeline, status)
 
 
 @router.get("/health", summary="The ingress process is alive")

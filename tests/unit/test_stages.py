@@ -249,3 +249,25 @@ def test_a_refusal_of_vllms_serving_layer_while_the_core_is_dead_is_503():
                 pass
 
     asyncio.run(run())
+
+
+def test_an_adapters_request_asks_serve_for_a_replica_holding_it():
+    """Serve's model multiplexing routes by the handle call's ``multiplexed_model_id``: an
+    adapter's name; the base model's requests go without one."""
+    from core.protocol import Adapter
+
+    seen = []
+
+    class Handle:
+        def options(self, **kw):
+            seen.append(kw)
+            return self
+
+    engine = RemoteEngine(Handle(), "m")
+    adapter = Adapter("sql", "/adapters/sql", "m")
+    engine._handle(RequestContext(request_id="r", model_id="sql", adapter=adapter), stream=True)
+    engine._handle(RequestContext(request_id="r", model_id="sql", adapter=adapter))
+    assert engine._handle(ctx()) is engine.handle
+    engine._handle(ctx(), stream=True)
+    assert seen == [{"stream": True, "multiplexed_model_id": "sql"}, {"stream": False, "multiplexed_model_id": "sql"},
+                    {"stream": True}]

@@ -197,3 +197,24 @@ def test_the_launcher_exits_1_naming_a_hub_model_it_cannot_fetch():
     assert r.returncode == 1, r.stdout + r.stderr
     assert "model.llm.source: nobody/no-such-model: cannot fetch it from the hub" in r.stdout + r.stderr
     assert "Started" not in r.stdout + r.stderr
+
+
+def test_adapters_need_enable_lora_and_ids_of_their_own():
+    with pytest.raises(ConfigError) as err:
+        compose(["model=[tiny_llama,echo]", "pipeline=[text,echo]",
+                 "+model.tiny_llama.engine_kwargs.lora_modules=[{name: echo, path: /adapters/a}]",
+                 "model.tiny_llama.engine_kwargs.enable_lora=false"])
+    found = dict(err.value.problems)
+    assert "enable_lora" in found["model.tiny_llama.engine_kwargs.lora_modules"]
+    assert "model.echo" in found["model.tiny_llama.engine_kwargs"]  # 'echo' names that model already
+
+
+def test_a_configured_adapter_is_served_under_its_name_with_the_load_routes():
+    from core.protocol import Adapter
+    from core.registry import engine_of
+
+    cfg = compose(["model=[tiny_llama]", "pipeline=[text]"])
+    m = cfg.model["tiny_llama"]
+    hosting = engine_of(m).hosting(m)
+    assert hosting.adapters == (Adapter("tiny-llama-lora", "generated:tiny-llama-lora", "tiny-llama"),)
+    assert hosting.takes_adapters and {"load_lora_adapter", "unload_lora_adapter"} <= hosting.routes

@@ -37,6 +37,8 @@ def overrides() -> list[str]:
         "+model.vlm.engine_kwargs.limit_mm_per_prompt={image: 2, video: 1}",
         # a vLLM server option whose effect test_text.py checks
         "+model.tiny_llama.engine_kwargs.enable_prompt_tokens_details=true",
+        # adapters loaded at run time (test_lora.py)
+        "server.allow_runtime_lora_updating=true",
         # a small max_pixels, so that a "too large" image is cheap to make (test_vlm.py)
         "pipeline.vlm.preprocess.kwargs.max_pixels=1000000",
         # without torch.compile, as vLLM's own CPU CI runs: compiling the four models' graphs
