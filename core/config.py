@@ -47,6 +47,10 @@ class AutoscalingConfig(Strict):
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica to aim for.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Sustained load before scaling up.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Sustained idleness before scaling down.")
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description=(
+        "Sustained idleness before the last replica goes (min_replicas 0); unset: downscale_delay_s."))
+    look_back_period_s: float = Field(30.0, gt=0, description=(
+        "The window Serve averages a deployment's ongoing requests over for each decision."))
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
