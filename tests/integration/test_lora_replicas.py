@@ -3,7 +3,8 @@ adapter goes to the replica that holds it (Serve's model multiplexing), and a ho
 over to the other replica when the one that holds it is busy rather than queueing there; each
 adapter answers as vLLM's own server answers with the same adapter.
 
-The tiny Llama with ``placement: engine`` and two replicas of its engine, each a vLLM of its own;
+The generated tiny Llama served as a user's own model is (``model=llm`` with its directory as
+the source), with ``placement: engine`` and two replicas of its engine, each a vLLM of its own;
 ``max_loras`` (and so what a replica holds) 1; two adapters loaded at run time. Two vLLM starts
 on two cores: marked slow (``pytest -m slow tests/integration/test_lora_replicas.py``; the
 last run is in docs/testing.md).
@@ -25,17 +26,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BASE = "tiny-llama"
 
-OVERRIDES = [
-    "model=[tiny_llama]", "pipeline=[text]",
-    "~model.tiny_llama.engine_kwargs.lora_modules",  # adapters loaded at run time only
-    "model.tiny_llama.deployment.placement=engine",
-    "+model.tiny_llama.deployment.engine.num_replicas=2",
-    "model.tiny_llama.deployment.engine.ray_actor_options.num_cpus=0",
-    # a replica is busy at two requests: a third for its adapter goes to the other one
-    "model.tiny_llama.engine_kwargs.max_num_seqs=2", "model.tiny_llama.deployment.engine.max_ongoing_requests=2",
-    "+model.tiny_llama.engine_kwargs.enforce_eager=true",
-    "server.allow_runtime_lora_updating=true",
-]
+
+def overrides() -> list[str]:
+    """The generated tiny Llama as a user's own model, in one override of conf/model/llm.yaml
+    (its model id from its directory's name), with two engine replicas that take adapters."""
+    from engines.checkpoints import resolve_source
+
+    return [
+        "model=llm", f"model.llm.source={resolve_source('generated:tiny-llama')}", "pipeline=[text]",
+        "model.llm.deployment.placement=engine", "+model.llm.deployment.engine.num_replicas=2",
+        "model.llm.deployment.engine.ray_actor_options.num_cpus=0",
+        "+model.llm.engine_kwargs.enable_lora=true", "+model.llm.engine_kwargs.max_lora_rank=8",
+        # a replica is busy at two requests: a third for its adapter goes to the other one
+        "+model.llm.engine_kwargs.max_num_seqs=2", "model.llm.deployment.engine.max_ongoing_requests=2",
+        "+model.llm.engine_kwargs.enforce_eager=true",
+        "server.allow_runtime_lora_updating=true",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +61,8 @@ def serve_app(adapter_paths):
     from apps.config import compose
     from apps.serving import free_port, served
 
-    cfg = compose([*OVERRIDES, f"server.port={free_port()}"])
+    cfg = compose([*overrides(), f"server.port={free_port()}"])
+    assert list(cfg.model) == ["llm"] and cfg.model["llm"].model_id == BASE
     with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False) as server:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             for name, path in adapter_paths.items():
@@ -125,7 +132,7 @@ def test_each_adapter_answers_as_vllms_own_server_with_the_same_adapter(serve_ap
     from apps.config import compose
 
     listed = ", ".join(f"{{name: {n}, path: '{p}'}}" for n, p in adapter_paths.items())
-    model = compose([*OVERRIDES, f"++model.tiny_llama.engine_kwargs.lora_modules=[{listed}]"]).model["tiny_llama"]
+    model = compose([*overrides(), f"++model.llm.engine_kwargs.lora_modules=[{listed}]"]).model["llm"]
     ours = {m: asyncio.run(_completions(serve_app, [m]))[0] for m in (BASE, *adapter_paths)}
     with vllms_own_server(model) as url:
         theirs = {m: asyncio.run(_completions(url, [m]))[0] for m in (BASE, *adapter_paths)}

@@ -79,6 +79,26 @@ def test_a_changed_model_gets_a_new_pipeline_and_the_old_one_drains():
     asyncio.run(scenario())
 
 
+def test_adapters_loaded_into_a_model_stay_while_it_is_kept_and_go_with_it():
+    from core.protocol import Adapter
+
+    specs = inline_specs()
+    a, c = specs["echo"], specs["echo-remote"]
+    changed = a.model_copy(update={"model": a.model.model_copy(update={"params": {"delay_s": 0.01}})})
+
+    async def scenario():
+        router = ModelRouter([])
+        await router.update([a, c], pipeline_for, drain_timeout_s=5)
+        router.add_adapter(Adapter("sql", "/adapters/sql", "echo"))
+        router.add_adapter(Adapter("chat", "/adapters/chat", "echo-remote"))
+        await router.update([a], pipeline_for, drain_timeout_s=5)  # echo kept, echo-remote removed
+        assert set(router.adapters) == {"sql"} and router.get("sql") is router.get("echo")
+        await router.update([changed], pipeline_for, drain_timeout_s=5)  # echo changed: a new engine
+        assert router.adapters == {}
+
+    asyncio.run(scenario())
+
+
 def test_a_pipeline_that_fails_to_start_leaves_the_served_set_as_it_was():
     specs = inline_specs()
     a, b, c = specs["echo"], specs["echo-split"], specs["echo-remote"]
