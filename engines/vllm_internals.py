@@ -354,7 +354,8 @@ def vllm_run_core(vllm_config, handshake: str) -> None:
 #
 # The fix wraps the three ``bgmv`` kernels (the ``sgmv`` ones call them): rows of slot -1 are
 # computed with slot 0 and then given back what they held (added to) or zero (assigned), so
-# that they get no adapter. It applies only where mmserve's engines run vLLM (the variable
+# that they get no adapter; a batch of which no token has an adapter (vLLM runs the decode
+# kernels for it all the same) computes nothing. It applies only where mmserve's engines run vLLM (the variable
 # below, set by ``engines.vllm_core``; vLLM's own server in the benchmarks is left as vLLM
 # ships it), only on the CPU, and only if a probe of the kernel shows the bug: a vLLM that
 # fixed it is left alone.
@@ -408,6 +409,9 @@ def _shrink(kernel: Callable[..., None]) -> Callable[..., None]:
         none = lora_indices_tensor < 0
         if not bool(none.any()) or none.shape[0] != output_tensor.shape[0]:
             return kernel(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+        if bool(none.all()):  # no token has an adapter: nothing to compute
+            output_tensor[:, : lora_a_weights.shape[-2]] = 0
+            return None
         kernel(inputs, lora_a_weights, output_tensor, lora_indices_tensor.clamp(min=0), scaling)
         output_tensor[none, : lora_a_weights.shape[-2]] = 0
     return _marked(bgmv_shrink, kernel)
@@ -418,6 +422,10 @@ def _expand(kernel: Callable[..., None]) -> Callable[..., None]:
         none = lora_indices_tensor < 0
         if not bool(none.any()) or none.shape[0] != output_tensor.shape[0]:
             return kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        if bool(none.all()):  # no token has an adapter: nothing to add
+            if not add_inputs:
+                output_tensor[:, : min(lora_b_weights.shape[-2], output_tensor.shape[1])] = 0
+            return None
         held = output_tensor[none].clone()
         kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor.clamp(min=0), add_inputs)
         if add_inputs:
@@ -434,6 +442,10 @@ def _expand_slice(kernel: Callable[..., None]) -> Callable[..., None]:
         if not bool(none.any()) or none.shape[0] != output_tensor.shape[0]:
             return kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset,
                           slice_size, add_inputs)
+        if bool(none.all()):  # no token has an adapter: nothing to add
+            if not add_inputs:
+                output_tensor[:, slice_offset: slice_offset + slice_size] = 0
+            return None
         held = output_tensor[none].clone()
         kernel(inputs, lora_b_weights, output_tensor, lora_indices_tensor.clamp(min=0), slice_offset,
                slice_size, add_inputs)

@@ -67,3 +67,22 @@ def test_expand_slice_touches_only_its_slice_and_only_for_adapted_tokens(add):
         delta = torch.zeros(3) if slot < 0 else b[slot, 0] @ x[row]
         want[2:5] = want[2:5] + delta if add else delta
         assert torch.allclose(out[row], want, atol=1e-5), row
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_a_batch_without_adapters_gets_none(add):
+    none = torch.tensor([-1, -1, -1])
+    x, a, b = torch.randn(3, HIDDEN), torch.randn(SLOTS, 1, RANK, HIDDEN), torch.randn(SLOTS, 1, OUT, RANK)
+    shrunk = torch.full((3, RANK), 7.0)
+    vllm_cpu_lora._shrink(_ops().bgmv_shrink)(x, a, shrunk, none, 1.0)
+    assert not shrunk.any()
+    before = torch.randn(3, OUT)
+    out = before.clone()
+    vllm_cpu_lora._expand(_ops().bgmv_expand)(torch.randn(3, RANK), b, out, none, add)
+    assert torch.equal(out, before if add else torch.zeros(3, OUT))
+    out = before.clone()
+    vllm_cpu_lora._expand_slice(_ops().bgmv_expand_slice)(torch.randn(3, RANK), b[:, :, :3], out, none, 2, 3, add)
+    want = before.clone()
+    if not add:
+        want[:, 2:5] = 0
+    assert torch.equal(out, want)
