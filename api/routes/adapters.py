@@ -79,8 +79,8 @@ async def _engine_answer(call: Call, pipeline: Pipeline, route: str, body: dict[
 
 @router.post("/v1/load_lora_adapter", responses=_TEXT, summary="Load a LoRA adapter (the LLM server's route and body)")
 async def load_lora_adapter(call: CallDep):
+    _allowed(call)  # off: refused before the body is read
     body = await read_json_object(call.request)
-    _allowed(call)
     name = _name(body)
     pipeline = _base(call, body)
     path = body.get("lora_path")
@@ -105,8 +105,8 @@ async def load_lora_adapter(call: CallDep):
 
 @router.post("/v1/unload_lora_adapter", responses=_TEXT, summary="Unload a LoRA adapter (the LLM server's route and body)")
 async def unload_lora_adapter(call: CallDep):
+    _allowed(call)  # off: refused before the body is read
     body = await read_json_object(call.request)
-    _allowed(call)
     name = _name(body)
     adapter = call.router.remove_adapter(name)  # no new request finds it from here on
     pipeline = call.pipeline(adapter.base)
