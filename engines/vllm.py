@@ -108,13 +108,9 @@ class VLLMKwargs(BaseModel):
         """These options as ``vllm serve`` flags, engine arguments and server options alike: a
         dict as JSON, a list as one value each, an adapter's ``generated:`` path resolved (how
         the benchmarks and tests start vLLM's own server with a model's config)."""
-        from engines.checkpoints import resolve_source
-
         flags = []
-        for key, value in self.vllm_options(cpu).items():
+        for key, value in _adapter_paths_resolved(self.vllm_options(cpu)).items():
             flag = "--" + key.replace("_", "-")
-            if key == "lora_modules":
-                value = [{**m, "path": resolve_source(m["path"])} for m in value]
             if isinstance(value, bool):
                 flags += [flag] if value else []
             elif isinstance(value, list):
@@ -134,12 +130,19 @@ class VLLMKwargs(BaseModel):
         """The options of vLLM's OpenAI server that are set, and the engine arguments it reads
         too, as vLLM's types (with vLLM imported); the adapters' ``generated:`` paths resolved."""
         from engines import vllm_options
-        from engines.checkpoints import resolve_source
 
         engine, server = vllm_options.split(self.vllm_options(cpu=False))
-        if server.get("lora_modules"):
-            server["lora_modules"] = [{**m, "path": resolve_source(m["path"])} for m in server["lora_modules"]]
-        return vllm_options.typed({**engine, **server})
+        return vllm_options.typed({**engine, **_adapter_paths_resolved(server)})
+
+
+def _adapter_paths_resolved(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with each ``lora_modules`` path as vLLM reads it (a ``generated:`` adapter
+    made and named by its directory)."""
+    if not options.get("lora_modules"):
+        return options
+    from engines.checkpoints import resolve_source
+
+    return {**options, "lora_modules": [{**m, "path": resolve_source(m["path"])} for m in options["lora_modules"]]}
 
 
 class TextParams(BaseModel):
