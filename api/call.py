@@ -66,11 +66,15 @@ class Call:
         self.model_id: str | None = None
         self._held: Pipeline | None = None
 
-    def pipeline(self, model_id: str) -> Pipeline:
+    def pipeline(self, model_id: str, serving: bool = True) -> Pipeline:
         """The pipeline of ``model_id`` (an adapter's: its base model's; ModelNotFound, 404,
         naming the served ids, if none), held until the response is sent; the first model
-        named is the request's."""
+        named is the request's. ``serving``: the model must be ready to serve (NotReady, 503,
+        naming what it waits for or why it failed, if not); a route that only describes it
+        passes False."""
         pipeline = self.router.get(model_id)
+        if serving:
+            pipeline.check_serving()
         if self._held is None:
             pipeline.enter()
             self._held = pipeline

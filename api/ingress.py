@@ -17,7 +17,7 @@ from ray import serve
 from api.app import create_app
 from core import cpus, internals, metrics
 from core.config import ServerConfig
-from pipelines.deployments import RouteSpec, deployment_name, pipeline_for, step_app_name
+from pipelines.deployments import RouteSpec, deployment_name, follow_deployments, pipeline_for, step_app_name
 from pipelines.router import ModelRouter
 
 logger = logging.getLogger("mmserve.ingress")
@@ -44,13 +44,23 @@ class Ingress:
         removed model's requests in flight finish first (within ``server.max_request_timeout_s``,
         which no request outlives).
 
-        The first set failing to build or start fails the replica, as any start does. A later
-        one that fails leaves the models served as they were, and the replica up: a model that
-        cannot load must not take the HTTP entry of every other model down with it. What went
-        wrong is :meth:`last_update_error` until the next update (the launcher's ``--update``
-        asks, reports it and puts the previous set back)."""
+        The first set starts in the background (``ModelRouter.begin``): this replica answers
+        at once, each model takes requests once it is up, and one that fails to start answers
+        503 naming why while the others serve (:meth:`model_states` says which is which). A
+        first set that cannot even be built (a step this node cannot import) fails the replica.
+
+        A later set is applied whole or not at all: one that fails leaves the models served as
+        they were, and the replica up: a model that cannot load must not take the HTTP entry
+        of every other model down with it. What went wrong is :meth:`last_update_error` until
+        the next update (the launcher's ``--update`` asks, reports it and puts the previous set
+        back)."""
         try:
             specs = [RouteSpec.model_validate(r) for r in config.get("routes", [])]
+            if not self.configured:
+                # the first set starts behind this replica's back: it answers from now on
+                self.router.begin(specs, self._pipeline, self._follow)
+                self.configured = True
+                return
             await self.router.update(specs, self._pipeline, self.server.max_request_timeout_s)
         except Exception as err:
             if not self.configured:
@@ -60,6 +70,13 @@ class Ingress:
             return
         self.configured = True
         self.update_error = None
+
+    async def _follow(self, pipelines: list) -> None:
+        await follow_deployments(self.app_name, pipelines)
+
+    def model_states(self) -> dict[str, dict[str, Any]]:
+        """Each model's start-up state (``ModelRouter.states``), for the launcher's progress."""
+        return self.router.states()
 
     def last_update_error(self) -> str | None:
         """Why the last change of models failed (None: it was applied)."""

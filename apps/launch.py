@@ -5,12 +5,18 @@
 in place (see ``apps.updates``): added models start, removed ones finish their requests and go,
 the others keep running.
 
-Exits 2 on an invalid config (nothing started or sent), 1 if deployment (or the update) fails,
-0 after Ctrl-C/SIGTERM (or once the update is applied).
+While models start, a live table shows each one's state; each model takes requests once it is
+ready (``/health`` and ``/v1/models`` answer from the first seconds). Ray's, the engines' and the
+replicas' output goes to Ray's log files, whose directory is printed.
+
+Exits 2 on an invalid config (nothing started or sent), 1 if deployment (or the update) fails or
+a model failed to start (with ``server.on_start_failure: serve_others`` once the others have been
+served until Ctrl-C), 0 after Ctrl-C/SIGTERM (or once the update is applied).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -34,11 +40,22 @@ def serve_config(cfg: AppConfig) -> None:
 
     from apps import serving, updates
     from apps.graph import graph_table
+    from apps.progress import StartupTable
 
-    Console().print(graph_table(cfg))
+    console = Console()
+    console.print(graph_table(cfg))
+    failed: dict[str, str] = {}
     try:
         serving.fetch_weights(cfg)
-        with serving.served(cfg, handle_signals=True) as server:
+        table = StartupTable(cfg, console)
+        table.start()
+        with contextlib.ExitStack() as stack:
+            stack.callback(table.stop)
+            server = stack.enter_context(serving.served(cfg, handle_signals=True, log_to_driver=False,
+                                                        progress=table))
+            table.stop()
+            report_start(console, cfg, server)
+            failed = server.failed
             current = [cfg]
 
             def apply(raw: dict) -> dict:
@@ -54,8 +71,6 @@ def serve_config(cfg: AppConfig) -> None:
                 return {"ok": True, **changes, "served": sorted(m.model_id for m in new.model.values())}
 
             close = updates.open_channel(server.app_name, apply)
-            logger.info("ready: %d model(s) served at %s/ (POST %s/v1/infer); Ctrl-C to stop",
-                        len(cfg.model), server.url, server.url)
             try:
                 serving.wait_forever()
             except serving.ShutdownRequested as sig:
@@ -66,6 +81,25 @@ def serve_config(cfg: AppConfig) -> None:
         exit_on_config_error(err)
     except serving.ShutdownRequested as sig:
         logger.info("%s received while starting: stopped", sig)
+    if failed:
+        raise SystemExit(1)
+
+
+def report_start(console, cfg: AppConfig, server) -> None:
+    """Where the server is, the models that failed to start, where the logs are, a call to try."""
+    from apps.progress import first_call
+    from core import internals
+
+    ready = {m.model_id for m in cfg.model.values()} - set(server.failed)
+    for model_id, why in server.failed.items():
+        console.print(f"[bold red]model {model_id} failed to start[/]: {why}", soft_wrap=True)
+    console.print(f"[green]{len(ready)} of {len(cfg.model)} model(s) served at {server.url}/[/]"
+                  f" (POST /v1/infer, the OpenAI routes under /v1, GET /v1/models); Ctrl-C to stop",
+                  soft_wrap=True)
+    if logs := internals.ray_logs_dir():
+        console.print(f"Ray's, the engines' and the replicas' logs: {logs}", soft_wrap=True, highlight=False)
+    if call := first_call(cfg, server.url, ready):
+        console.print(f"try: {call}", soft_wrap=True, highlight=False)
 
 
 def send_update(raw: dict, cfg: AppConfig) -> None:

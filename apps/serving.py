@@ -25,9 +25,9 @@ import random
 import signal
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Iterator
+from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
 from core import cpus
 from core.config import AppConfig, ServerConfig
@@ -190,6 +190,11 @@ class Served:
     url: str                # base URL, no trailing slash: f"{url}/v1/infer"
     app_name: str
     session: RaySession
+    failed: dict[str, str] = field(default_factory=dict)  # model id -> why it did not start
+
+
+#: what the launcher is told while models start: each model's ``ModelRouter.states`` entry
+Progress = Callable[[dict[str, dict]], None]
 
 
 @dataclass
@@ -215,26 +220,41 @@ class RaySession:
         check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
 
     @contextlib.contextmanager
-    def deployed(self, targets: list[Target], *, ready_timeout_s: float = 900.0) -> Iterator[Served]:
+    def deployed(self, targets: list[Target], *, ready_timeout_s: float = 900.0,
+                 on_failure: str = "stop", progress: Progress | None = None) -> Iterator[Served]:
         """Deploy ``targets`` (``apps.builder.Target``; the last one answers HTTP, and names the
-        whole), wait until Serve reports all running, yield the last as :class:`Served`;
-        afterwards delete it and every application named after it (its models' steps, those
-        an :meth:`update` added included), draining requests in flight within each
-        deployment's grace period, ready or not.
+        whole): the ingress first, until it answers, then the models' steps, and wait until
+        every model is ready or has failed to start (``progress`` is told each model's state meanwhile), yield the last
+        as :class:`Served`; afterwards delete it and every application named after it (its
+        models' steps, those an :meth:`update` added included), draining requests in flight
+        within each deployment's grace period, ready or not.
+
+        ``on_failure``: a model that failed to start stops everything (``stop``: RuntimeError)
+        or is reported in ``Served.failed`` while the others are served (``serve_others``).
 
         Raises:
-            RuntimeError: it failed to deploy, or was not running within ``ready_timeout_s``.
+            RuntimeError: it failed to deploy, a model failed with ``on_failure: stop``, or a
+                model was neither ready nor failed within ``ready_timeout_s``.
         """
+        import time
+
         main = targets[-1]
+        deadline = time.monotonic() + ready_timeout_s
         try:
-            _run(targets, ready_timeout_s)
+            # the ingress first, alone: it answers while the models start behind it (together,
+            # on 2 cores, its start waited 100 s for the models' imports)
+            _run([main], ready_timeout_s)
+            _run(targets[:-1], ready_timeout_s, wait_for=[])
             if self.model_cpus:
                 # HAProxy carries every request and chunk: it runs where the models do, and so
                 # does its manager, which starts a new haproxy on each reload (one often comes
                 # just as the applications turn running)
                 cpus.move_with_what_it_starts("ray::HAProxyManager", "haproxy", self.model_cpus,
                                               under=os.getpid())
-            yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self)
+            failed = wait_for_models(main.name, deadline, progress)
+            if failed and on_failure == "stop":
+                raise RuntimeError("model(s) failed to start: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
+            yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self, failed=failed)
         finally:
             if self.handles_signals:
                 ignore_signals()
@@ -300,34 +320,65 @@ def step_apps_of(app_name: str) -> list[str]:
     return sorted(n for n in serve.status().applications if n.startswith(f"{app_name}."))
 
 
-def _run(targets: list[Target], timeout_s: float) -> None:
-    """Serve's ``run_many`` for ``targets``, bounded by ``timeout_s``. It waits until the
-    applications run, with no bound of its own, so it runs in a thread while this one waits
-    (and still takes signals)."""
+#: how often the launcher asks Serve, and then the ingress, how the start-up goes
+POLL_S = 0.5
+
+
+def _run(targets: list[Target], timeout_s: float, wait_for: list[str] | None = None) -> None:
+    """Serve's ``run_many`` for ``targets``, then wait until the applications ``wait_for``
+    (default: all) run, at most ``timeout_s``. The others go on starting."""
+    import time
+
     from ray import serve
-
-    failure: list[BaseException] = []
-    names = [t.name for t in targets]
-
-    def run() -> None:
-        try:
-            serve.run_many([serve.RunTarget(target=t.app, name=t.name, route_prefix=t.route_prefix)
-                            for t in targets], blocking=False)
-        except BaseException as err:  # handed to the waiting thread
-            failure.append(err)
 
     if not targets:
         return
-    thread = threading.Thread(target=run, name=f"serve.run {names[-1]}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if failure:
-        raise RuntimeError(f"application {names[-1]!r} failed to deploy: {failure[0]}") from failure[0]
-    if thread.is_alive():  # it ends when the tear-down deletes the applications
+    names = [t.name for t in targets]
+    wait_for = names if wait_for is None else wait_for
+    try:
+        serve.run_many([serve.RunTarget(target=t.app, name=t.name, route_prefix=t.route_prefix)
+                        for t in targets], blocking=False, wait_for_applications_running=False)
+    except Exception as err:
+        raise RuntimeError(f"application {names[-1]!r} failed to deploy: {err}") from err
+    deadline = time.monotonic() + timeout_s
+    while True:
         apps = serve.status().applications
-        detail = "; ".join(f"{n}: {a.status} {a.message}".strip() if (a := apps.get(n)) else f"{n}: unknown"
-                           for n in names if not (a := apps.get(n)) or a.status != "RUNNING")
-        raise RuntimeError(f"application {names[-1]!r} not ready after {timeout_s:g}s ({detail})")
+        states = {n: apps.get(n) for n in wait_for}
+        if all(a is not None and str(a.status).endswith("RUNNING") for a in states.values()):
+            return
+        if failed := {n: a for n, a in states.items() if a is not None and str(a.status).endswith("DEPLOY_FAILED")}:
+            raise RuntimeError(f"application {names[-1]!r} failed to deploy: "
+                               + "; ".join(f"{n}: {a.message}" for n, a in failed.items()))
+        if time.monotonic() > deadline:
+            detail = "; ".join(f"{n}: {a.status} {a.message}".strip() if a else f"{n}: unknown"
+                               for n, a in states.items())
+            raise RuntimeError(f"application {names[-1]!r} not ready after {timeout_s:g}s ({detail})")
+        time.sleep(POLL_S)
+
+
+def wait_for_models(app_name: str, deadline: float, progress: Progress | None = None) -> dict[str, str]:
+    """Wait until every model of the running ingress ``app_name`` is ready or has failed to
+    start (``Ingress.model_states``), telling ``progress`` each time; the failed ones, with why.
+
+    Raises:
+        RuntimeError: a model was still starting at ``deadline`` (``time.monotonic()``).
+    """
+    import time
+
+    from ray import serve
+
+    ingress = serve.get_app_handle(app_name)
+    while True:
+        states = ingress.model_states.remote().result(timeout_s=30)
+        if progress is not None:
+            progress(states)
+        starting = {m: s["detail"] for m, s in states.items() if s["state"] == "starting"}
+        if not starting:
+            return {m: s["detail"] for m, s in states.items() if s["state"] == "failed"}
+        if time.monotonic() > deadline:
+            raise RuntimeError("model(s) not ready within server.ready_timeout_s: "
+                               + "; ".join(f"{m} ({what})" for m, what in starting.items()))
+        time.sleep(POLL_S)
 
 
 def _delete_with_steps(app_name: str) -> None:
@@ -487,19 +538,22 @@ def _start_http(server: ServerConfig) -> None:
 @contextlib.contextmanager
 def served(cfg: AppConfig, *, session: RaySession | None = None, app_name: str | None = None,
            route_prefix: str | None = None, num_cpus: float | None = None, log_to_driver: bool = True,
-           logging_level: int | str = logging.WARNING, handle_signals: bool = False) -> Iterator[Served]:
+           logging_level: int | str = logging.WARNING, handle_signals: bool = False,
+           progress: Progress | None = None) -> Iterator[Served]:
     """Serve the validated ``cfg`` for the ``with`` block: start or join Ray and Serve (see
     :func:`ray_serve`, whose keyword arguments these are), deploy ``build_targets(cfg)``, wait until
     running, yield a :class:`Served`; tear down afterwards.
 
     ``session``: deploy into this open :func:`ray_serve` instead of opening one (and leave it
     open). ``app_name``/``route_prefix`` replace ``cfg.server``'s (a sweep's jobs share one
-    Serve instance).
+    Serve instance). ``progress``: told each model's start-up state until all are up.
+    A model that fails to start stops everything or is reported in ``Served.failed``, as
+    ``server.on_start_failure`` says.
 
     Raises:
         ConfigError: the deployments do not fit in the Ray (nothing left running).
-        RuntimeError: the application failed to deploy, or was not running within
-            ``server.ready_timeout_s``.
+        RuntimeError: the application failed to deploy, a model failed to start (with
+            ``on_start_failure: stop``), or one was not ready within ``server.ready_timeout_s``.
         ShutdownRequested: with ``handle_signals``, a signal arrived before the block.
     """
     from apps.builder import build_targets
@@ -514,4 +568,5 @@ def served(cfg: AppConfig, *, session: RaySession | None = None, app_name: str |
         else:
             session.check_fits(cfg)
         yield stack.enter_context(session.deployed(build_targets(cfg, name, prefix),
-                                                   ready_timeout_s=cfg.server.ready_timeout_s))
+                                                   ready_timeout_s=cfg.server.ready_timeout_s,
+                                                   on_failure=cfg.server.on_start_failure, progress=progress))

@@ -204,6 +204,8 @@ class RetryAfter(Strict):
         "The engine's backend died; the engine (remote_core) or Serve (engine) starts it again, "
         "which can take tens of seconds."))
     not_ready: int = Field(5, ge=0, description="Models are starting or unhealthy (/ready).")
+    starting: int = Field(5, ge=0, description=(
+        "The model is still starting (its engine loading, its replicas being placed)."))
 
 
 class ServerConfig(Strict):
@@ -244,6 +246,10 @@ class ServerConfig(Strict):
     metrics_public: bool = Field(False, description=(
         "With api_keys set, let GET /metrics through without a key (for a scraper inside a "
         "trusted network); by default it needs one like every route but /health."))
+    on_start_failure: Literal["serve_others", "stop"] = Field("serve_others", description=(
+        "A model that fails to start (its weights missing, its engine failing): the others are "
+        "served and it answers 503 naming why, the launcher reports it and exits 1 when stopped "
+        "(serve_others); or the launcher stops everything and exits 1 (stop)."))
     retry_after_s: RetryAfter = Field(default_factory=RetryAfter, description=(
         "The Retry-After of each kind of 503, the one place that sets it."))
     http_proxy: Literal["haproxy", "ray"] = Field("haproxy", description=(

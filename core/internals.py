@@ -1,6 +1,6 @@
 """Every use of Ray Serve's non-public API, in one place.
 
-mmserve needs four things Ray Serve does not offer publicly (Ray 2.60):
+mmserve needs five things Ray Serve does not offer publicly (Ray 2.60):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
@@ -12,7 +12,8 @@ mmserve needs four things Ray Serve does not offer publicly (Ray 2.60):
   as ``user_config``) restarts nothing (:func:`pinned_version`);
 - a handle to a deployment that may not exist yet (``serve deploy`` starts a new model's
   application while the ingress already learns of it): ``get_deployment_handle`` otherwise
-  asks the controller, blocking, and fails (:func:`deployment_handle`).
+  asks the controller, blocking, and fails (:func:`deployment_handle`);
+- where a local Ray writes its logs, for the launcher to print (:func:`ray_logs_dir`).
 
 Each has a check (:func:`check_ray_handle`) or a fallback run when the feature is first used:
 if the attribute is not there, a warning names the installed version and what degrades, and the
@@ -108,6 +109,18 @@ def pinned_version(deployment, version: str):
         warn_once("ray-version", f"Ray {installed_version('ray')}: a deployment's version cannot be set "
                   f"({err}); every update of a running application restarts its replicas")
         return deployment
+
+
+def ray_logs_dir() -> str | None:
+    """The log directory of the Ray this process is connected to, where it is on this machine
+    (Ray's ``_global_node``; None where it is not known)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        return node.get_logs_dir_path() if node is not None else None
+    except Exception:  # moved or renamed in this Ray
+        return None
 
 
 def deployment_handle(deployment: str, app_name: str):

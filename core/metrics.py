@@ -70,7 +70,7 @@ BATCH_WAIT = Histogram("mmserve_batch_wait_seconds", "Time a request waited for 
                        ["model_id"], buckets=LATENCY_BUCKETS)
 
 #: the values of ``mmserve_model_status``'s ``status`` label (``pipelines.runner.Pipeline.status``)
-STATUSES = ("ready", "starting", "recovering", "unavailable", "unhealthy")
+STATUSES = ("ready", "starting", "failed", "recovering", "unavailable", "unhealthy")
 
 
 _series: dict[tuple, Any] = {}
@@ -279,7 +279,7 @@ def status_family(statuses: dict[str, str]) -> Metric:
         current = status.split(":", 1)[0]
         rows += [({"model_id": model_id, "status": s}, float(s == current)) for s in STATUSES]
     return family("mmserve_model_status", "Each model's status (1: the current one): ready, "
-                        "starting, recovering (its replica died, a replacement is coming), "
+                        "starting, failed (to start), recovering (its replica died, a replacement is coming), "
                         "unavailable (no replica), unhealthy", rows)
 
 

@@ -12,6 +12,7 @@ the ingress never pay for it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import uuid
@@ -259,7 +260,10 @@ class VLLMBase(Engine[P]):
 
         if not self.model.source:  # refused by validation (check_config)
             raise ValueError(f"model {self.model.model_id!r}: a vLLM model needs a source")
-        self.path = resolve_source(self.model.source)
+        # Off the event loop: a frontend starts inside the ingress, which answers meanwhile
+        # (a generated checkpoint is written on first use, vLLM's import takes seconds).
+        self.path = await asyncio.to_thread(resolve_source, self.model.source)
+        await asyncio.to_thread(importlib.import_module, "vllm.v1.engine.async_llm")
         if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
             self.core = RemoteCore(self.model.model_id, actor, self.gpu_bundles)
@@ -281,7 +285,7 @@ class VLLMBase(Engine[P]):
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both
             usage = vllm_internals.vllm_usage_context()
-            config = args.create_engine_config(usage)
+            config = await asyncio.to_thread(args.create_engine_config, usage)
             client = await self.core.start(self.kwargs, self.path, config)
             self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage, client_addresses=client)
         vllm_internals.check_vllm_engine(self.llm)

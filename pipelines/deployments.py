@@ -6,6 +6,8 @@ Each hosts one of the plain objects of ``nodes``/``engines``.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -20,6 +22,8 @@ from core.protocol import Adapter, EngineResult, Refusal, RequestContext
 from core.registry import engine_of, node_class
 from engines.base import Engine, collect
 from nodes.base import Node
+
+logger = logging.getLogger("mmserve.deployments")
 
 async def _refused_as_values(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """``chunks``, with an error of the vocabulary that ends them as a last :class:`Refusal`."""
@@ -219,7 +223,6 @@ def pipeline_for(spec: RouteSpec, handle_of: Callable[[str], Any] | None = None)
                                               if step not in remote]
     if "engine" not in remote:
         local.append(engine_of(m))
-    check_node(m.model_id, local)
     handles = {step: handle_of(step) for step in remote} if handle_of is not None else {}
 
     def node(step: str, node_spec: NodeSpec):
@@ -230,5 +233,67 @@ def pipeline_for(spec: RouteSpec, handle_of: Callable[[str], Any] | None = None)
     engine = (RemoteEngine(handles["engine"], m.model_id, m.deployment.engine.scales_to_zero)
               if "engine" in remote
               else LocalEngine(engine_of(m)(m)))
+    # checked as the pipeline starts, off the event loop: an LLM engine's check imports its
+    # backend (12 s), which held a starting ingress's answers back
     return Pipeline(m, node("preprocess", spec.preprocess), engine, node("postprocess", spec.postprocess),
-                    spec=spec)
+                    spec=spec, check=functools.partial(check_node, m.model_id, local))
+
+
+#: how often a starting ingress asks Serve's controller about its models' deployments
+FOLLOW_PERIOD_S = 0.5
+
+
+async def follow_deployments(app_name: str, pipelines: list[Any], period_s: float = FOLLOW_PERIOD_S) -> None:
+    """Follow the deployments of ``pipelines``' remote steps (those of the ingress ``app_name``)
+    through Serve's controller until each is running or failed, telling each pipeline
+    (``Pipeline.waiting``, ``Pipeline.fail``): what Serve is doing with a step's replicas
+    while it starts, and why it failed (the last line of Serve's message, the constructor's
+    error) when Serve gives up on it."""
+    import asyncio
+
+    pending = {(p, step): step_app_name(app_name, p.model.model_id, step)
+               for p in pipelines for step in p.spec.remote_steps}
+    while pending:
+        try:
+            apps = (await asyncio.to_thread(serve.status)).applications
+        except Exception as err:  # the controller busy or restarting: ask again
+            logger.warning("Serve's status: %s", err)
+            apps = {}
+        for (p, step), name in list(pending.items()):
+            app = apps.get(name)
+            if app is None:
+                continue
+            status = str(app.status)
+            if p.failure is not None:
+                del pending[(p, step)]
+            elif status.endswith("RUNNING"):
+                p.waiting(step, None)
+                del pending[(p, step)]
+            elif status.endswith("DEPLOY_FAILED"):
+                # the deployment's message ends with its constructor's error; the application's
+                # only says which deployment failed
+                messages = [d.message for d in app.deployments.values() if d.message] + [app.message]
+                p.fail(f"{step}: {_last_line(messages[0])}")
+                logger.error("model %r failed to start (%s): %s", p.model.model_id, step, messages[0])
+                await asyncio.gather(p.stop(), return_exceptions=True)
+                del pending[(p, step)]
+            else:
+                p.waiting(step, _replicas_of(app) or status.rsplit(".", 1)[-1].lower())
+        if pending:
+            await asyncio.sleep(period_s)
+
+
+def _replicas_of(app) -> str:
+    """Serve's replica states of an application's deployments, e.g. ``1 replica starting``."""
+    counts: dict[str, int] = {}
+    for dep in app.deployments.values():
+        for state, n in (dep.replica_states or {}).items():
+            key = str(state).rsplit(".", 1)[-1].lower()
+            counts[key] = counts.get(key, 0) + n
+    return ", ".join(f"{n} replica{'s' if n != 1 else ''} {state}" for state, n in counts.items())
+
+
+def _last_line(message: str) -> str:
+    """The last meaningful line of Serve's message of a failed deployment: its error."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "failed to deploy"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Iterator
+import time
+from typing import Any, Awaitable, Callable, Iterator
 
 from core.errors import ModelNotFound
 from core.protocol import Adapter
@@ -23,6 +24,47 @@ class ModelRouter:
         self.pipelines = {p.model.model_id: p for p in pipelines}
         self.adapters: dict[str, Adapter] = {a.name: a for p in pipelines for a in p.adapters}
         self.generation = 0  # bumped by each update: what caches of the model set key on
+        self._starting: list[asyncio.Future] = []  # begin()'s start-ups, until they end
+
+    def begin(self, specs: list[Any], build: Callable[[Any], Pipeline],
+              deployed: Callable[[list[Pipeline]], Awaitable[None]]) -> None:
+        """Serve the models of ``specs`` from now on, each taking requests once it is up: the
+        first set of a starting ingress, which answers meanwhile (``/health``, ``/v1/models``
+        with each model's state, 503 for a model still starting). Each pipeline's local steps
+        start in the background, beside ``deployed(pipelines)``, which follows the models'
+        own deployments (``Pipeline.waiting``, ``Pipeline.fail``). A model that fails to start
+        stops what it started and answers 503 naming why; the others are not affected."""
+        fresh = [build(s) for s in specs]
+        for p in fresh:
+            p.created = time.monotonic()
+            for step in p.spec.remote_steps:  # deployed() tells when each is up
+                p.waiting(step, "deploying")
+        self.pipelines = {p.model.model_id: p for p in fresh}
+        self.adapters = {a.name: a for p in fresh for a in p.adapters}
+        self.generation += 1
+        self._starting = [asyncio.create_task(self._bring_up(p), name=f"start {p.model.model_id}")
+                          for p in fresh]
+        self._starting.append(asyncio.ensure_future(deployed(fresh)))
+
+    async def _bring_up(self, pipeline: Pipeline) -> None:
+        try:
+            await pipeline.start()
+        except Exception:
+            logger.exception("model %r failed to start; the others are served", pipeline.model.model_id)
+            await asyncio.gather(pipeline.stop(), return_exceptions=True)
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Each model's start-up state (``Pipeline.state``), what it waits for or why it failed,
+        and the seconds it took to be ready."""
+        return {m: {"state": p.state, "detail": p.state_detail, "ready_after_s": p.ready_after_s}
+                for m, p in self.pipelines.items()}
+
+    async def close(self) -> None:
+        """Stop what :meth:`begin` still has starting (the ingress is going away)."""
+        tasks, self._starting = self._starting, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def update(self, specs: list[Any], build: Callable[[Any], Pipeline], drain_timeout_s: float) -> None:
         """Serve the models of ``specs`` (RouteSpecs) from now on, in place: a model whose spec

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any, AsyncGenerator
+from typing import Any, AsyncGenerator, Callable
 
 from pydantic import ValidationError
 
 from core import metrics
 from core.config import ModelConfig
-from core.errors import InvalidField, Unsupported
+from core.errors import InvalidField, NotReady, Unsupported
 from core.protocol import InferRequest, OpenAIBody, RequestContext
 from core.registry import engine_of, node_class
 from pipelines.stages import EngineStep, NodeStep
 
+logger = logging.getLogger("mmserve.pipeline")
 
 #: what each modality's pipelines take, as ``GET /v1/models`` lists it (``inputs``)
 INPUTS = {"text": ["text"], "audio": ["audio"], "vision": ["image"], "video": ["video"]}
@@ -29,9 +31,10 @@ class Pipeline:
     """
 
     def __init__(self, model: ModelConfig, preprocess: NodeStep, engine: EngineStep, postprocess: NodeStep,
-                 spec: Any = None) -> None:
+                 spec: Any = None, check: Callable[[], None] | None = None) -> None:
         self.model = model
         self.spec = spec  # the RouteSpec it was built from (the ingress compares them on updates)
+        self._check = check  # raises if this process cannot run the local steps (run at start)
         self.preprocess = preprocess
         self.engine = engine
         self.postprocess = postprocess
@@ -53,6 +56,13 @@ class Pipeline:
         self.checks_openai = bool(getattr(pre, "checks_openai", False))
         inputs_of = getattr(pre, "inputs_of", None)  # a node that knows, from the model's config
         self.inputs = inputs_of(model) if inputs_of else INPUTS.get(model.modality, [])
+        # start-up: the steps this process starts, and what it still waits for elsewhere (the
+        # model's own deployments, part -> what Serve says of them; see ModelRouter.begin)
+        self.created = time.monotonic()
+        self.started = False
+        self.waiting_for: dict[str, str] = {}
+        self.failure: str | None = None
+        self.ready_after_s: float | None = None
 
     def timer(self, node: str):
         """The node's latency histogram (a no-op while metrics are off)."""
@@ -61,8 +71,69 @@ class Pipeline:
         return metrics.series(metrics.NODE_DURATION, self.model.model_id, node)
 
     async def start(self) -> None:
-        for step in (self.preprocess, self.engine, self.postprocess):
-            await step.start()
+        """Check that this process can run the local steps (``check``), start them; a failure
+        is the model's (:meth:`fail`) and is raised."""
+        try:
+            if self._check is not None:
+                await asyncio.to_thread(self._check)
+            for step in (self.preprocess, self.engine, self.postprocess):
+                await step.start()
+        except Exception as err:
+            self.fail(f"{type(err).__name__}: {err}")
+            raise
+        self.started = True
+        self._settle()
+
+    # --- start-up state ------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``starting`` (a step still starting, here or in its deployment), ``ready`` (every
+        step up: requests go through) or ``failed`` (a step could not start: :attr:`failure`)."""
+        if self.failure is not None:
+            return "failed"
+        return "ready" if self.started and not self.waiting_for else "starting"
+
+    @property
+    def state_detail(self) -> str:
+        """What a starting model waits for, or why it failed ('' once ready)."""
+        if self.failure is not None:
+            return self.failure
+        parts = [f"{part}: {what}" for part, what in self.waiting_for.items()]
+        if not self.started:
+            parts.append("starting in the ingress")
+        return "; ".join(parts)
+
+    def waiting(self, part: str, what: str | None) -> None:
+        """Record what ``part`` (a step with a deployment of its own) is doing (None: it is up)."""
+        if what is None:
+            self.waiting_for.pop(part, None)
+            self._settle()
+        else:
+            self.waiting_for[part] = what
+
+    def fail(self, why: str) -> None:
+        """The model cannot start: it answers 503 naming ``why`` until it is replaced."""
+        if self.failure is None:
+            self.failure = why
+
+    def _settle(self) -> None:
+        if self.state == "ready" and self.ready_after_s is None:
+            self.ready_after_s = round(time.monotonic() - self.created, 1)
+            logger.info("model %r ready after %.1f s", self.model.model_id, self.ready_after_s)
+
+    def check_serving(self) -> None:
+        """Raise NotReady (503) unless the model is ready: naming what it waits for, with
+        Retry-After while it starts; naming why, without one, if it failed."""
+        state = self.state
+        if state == "ready":
+            return
+        model_id = self.model.model_id
+        if state == "failed":
+            raise NotReady(f"model {model_id!r} failed to start: {self.failure}", model_id=model_id)
+        elapsed = time.monotonic() - self.created
+        raise NotReady(f"model {model_id!r} is starting ({self.state_detail}; {elapsed:.0f} s so far)",
+                       model_id=model_id, retry="starting")
 
     async def stop(self) -> None:
         """Stop every step (:meth:`pipelines.stages.Step.stop`): a removed model's inline engine
@@ -177,7 +248,10 @@ class Pipeline:
         return await self.engine.stats()
 
     async def status(self, timeout_s: float) -> str:
-        """``ready``, ``starting``, ``recovering``, ``unavailable`` or ``unhealthy: <why>``."""
+        """``ready``, ``starting: <what it waits for>``, ``failed: <why>``, ``recovering``,
+        ``unavailable`` or ``unhealthy: <why>``."""
+        if (state := self.state) != "ready":
+            return f"{state}: {self.state_detail}"
         return await self.engine.status(timeout_s)
 
     def describe(self) -> dict[str, Any]:

@@ -32,3 +32,8 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
     echo "setup: warning: ffmpeg is missing; install it (e.g. apt-get install ffmpeg) for audio/video" >&2
   fi
 fi
+
+# vLLM's options, read once per installed vLLM (engines/vllm_options.py): 15-20 s of importing
+# vLLM that would otherwise come at the first launch, before anything answers.
+"$VENV/bin/python" -c "from engines.vllm_options import definitions; definitions()" \
+  || echo "setup: warning: could not read vLLM's options now; the first launch will" >&2

@@ -1,6 +1,7 @@
 """The vLLM set: every vLLM model kind the tests need, served once for the whole package.
 
-One Ray, one Serve application, four vLLM engines started side by side: the generated tiny Llama
+One Ray, one Serve application, four vLLM engines started side by side (and echo, which serves
+while they start): the generated tiny Llama
 (``placement: remote_core``, its AsyncLLM in the ingress), the real all-MiniLM-L6-v2 embedding
 model, the generated tiny Whisper and tiny Qwen2-VL (each engine in a deployment of its own).
 Started one after the other, per module, they cost a Ray and a vLLM start-up each; side by side
@@ -26,8 +27,9 @@ def overrides() -> list[str]:
 
     whisper, qwen2_vl = resolve_source("generated:tiny-whisper"), resolve_source("generated:tiny-qwen2-vl")
     return [
-        "model=[tiny_llama,all_minilm_l6_v2,speech_to_text,vlm]",
-        "pipeline=[text,embedding,speech,vlm]",
+        # echo beside them: it serves while they start (test_first_minute.py)
+        "model=[echo,tiny_llama,all_minilm_l6_v2,speech_to_text,vlm]",
+        "pipeline=[echo,text,embedding,speech,vlm]",
         # a user's own models, from their directories (model ids: tiny-whisper, tiny-qwen2-vl)
         f"model.speech_to_text.source={whisper}", f"model.vlm.source={qwen2_vl}",
         # what the tests rely on: random weights seldom end a window by themselves
@@ -49,15 +51,68 @@ def overrides() -> list[str]:
           for key in ("tiny_llama", "all_minilm_l6_v2", "speech_to_text", "vlm"))]
 
 
+#: what the start of the set showed a client (tests/integration/vllm/test_first_minute.py):
+#: seconds from the start of serving to ``/health`` answering, echo serving, each model ready;
+#: and the answer to a request for the tiny Llama while it was starting
+STARTUP: dict = {}
+
+
+class Probe:
+    """A client asking, every 0.2 s while the set starts, for ``/health``, an echo and (once it
+    has answered) the tiny Llama; and the launcher's progress (``served(progress=...)``)."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+        import time
+
+        self.url, self.began, self.done = url, time.monotonic(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def seen(self, what: str) -> None:
+        import time
+
+        STARTUP.setdefault(what, round(time.monotonic() - self.began, 1))
+
+    def progress(self, states: dict) -> None:
+        for model_id, s in states.items():
+            if s["state"] != "starting":
+                self.seen(f"{model_id} {s['state']}")
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=2) as http:
+            while not self.done.wait(0.2):
+                try:
+                    if http.get("/health").status_code == 200:
+                        self.seen("/health")
+                    r = http.post("/v1/infer", json={"model_id": "echo", "input": "up?"})
+                    if r.status_code == 200 and r.json()["output"] == "up?":
+                        self.seen("echo served")
+                    if "/health" in STARTUP and "tiny-llama starting" not in STARTUP:
+                        r = http.post("/v1/infer", json={"model_id": "tiny-llama", "input": "hi"})
+                        STARTUP["tiny-llama starting"] = {"status": r.status_code, "headers": dict(r.headers),
+                                                          "body": r.json()}
+                except httpx.HTTPError:
+                    pass
+
+
 @pytest.fixture(scope="package")
 def serve_app():
-    """The vLLM set, served as the launcher serves it, on a local Ray of 2 CPUs; its base URL."""
+    """The vLLM set, served as the launcher serves it, on a local Ray of 2 CPUs, watched by a
+    :class:`Probe` while it starts; its base URL."""
     from apps.config import compose
     from apps.serving import served
 
     cfg = compose([*overrides(), f"server.port={free_port()}"])
-    with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False) as server:
-        yield server.url
+    probe = Probe(f"http://127.0.0.1:{cfg.server.port}")
+    try:
+        with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False, progress=probe.progress) as server:
+            probe.done.set()
+            yield server.url
+    finally:
+        probe.done.set()
 
 
 @pytest.fixture(scope="package")
