@@ -42,6 +42,7 @@ def serve_config(cfg: AppConfig) -> None:
     from apps.graph import graph_table
     from apps.progress import StartupTable
 
+    quiet_serve_driver()
     console = Console()
     console.print(graph_table(cfg))
     failed: dict[str, str] = {}
@@ -83,6 +84,14 @@ def serve_config(cfg: AppConfig) -> None:
         logger.info("%s received while starting: stopped", sig)
     if failed:
         raise SystemExit(1)
+
+
+def quiet_serve_driver() -> None:
+    """Serve's INFO lines in this process ("Started Serve", "Connecting to existing Serve app",
+    "Deleting app" for each application) say nothing the table does not; its warnings stay."""
+    import ray.serve  # noqa: F401  (it sets its logger's level as it is imported)
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def report_start(console, cfg: AppConfig, server) -> None:

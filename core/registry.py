@@ -7,13 +7,17 @@ imported lazily: naming ``vllm`` here imports nothing heavy until a replica star
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from typing import TYPE_CHECKING, Any
+import threading
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 if TYPE_CHECKING:
     from core.config import ModelConfig
     from engines.base import Engine
     from nodes.base import Node
+
+T = TypeVar("T")
 
 ENGINES: dict[str, str] = {
     "echo": "engines.echo:EchoEngine",
@@ -76,3 +80,20 @@ def engine_options_of(model: "ModelConfig", expected: type) -> Any:
         raise TypeError(f"engine {model.engine!r} has no options {expected.__name__} names "
                         f"({', '.join(expected.__annotations__)})")
     return options
+
+
+# Python's imports from several threads at once break large packages: an ingress starting
+# models in threads saw "cannot import name ... from partially initialized module
+# 'torch._inductor.utils'" and transformers' "Could not import module 'AutoTokenizer'".
+_IMPORTING = threading.Lock()
+
+
+async def off_loop_importing(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a thread, so that the event loop serves meanwhile, one such call at a
+    time in this process: work that imports what a model needs (a step's import check, an
+    engine's backend and its config)."""
+    def locked() -> T:
+        with _IMPORTING:
+            return fn(*args)
+
+    return await asyncio.to_thread(locked)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from core import metrics
 from core.errors import EngineError, InvalidField, MMServeError, NotReady
 from core.protocol import Adapter, EngineResult, RequestContext
+from core.registry import off_loop_importing
 from engines import vllm_internals
 from engines.base import Engine, Hosting, P
 from engines.vllm_core import RemoteCore, engine_args
@@ -262,8 +263,8 @@ class VLLMBase(Engine[P]):
             raise ValueError(f"model {self.model.model_id!r}: a vLLM model needs a source")
         # Off the event loop: a frontend starts inside the ingress, which answers meanwhile
         # (a generated checkpoint is written on first use, vLLM's import takes seconds).
-        self.path = await asyncio.to_thread(resolve_source, self.model.source)
-        await asyncio.to_thread(importlib.import_module, "vllm.v1.engine.async_llm")
+        self.path = await off_loop_importing(resolve_source, self.model.source)
+        await off_loop_importing(importlib.import_module, "vllm.v1.engine.async_llm")
         if self.model.deployment.placement == "remote_core":
             actor = self.model.deployment.engine.serve_options()["ray_actor_options"]
             self.core = RemoteCore(self.model.model_id, actor, self.gpu_bundles)
@@ -285,7 +286,7 @@ class VLLMBase(Engine[P]):
             self.llm = AsyncLLM.from_engine_args(args)
         else:  # the frontend's config is the core's, as vllm serve makes both
             usage = vllm_internals.vllm_usage_context()
-            config = await asyncio.to_thread(args.create_engine_config, usage)
+            config = await off_loop_importing(args.create_engine_config, usage)
             client = await self.core.start(self.kwargs, self.path, config)
             self.llm = AsyncLLM.from_vllm_config(config, usage_context=usage, client_addresses=client)
         vllm_internals.check_vllm_engine(self.llm)

@@ -13,7 +13,7 @@ from core import metrics
 from core.config import ModelConfig
 from core.errors import InvalidField, NotReady, Unsupported
 from core.protocol import InferRequest, OpenAIBody, RequestContext
-from core.registry import engine_of, node_class
+from core.registry import engine_of, node_class, off_loop_importing
 from pipelines.stages import EngineStep, NodeStep
 
 logger = logging.getLogger("mmserve.pipeline")
@@ -75,7 +75,7 @@ class Pipeline:
         is the model's (:meth:`fail`) and is raised."""
         try:
             if self._check is not None:
-                await asyncio.to_thread(self._check)
+                await off_loop_importing(self._check)
             for step in (self.preprocess, self.engine, self.postprocess):
                 await step.start()
         except Exception as err:

@@ -182,3 +182,21 @@ def test_what_the_docs_cite_exists(doc):
         if command not in cli.COMMANDS:
             problems.append(f"mmserve {command}: no such command")
     assert not problems, f"{rel(doc)}:\n" + "\n".join(sorted(problems))
+
+
+def test_every_quick_start_call_of_the_readme_is_run_by_an_integration_set():
+    """Each call of the README's quick start names models of the embedded default, and one of
+    the integration sets serves them all (their test_readme tests run it)."""
+    from apps.config import compose
+    from tests.integration.pipelines.test_media_serve import MODELS as MEDIA
+    from tests.integration.vllm.test_first_minute import VLLM_MODELS
+    from tests.readme_calls import calls
+
+    default = {m.model_id for m in compose([]).model.values()} | {"tiny-llama-lora"}
+    sets = [set(MEDIA), {*VLLM_MODELS, "echo", "tiny-llama-lora"}]
+    found = calls()
+    assert [c.kind for c in found].count("media") == 1 and len(found) >= 13
+    for call in found:
+        if call.kind != "media":
+            assert call.models and set(call.models) <= default, call.command
+            assert any(set(call.models) <= s for s in sets), call.command

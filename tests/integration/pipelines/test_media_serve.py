@@ -96,3 +96,12 @@ def test_concurrent_requests_are_batched_in_the_engine_deployment(serve_app):
             alone = c.post("/v1/infer", json=bodies[i]).json()["output"]
             assert [x["label"] for x in alone] == [x["label"] for x in outputs[i]]
             assert [x["score"] for x in alone] == pytest.approx([x["score"] for x in outputs[i]], abs=1e-4)
+
+
+def test_every_readme_call_for_the_media_models_answers_as_the_readme_says(serve_app, tmp_path):
+    """The README's quick-start calls of these models (voice activity, recognition, an image, a
+    video), with the samples its command writes (``tests/readme_calls.py``)."""
+    from tests.readme_calls import served_calls
+
+    done = served_calls(serve_app, tmp_path, set(MODELS))
+    assert {m for c in done for m in c.models} == set(MODELS), [c.command[:60] for c in done]
