@@ -24,7 +24,7 @@ class ModelRouter:
         self.pipelines = {p.model.model_id: p for p in pipelines}
         self.adapters: dict[str, Adapter] = {a.name: a for p in pipelines for a in p.adapters}
         self.generation = 0  # bumped by each update: what caches of the model set key on
-        self._starting: list[asyncio.Future] = []  # begin()'s start-ups, until they end
+        self._starting: list[asyncio.Future] = []  # begin()'s start-ups (held: the loop keeps weak references)
 
     def begin(self, specs: list[Any], build: Callable[[Any], Pipeline],
               deployed: Callable[[list[Pipeline]], Awaitable[None]]) -> None:
@@ -58,13 +58,6 @@ class ModelRouter:
         and the seconds it took to be ready."""
         return {m: {"state": p.state, "detail": p.state_detail, "ready_after_s": p.ready_after_s}
                 for m, p in self.pipelines.items()}
-
-    async def close(self) -> None:
-        """Stop what :meth:`begin` still has starting (the ingress is going away)."""
-        tasks, self._starting = self._starting, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def update(self, specs: list[Any], build: Callable[[Any], Pipeline], drain_timeout_s: float) -> None:
         """Serve the models of ``specs`` (RouteSpecs) from now on, in place: a model whose spec

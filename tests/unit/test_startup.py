@@ -102,7 +102,6 @@ def test_the_ingress_answers_while_models_start_and_each_serves_once_it_is_up():
             await _until(lambda: pipelines["remote"].state == "ready")
             assert (await infer("remote")).json()["output"] == "hi"
             assert router.states()["remote"]["ready_after_s"] >= router.states()["echo"]["ready_after_s"]
-        await router.close()
 
     asyncio.run(go())
 
