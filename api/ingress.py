@@ -58,7 +58,7 @@ class Ingress:
             specs = [RouteSpec.model_validate(r) for r in config.get("routes", [])]
             if not self.configured:
                 # the first set starts behind this replica's back: it answers from now on
-                self.router.begin(specs, self._pipeline, self._follow)
+                self.router.begin(specs, self._pipeline, self._follow, self.server.slow_starts_at_once)
                 self.configured = True
                 return
             await self.router.update(specs, self._pipeline, self.server.max_request_timeout_s)

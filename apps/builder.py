@@ -39,6 +39,7 @@ class Target:
     name: str
     app: Application
     route_prefix: str | None = None
+    model_id: str | None = None  # the model whose step it hosts (None: the ingress)
 
 
 def route_specs(cfg: AppConfig) -> list[RouteSpec]:
@@ -115,7 +116,8 @@ def ingress_app(server: ServerConfig, ingress: DeploymentOptions, user_config: d
 
 def step_targets(cfg: AppConfig, app_name: str) -> list[Target]:
     """Every model's steps that run in deployments of their own, one application each."""
-    return [Target(step_app_name(app_name, s.model.model_id, step), step_app(s, step, cfg.server.metrics))
+    return [Target(step_app_name(app_name, s.model.model_id, step), step_app(s, step, cfg.server.metrics),
+                   model_id=s.model.model_id)
             for s in route_specs(cfg) for step in s.remote_steps]
 
 

@@ -88,14 +88,27 @@ def serve_config(cfg: AppConfig) -> None:
 
 def quiet_serve_driver() -> None:
     """Serve's INFO lines in this process ("Started Serve", "Connecting to existing Serve app",
-    "Deleting app" for each application) say nothing the table does not; its warnings stay."""
+    "Deleting app" for each application) say nothing the table does not, nor does its warning
+    that the ingress, busy starting models, took over 0.1 s to tell its queue's length to the
+    launcher's calls; its other warnings stay."""
     import ray.serve  # noqa: F401  (it sets its logger's level as it is imported)
 
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(logging.WARNING)
+    serve_logger.addFilter(lambda record: not record.getMessage().startswith("Failed to get queue length"))
+
+
+def engine_advice(cfg: AppConfig) -> list[tuple[str, str]]:
+    """The known warnings of the config's engines (``Engine.log_advice``), each engine once."""
+    from core.registry import engine_of
+
+    engines = {engine_of(m) for m in cfg.model.values()}
+    return [pair for e in sorted(engines, key=lambda e: e.__name__) for pair in e.log_advice]
 
 
 def report_start(console, cfg: AppConfig, server) -> None:
     """Where the server is, the models that failed to start, where the logs are, a call to try."""
+    from apps import log_advice
     from apps.progress import first_call
     from core import internals
 
@@ -107,6 +120,8 @@ def report_start(console, cfg: AppConfig, server) -> None:
                   soft_wrap=True)
     if logs := internals.ray_logs_dir():
         console.print(f"Ray's, the engines' and the replicas' logs: {logs}", soft_wrap=True, highlight=False)
+        for line in log_advice.advice(logs, engine_advice(cfg)):
+            console.print(f"[yellow]warning[/]: {line}", soft_wrap=True, highlight=False)
     if call := first_call(cfg, server.url, ready):
         console.print(f"try: {call}", soft_wrap=True, highlight=False)
 

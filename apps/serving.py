@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
-from core import cpus
+from core import cpus, internals
 from core.config import AppConfig, ServerConfig
 from core.validate import ConfigError, check_resources
 
@@ -223,7 +223,8 @@ class RaySession:
     def deployed(self, targets: list[Target], *, ready_timeout_s: float = 900.0,
                  on_failure: str = "stop", progress: Progress | None = None) -> Iterator[Served]:
         """Deploy ``targets`` (``apps.builder.Target``; the last one answers HTTP, and names the
-        whole): the ingress first, until it answers, then the models' steps, and wait until
+        whole): the ingress first, until it answers, then the models' steps (a model's once
+        the ingress says it no longer waits its turn, ``server.slow_starts_at_once``), and wait until
         every model is ready or has failed to start (``progress`` is told each model's state meanwhile), yield the last
         as :class:`Served`; afterwards delete it and every application named after it (its
         models' steps, those an :meth:`update` added included), draining requests in flight
@@ -238,20 +239,23 @@ class RaySession:
         """
         import time
 
+        from ray import serve
+
         main = targets[-1]
         deadline = time.monotonic() + ready_timeout_s
         try:
             # the ingress first, alone: it answers while the models start behind it (together,
             # on 2 cores, its start waited 100 s for the models' imports)
             _run([main], ready_timeout_s)
-            _run(targets[:-1], ready_timeout_s, wait_for=[])
+            ingress = serve.get_app_handle(main.name)
+            later = _deploy_due(targets[:-1], ingress.model_states.remote().result(timeout_s=30))
             if self.model_cpus:
                 # HAProxy carries every request and chunk: it runs where the models do, and so
                 # does its manager, which starts a new haproxy on each reload (one often comes
                 # just as the applications turn running)
                 cpus.move_with_what_it_starts("ray::HAProxyManager", "haproxy", self.model_cpus,
                                               under=os.getpid())
-            failed = wait_for_models(main.name, deadline, progress)
+            failed = wait_for_models(main.name, deadline, progress, later)
             if failed and on_failure == "stop":
                 raise RuntimeError("model(s) failed to start: " + "; ".join(f"{m}: {why}" for m, why in failed.items()))
             yield Served(url=self.url(main.route_prefix or "/"), app_name=main.name, session=self, failed=failed)
@@ -315,9 +319,7 @@ def _ingress_update_error(app_name: str) -> str | None:
 
 def step_apps_of(app_name: str) -> list[str]:
     """The running Serve applications that host steps of ``app_name``'s models."""
-    from ray import serve
-
-    return sorted(n for n in serve.status().applications if n.startswith(f"{app_name}."))
+    return sorted(n for n in internals.serve_applications() if n.startswith(f"{app_name}."))
 
 
 #: how often the launcher asks Serve, and then the ingress, how the start-up goes
@@ -342,11 +344,11 @@ def _run(targets: list[Target], timeout_s: float, wait_for: list[str] | None = N
         raise RuntimeError(f"application {names[-1]!r} failed to deploy: {err}") from err
     deadline = time.monotonic() + timeout_s
     while True:
-        apps = serve.status().applications
+        apps = internals.serve_applications()
         states = {n: apps.get(n) for n in wait_for}
-        if all(a is not None and str(a.status).endswith("RUNNING") for a in states.values()):
+        if all(a is not None and a.running for a in states.values()):
             return
-        if failed := {n: a for n, a in states.items() if a is not None and str(a.status).endswith("DEPLOY_FAILED")}:
+        if failed := {n: a for n, a in states.items() if a is not None and a.failed}:
             raise RuntimeError(f"application {names[-1]!r} failed to deploy: "
                                + "; ".join(f"{n}: {a.message}" for n, a in failed.items()))
         if time.monotonic() > deadline:
@@ -356,9 +358,21 @@ def _run(targets: list[Target], timeout_s: float, wait_for: list[str] | None = N
         time.sleep(POLL_S)
 
 
-def wait_for_models(app_name: str, deadline: float, progress: Progress | None = None) -> dict[str, str]:
+def _deploy_due(targets: list[Target], states: dict[str, dict]) -> list[Target]:
+    """Deploy those of ``targets`` whose model no longer waits its turn to start (the
+    ingress's ``model_states``); the others, to deploy later."""
+    due = [t for t in targets if not states.get(t.model_id or "", {}).get("waiting_turn")]
+    if due:
+        _run(due, 0.0, wait_for=[])
+    return [t for t in targets if t not in due]
+
+
+def wait_for_models(app_name: str, deadline: float, progress: Progress | None = None,
+                    later: list[Target] | None = None) -> dict[str, str]:
     """Wait until every model of the running ingress ``app_name`` is ready or has failed to
-    start (``Ingress.model_states``), telling ``progress`` each time; the failed ones, with why.
+    start (``Ingress.model_states``), telling ``progress`` each time, and deploying each of
+    ``later`` (a model's steps) once its model's turn to start has come; the failed ones, with
+    why.
 
     Raises:
         RuntimeError: a model was still starting at ``deadline`` (``time.monotonic()``).
@@ -368,8 +382,11 @@ def wait_for_models(app_name: str, deadline: float, progress: Progress | None = 
     from ray import serve
 
     ingress = serve.get_app_handle(app_name)
+    later = list(later or [])
     while True:
         states = ingress.model_states.remote().result(timeout_s=30)
+        if later:
+            later = _deploy_due(later, states)
         if progress is not None:
             progress(states)
         starting = {m: s["detail"] for m, s in states.items() if s["state"] == "starting"}

@@ -250,6 +250,11 @@ class ServerConfig(Strict):
         "A model that fails to start (its weights missing, its engine failing): the others are "
         "served and it answers 503 naming why, the launcher reports it and exits 1 when stopped "
         "(serve_others); or the launcher stops everything and exits 1 (stop)."))
+    slow_starts_at_once: int | None = Field(None, ge=1, description=(
+        "How many models whose engine starts slowly (an LLM engine: minutes of CPU where no GPU "
+        "does the work) start at once, in the config's order, once the other models are up (a "
+        "model waiting its turn is 'starting', 'waiting to start'); null: every model starts at "
+        "once, as on GPUs, where each engine has its own. The small_cpu host profile sets 2."))
     retry_after_s: RetryAfter = Field(default_factory=RetryAfter, description=(
         "The Retry-After of each kind of 503, the one place that sets it."))
     http_proxy: Literal["haproxy", "ray"] = Field("haproxy", description=(

@@ -1,6 +1,6 @@
 """Every use of Ray Serve's non-public API, in one place.
 
-mmserve needs five things Ray Serve does not offer publicly (Ray 2.60):
+mmserve needs six things Ray Serve does not offer publicly (Ray 2.60):
 
 - how many replicas a handle's router can send a call to right now (Serve's request router),
   so that a call left without any fails fast with 503 instead of waiting minutes for a
@@ -13,7 +13,9 @@ mmserve needs five things Ray Serve does not offer publicly (Ray 2.60):
 - a handle to a deployment that may not exist yet (``serve deploy`` starts a new model's
   application while the ingress already learns of it): ``get_deployment_handle`` otherwise
   asks the controller, blocking, and fails (:func:`deployment_handle`);
-- where a local Ray writes its logs, for the launcher to print (:func:`ray_logs_dir`).
+- where a local Ray writes its logs, for the launcher to print (:func:`ray_logs_dir`);
+- Serve's application statuses without ``serve.status()``'s cost in a process that has
+  imported much (:func:`serve_applications`).
 
 Each has a check (:func:`check_ray_handle`) or a fallback run when the feature is first used:
 if the attribute is not there, a warning names the installed version and what degrades, and the
@@ -27,6 +29,8 @@ keeps every other module of the layers to Ray's public API.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("mmserve.internals")
@@ -136,3 +140,68 @@ def deployment_handle(deployment: str, app_name: str):
               "_check_exists; a model must be running before the ingress learns of it (serve "
               "deploy may fail to add one)")
     return serve.get_deployment_handle(deployment, app_name=app_name)
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """What Serve says of one deployment of an application."""
+
+    status: str                     # HEALTHY, UPDATING, UNHEALTHY, DEPLOY_FAILED... (Serve's)
+    message: str
+    replica_states: dict[str, int]  # STARTING, RUNNING, PENDING_ALLOCATION... -> how many
+
+
+@dataclass(frozen=True)
+class ApplicationState:
+    """What Serve says of one application (``serve.status().applications[name]``'s fields)."""
+
+    status: str                     # RUNNING, DEPLOYING, DEPLOY_FAILED... (Serve's)
+    message: str
+    deployments: dict[str, DeploymentState]
+
+    @property
+    def running(self) -> bool:
+        return self.status == "RUNNING"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "DEPLOY_FAILED"
+
+
+def _word(value: Any) -> str:
+    """A Serve status as its word: ``ApplicationStatus.RUNNING`` and ``"RUNNING"`` alike."""
+    return str(getattr(value, "value", value)).rsplit(".", 1)[-1]
+
+
+def serve_applications() -> dict[str, ApplicationState]:
+    """Every Serve application's status, by name, read from the controller's own details.
+
+    ``serve.status()`` builds pydantic models of those details, and each deployment's model
+    pickles its request router's class by value (Ray 2.60), which scans ``sys.modules``: in a
+    process that has imported torch and an LLM framework (the ingress), its two calls a second
+    while models start took 40% of a core from the models starting beside it. Falls back to
+    ``serve.status()`` where the controller's client is not where this Ray keeps it."""
+    from ray import serve
+
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        details = client.get_serve_details() if client is not None else {"applications": {}}
+        return {name: ApplicationState(
+            status=_word(app.get("status", "")), message=app.get("message") or "",
+            deployments={d: DeploymentState(status=_word(dep.get("status", "")), message=dep.get("message") or "",
+                                            replica_states=dict(Counter(_word(r.get("state", ""))
+                                                                        for r in dep.get("replicas") or ())))
+                         for d, dep in (app.get("deployments") or {}).items()})
+            for name, app in (details.get("applications") or {}).items()}
+    except (ImportError, AttributeError) as err:
+        warn_once("serve-details", f"Ray {installed_version('ray')}: the controller's details are not "
+                  f"where they were ({err}); Serve's status is read through serve.status(), which "
+                  "costs the ingress CPU while models start")
+    return {name: ApplicationState(
+        status=_word(app.status), message=app.message or "",
+        deployments={d: DeploymentState(status=_word(dep.status), message=dep.message or "",
+                                        replica_states={_word(s): n for s, n in (dep.replica_states or {}).items()})
+                     for d, dep in app.deployments.items()})
+        for name, app in serve.status().applications.items()}

@@ -51,6 +51,11 @@ class Hosting:
     #: ``max_loras``); with several replicas, a request for an adapter goes first to a replica
     #: that holds it (Serve's model multiplexing, ``pipelines.deployments.EngineServer``)
     adapter_slots: int = 0
+    #: starting the engine takes minutes of CPU where no GPU does the work (vLLM: three
+    #: processes, each importing torch and the framework, then a compile): with
+    #: ``server.slow_starts_at_once`` set, such models start after the others, that many at a
+    #: time (``pipelines.router.ModelRouter.begin``)
+    slow_start: bool = False
 
     @property
     def core(self) -> bool:
@@ -92,6 +97,10 @@ class Engine(ABC, Generic[P]):
     Params: ClassVar[type[BaseModel]] = NoOptions
     #: modules the engine imports when it runs; a replica checks them on its node at start
     requires: ClassVar[tuple[str, ...]] = ()
+    #: warnings of the engine's backend that ask the user to act, as (a regular expression of
+    #: the log line, what to do in one line): the launcher prints the line once the models have
+    #: started if the warning is in Ray's log files (``apps.log_advice``)
+    log_advice: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: True while the engine starts its own backend again (its core in actors of its own,
     #: ``placement: remote_core``): its model answers 503 meanwhile, and the replica that hosts
     #: the engine need not restart

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from pydantic import BaseModel
 from ray import serve
 
-from core import cpus, metrics
+from core import cpus, internals, metrics
 from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
@@ -255,7 +255,7 @@ async def follow_deployments(app_name: str, pipelines: list[Any], period_s: floa
                for p in pipelines for step in p.spec.remote_steps}
     while pending:
         try:
-            apps = (await asyncio.to_thread(serve.status)).applications
+            apps = await asyncio.to_thread(internals.serve_applications)
         except Exception as err:  # the controller busy or restarting: ask again
             logger.warning("Serve's status: %s", err)
             apps = {}
@@ -263,13 +263,12 @@ async def follow_deployments(app_name: str, pipelines: list[Any], period_s: floa
             app = apps.get(name)
             if app is None:
                 continue
-            status = str(app.status)
             if p.failure is not None:
                 del pending[(p, step)]
-            elif status.endswith("RUNNING"):
+            elif app.running:
                 p.waiting(step, None)
                 del pending[(p, step)]
-            elif status.endswith("DEPLOY_FAILED"):
+            elif app.failed:
                 # the deployment's message ends with its constructor's error; the application's
                 # only says which deployment failed
                 messages = [d.message for d in app.deployments.values() if d.message] + [app.message]
@@ -278,18 +277,17 @@ async def follow_deployments(app_name: str, pipelines: list[Any], period_s: floa
                 await asyncio.gather(p.stop(), return_exceptions=True)
                 del pending[(p, step)]
             else:
-                p.waiting(step, _replicas_of(app) or status.rsplit(".", 1)[-1].lower())
+                p.waiting(step, _replicas_of(app) or app.status.lower())
         if pending:
             await asyncio.sleep(period_s)
 
 
-def _replicas_of(app) -> str:
+def _replicas_of(app: internals.ApplicationState) -> str:
     """Serve's replica states of an application's deployments, e.g. ``1 replica starting``."""
     counts: dict[str, int] = {}
     for dep in app.deployments.values():
-        for state, n in (dep.replica_states or {}).items():
-            key = str(state).rsplit(".", 1)[-1].lower()
-            counts[key] = counts.get(key, 0) + n
+        for state, n in dep.replica_states.items():
+            counts[state.lower()] = counts.get(state.lower(), 0) + n
     return ", ".join(f"{n} replica{'s' if n != 1 else ''} {state}" for state, n in counts.items())
 
 

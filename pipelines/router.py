@@ -27,13 +27,21 @@ class ModelRouter:
         self._starting: list[asyncio.Future] = []  # begin()'s start-ups (held: the loop keeps weak references)
 
     def begin(self, specs: list[Any], build: Callable[[Any], Pipeline],
-              deployed: Callable[[list[Pipeline]], Awaitable[None]]) -> None:
+              deployed: Callable[[list[Pipeline]], Awaitable[None]],
+              slow_at_once: int | None = None) -> None:
         """Serve the models of ``specs`` from now on, each taking requests once it is up: the
         first set of a starting ingress, which answers meanwhile (``/health``, ``/v1/models``
         with each model's state, 503 for a model still starting). Each pipeline's local steps
         start in the background, beside ``deployed(pipelines)``, which follows the models'
         own deployments (``Pipeline.waiting``, ``Pipeline.fail``). A model that fails to start
-        stops what it started and answers 503 naming why; the others are not affected."""
+        stops what it started and answers 503 naming why; the others are not affected.
+
+        With ``slow_at_once`` (``server.slow_starts_at_once``), the models whose engine starts
+        slowly (``Pipeline.slow_start``) wait their turn (``Pipeline.turn``): they start once
+        the others are ready or failed, in ``specs``' order, that many at a time, so that on a
+        few cores the quick models serve within seconds and each slow one is up sooner than
+        if all shared the cores. Whoever deploys their remote steps waits for the turn too
+        (:meth:`states`, ``waiting_turn``)."""
         fresh = [build(s) for s in specs]
         for p in fresh:
             p.created = time.monotonic()
@@ -42,9 +50,33 @@ class ModelRouter:
         self.pipelines = {p.model.model_id: p for p in fresh}
         self.adapters = {a.name: a for p in fresh for a in p.adapters}
         self.generation += 1
+        slow = [p for p in fresh if p.slow_start] if slow_at_once else []
+        quick = [p for p in fresh if p not in slow]
         self._starting = [asyncio.create_task(self._bring_up(p), name=f"start {p.model.model_id}")
-                          for p in fresh]
+                          for p in quick]
+        if slow:
+            for p in slow:
+                p.turn = "after the models that start quickly"
+            self._starting.append(asyncio.create_task(self._in_turns(slow, quick, slow_at_once or 1),
+                                                      name="start in turns"))
         self._starting.append(asyncio.ensure_future(deployed(fresh)))
+
+    async def _in_turns(self, slow: list[Pipeline], quick: list[Pipeline], at_once: int) -> None:
+        await asyncio.gather(*(p.settled.wait() for p in quick))
+        running: dict[asyncio.Task, Pipeline] = {}
+        for i, p in enumerate(slow):
+            if self.pipelines.get(p.model.model_id) is not p:
+                continue  # replaced by an update meanwhile
+            while len(running) >= at_once:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del running[task]
+            p.turn = None
+            self._starting.append(asyncio.create_task(self._bring_up(p), name=f"start {p.model.model_id}"))
+            running[asyncio.create_task(p.settled.wait())] = p
+            after = "after " + ", ".join(sorted(q.model.model_id for q in running.values()))
+            for q in slow[i + 1:]:
+                q.turn = after
 
     async def _bring_up(self, pipeline: Pipeline) -> None:
         try:
@@ -55,8 +87,9 @@ class ModelRouter:
 
     def states(self) -> dict[str, dict[str, Any]]:
         """Each model's start-up state (``Pipeline.state``), what it waits for or why it failed,
-        and the seconds it took to be ready."""
-        return {m: {"state": p.state, "detail": p.state_detail, "ready_after_s": p.ready_after_s}
+        the seconds it took to be ready, and whether it still waits its turn to start."""
+        return {m: {"state": p.state, "detail": p.state_detail, "ready_after_s": p.ready_after_s,
+                    "waiting_turn": p.turn is not None}
                 for m, p in self.pipelines.items()}
 
     async def update(self, specs: list[Any], build: Callable[[Any], Pipeline], drain_timeout_s: float) -> None:

@@ -50,6 +50,8 @@ class Pipeline:
         #: engine takes more at run time
         self.adapters = hosting.adapters
         self.takes_adapters = hosting.takes_adapters
+        #: its engine starts slowly: it may wait its turn to start (ModelRouter.begin)
+        self.slow_start = hosting.slow_start
         node = getattr(preprocess, "node", None)  # a local node; a remote one by its config's name
         pre = type(node) if node is not None else (node_class(spec.preprocess.name) if spec is not None else None)
         #: the preprocess node checks OpenAI-compatible bodies too (e.g. a chat's images)
@@ -63,6 +65,8 @@ class Pipeline:
         self.waiting_for: dict[str, str] = {}
         self.failure: str | None = None
         self.ready_after_s: float | None = None
+        self.turn: str | None = None  # while it waits its turn to start: for what
+        self.settled = asyncio.Event()  # set once it is ready or has failed
 
     def timer(self, node: str):
         """The node's latency histogram (a no-op while metrics are off)."""
@@ -99,6 +103,8 @@ class Pipeline:
         """What a starting model waits for, or why it failed ('' once ready)."""
         if self.failure is not None:
             return self.failure
+        if self.turn is not None:
+            return f"waiting to start, {self.turn}"
         parts = [f"{part}: {what}" for part, what in self.waiting_for.items()]
         if not self.started:
             parts.append("starting in the ingress")
@@ -116,11 +122,13 @@ class Pipeline:
         """The model cannot start: it answers 503 naming ``why`` until it is replaced."""
         if self.failure is None:
             self.failure = why
+        self.settled.set()
 
     def _settle(self) -> None:
         if self.state == "ready" and self.ready_after_s is None:
             self.ready_after_s = round(time.monotonic() - self.created, 1)
             logger.info("model %r ready after %.1f s", self.model.model_id, self.ready_after_s)
+            self.settled.set()
 
     def check_serving(self) -> None:
         """Raise NotReady (503) unless the model is ready: naming what it waits for, with

@@ -42,6 +42,7 @@ def test_the_host_profile_holds_the_tuning_and_ray_defaults_leave_it_out():
     assert plain.serve_env == {k: v for k, v in tuned.serve_env.items() if k not in SMALL_CPU}
     assert plain.serve_env, "server/default.yaml's own settings stay"
     assert (tuned.ray_cpus, plain.ray_cpus) == ("auto", "all")
+    assert (tuned.slow_starts_at_once, plain.slow_starts_at_once) == (2, None)
 
 
 def test_haproxy_is_the_default_mode_and_a_local_ray_gets_free_ports():

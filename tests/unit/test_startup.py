@@ -12,6 +12,7 @@ import httpx
 
 from api.app import create_app
 from core.config import ServerConfig
+from core.internals import ApplicationState, DeploymentState
 from core.errors import NotReady
 from engines.echo import EchoEngine
 from pipelines import deployments
@@ -106,6 +107,57 @@ def test_the_ingress_answers_while_models_start_and_each_serves_once_it_is_up():
     asyncio.run(go())
 
 
+def test_slow_models_start_after_the_quick_ones_in_turns():
+    """``server.slow_starts_at_once``: a model whose engine starts slowly waits until the quick
+    ones are up, then the slow ones start in the config's order, that many at a time; one
+    whose engine is deployed elsewhere says so (``waiting_turn``) until its turn, one that
+    fails to start frees its turn."""
+    async def go():
+        gates = {m: asyncio.Event() for m in ("quick", "slow1", "slow2")}
+        started: list[str] = []
+
+        class Gated(EchoEngine):
+            async def start(self) -> None:
+                started.append(self.model.model_id)
+                await gates[self.model.model_id].wait()
+                if self.model.model_id == "slow2":
+                    raise RuntimeError("out of memory")
+
+        pipelines = {m: local_pipeline(model(m), Gated) for m in ("quick", "slow1", "slow2")}
+        pipelines["slow3"] = local_pipeline(model("slow3"))
+        for m, p in pipelines.items():
+            p.spec = SimpleNamespace(remote_steps=("engine",) if m == "slow3" else ())
+            p.slow_start = m.startswith("slow")
+
+        async def follow(ps):  # the launcher deploys slow3's engine once its turn came
+            slow3 = pipelines["slow3"]
+            await _until(lambda: slow3.turn is None, timeout_s=10)
+            slow3.waiting("engine", None)
+
+        router = ModelRouter([])
+        router.begin(list(pipelines.values()), lambda p: p, follow, slow_at_once=1)
+        states = router.states
+        await _until(lambda: started == ["quick"])
+        assert {m: s["waiting_turn"] for m, s in states().items()} == {
+            "quick": False, "slow1": True, "slow2": True, "slow3": True}
+        assert states()["slow1"]["detail"] == "waiting to start, after the models that start quickly"
+        gates["quick"].set()
+        await _until(lambda: started == ["quick", "slow1"])
+        assert states()["slow1"] == {"state": "starting", "detail": "starting in the ingress",
+                                     "ready_after_s": None, "waiting_turn": False}
+        assert states()["slow2"]["detail"] == states()["slow3"]["detail"] == "waiting to start, after slow1"
+        gates["slow1"].set()
+        await _until(lambda: started == ["quick", "slow1", "slow2"] and pipelines["slow1"].state == "ready")
+        assert states()["slow3"]["waiting_turn"] and states()["slow3"]["detail"] == "waiting to start, after slow2"
+        gates["slow2"].set()  # it fails: slow3's turn comes all the same
+        await _until(lambda: pipelines["slow3"].state == "ready")
+        assert {m: s["state"] for m, s in states().items()} == {
+            "quick": "ready", "slow1": "ready", "slow2": "failed", "slow3": "ready"}
+        assert states()["slow2"]["detail"] == "RuntimeError: out of memory"
+
+    asyncio.run(go())
+
+
 def test_followed_deployments_tell_what_serve_does_and_why_one_failed(monkeypatch):
     """``follow_deployments`` reads Serve's status of each remote step's application: absent
     (not deployed yet), replicas starting, running (the step is up), failed (the last line of
@@ -116,25 +168,23 @@ def test_followed_deployments_tell_what_serve_does_and_why_one_failed(monkeypatc
     for p in (up, down):
         p.waiting("engine", "deploying")
         p.started = True
-    starting = SimpleNamespace(status="ApplicationStatus.DEPLOYING", message="", deployments={
-        "d": SimpleNamespace(replica_states={"ReplicaState.STARTING": 1}, message="")})
+    starting = ApplicationState("DEPLOYING", "", {"d": DeploymentState("UPDATING", "", {"STARTING": 1})})
     statuses = iter([
         {},
         {"app.remote.engine": starting, "app.echo.engine": starting},
-        {"app.remote.engine": SimpleNamespace(status="ApplicationStatus.RUNNING", message="", deployments={}),
-         "app.echo.engine": SimpleNamespace(
-             status="ApplicationStatus.DEPLOY_FAILED", message="Failed to update the deployments ['d'].",
-             deployments={"d": SimpleNamespace(replica_states={}, message=(
+        {"app.remote.engine": ApplicationState("RUNNING", "", {}),
+         "app.echo.engine": ApplicationState("DEPLOY_FAILED", "Failed to update the deployments ['d'].", {
+             "d": DeploymentState("DEPLOY_FAILED", (
                  "The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n"
-                 "  File \"x.py\", line 1\nOSError: no file named model.safetensors\n"))})},
+                 "  File \"x.py\", line 1\nOSError: no file named model.safetensors\n"), {})})},
     ])
     seen = []
 
     def status():
         seen.append((up.state_detail, down.state_detail))
-        return SimpleNamespace(applications=next(statuses))
+        return next(statuses)
 
-    monkeypatch.setattr(deployments.serve, "status", status)
+    monkeypatch.setattr(deployments.internals, "serve_applications", status)
     asyncio.run(deployments.follow_deployments("app", [up, down], period_s=0.0))
     assert seen == [("engine: deploying", "engine: deploying")] * 2 + [
         ("engine: 1 replica starting", "engine: 1 replica starting")]
@@ -186,3 +236,32 @@ def test_the_launchers_table_shows_each_models_state_and_what_it_waits_for():
     assert first_call(cfg, "http://h:1", {"echo"}).startswith("curl -s http://h:1/v1/infer")
     assert first_call(cfg, "http://h:1", {"tiny-resnet"}) == "curl -s http://h:1/v1/models/tiny-resnet"
     assert first_call(cfg, "http://h:1", set()) is None
+
+
+def test_the_warnings_a_user_should_act_on_are_found_in_rays_logs_and_told_once(tmp_path):
+    import logging
+
+    from apps.config import compose
+    from apps.launch import engine_advice, quiet_serve_driver
+    from apps.log_advice import advice
+
+    (tmp_path / "serve").mkdir()
+    worker = "(pid=1) libtcmalloc is not found in LD_PRELOAD. For best performance, please follow ...\n"
+    (tmp_path / "worker-a-01-1.err").write_text(worker)
+    (tmp_path / "worker-b-01-2.err").write_text(worker * 3)
+    (tmp_path / "serve" / "replica_x.log").write_text("INFO all well\n")
+    (tmp_path / "events.bin").write_text("1 worker(s) were killed due to the node running low on memory.")
+    assert advice(str(tmp_path)) == []  # the only line of Ray's own is in a file that is no log
+    (tmp_path / "raylet.out").write_text("1 worker(s) were killed due to the node running low on memory.")
+    lines = advice(str(tmp_path), engine_advice(compose()))
+    assert len(lines) == 2 and lines[0].startswith("Ray killed workers, the machine being short of memory")
+    assert "LD_PRELOAD=" in lines[1] and "tcmalloc" in lines[1]
+    assert engine_advice(compose(["model=[echo]", "pipeline=[echo]"])) == []
+
+    quiet_serve_driver()  # the ingress's slow answer to the launcher's queue-length probe is not news
+    record = logging.LogRecord("ray.serve", logging.WARNING, "x", 1, "Failed to get queue length from R within 0.1s.",
+                               None, None)
+    serve_logger = logging.getLogger("ray.serve")
+    assert not serve_logger.filter(record)
+    record.msg = "Deployment 'd' has 1 replicas that have taken more than 30s to be scheduled."
+    assert serve_logger.filter(record)
