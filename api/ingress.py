@@ -9,6 +9,7 @@ without restarting this replica or the other models' deployments.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -47,7 +48,10 @@ class Ingress:
         The first set starts in the background (``ModelRouter.begin``): this replica answers
         at once, each model takes requests once it is up, and one that fails to start answers
         503 naming why while the others serve (:meth:`model_states` says which is which). A
-        first set that cannot even be built (a step this node cannot import) fails the replica.
+        replica other than the first (Serve's rank 0), or one that starts while another of
+        this ingress serves (a replacement, or one added by scaling), answers only once each of
+        its models is ready or failed, so that it takes no requests it would refuse. A first set that cannot even be built (a step this node
+        cannot import) fails the replica.
 
         A later set is applied whole or not at all: one that fails leaves the models served as
         they were, and the replica up: a model that cannot load must not take the HTTP entry
@@ -60,6 +64,12 @@ class Ingress:
                 # the first set starts behind this replica's back: it answers from now on
                 self.router.begin(specs, self._pipeline, self._follow, self.server.slow_starts_at_once)
                 self.configured = True
+                if self._rank() > 0 or await asyncio.to_thread(self._a_peer_serves):
+                    # not the first replica, or a replacement beside one that serves: Serve puts
+                    # it in HAProxy's rotation once this returns, and there it would answer 503
+                    # 'starting' (quickly, so drawing more requests) while another serves them
+                    await self.router.settled()
+                    logger.info("every model settled here; this replica joins the others")
                 return
             await self.router.update(specs, self._pipeline, self.server.max_request_timeout_s)
         except Exception as err:
@@ -70,6 +80,26 @@ class Ingress:
             return
         self.configured = True
         self.update_error = None
+
+    @staticmethod
+    def _rank() -> int:
+        """This replica's rank among the ingress's replicas (Serve's; 0 where it has none, or
+        outside a replica)."""
+        try:
+            rank = getattr(serve.get_replica_context(), "rank", 0)
+        except Exception:  # not in a Serve replica (an in-process app)
+            return 0
+        return int(getattr(rank, "rank", rank) or 0)
+
+    def _a_peer_serves(self) -> bool:
+        """Whether another replica of this ingress is already running (this one is not yet)."""
+        try:
+            app = internals.serve_applications().get(self.app_name)
+        except Exception:  # the controller busy: answer at once, as a first replica does
+            logger.warning("could not ask Serve for this ingress's other replicas", exc_info=True)
+            return False
+        ingress = app.deployments.get("ingress") if app is not None else None
+        return ingress is not None and ingress.replica_states.get("RUNNING", 0) > 0
 
     async def _follow(self, pipelines: list) -> None:
         await follow_deployments(self.app_name, pipelines)

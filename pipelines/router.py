@@ -85,6 +85,10 @@ class ModelRouter:
             logger.exception("model %r failed to start; the others are served", pipeline.model.model_id)
             await asyncio.gather(pipeline.stop(), return_exceptions=True)
 
+    async def settled(self) -> None:
+        """Return once every model is ready or has failed to start."""
+        await asyncio.gather(*(p.settled.wait() for p in self.pipelines.values()))
+
     def states(self) -> dict[str, dict[str, Any]]:
         """Each model's start-up state (``Pipeline.state``), what it waits for or why it failed,
         the seconds it took to be ready, and whether it still waits its turn to start."""

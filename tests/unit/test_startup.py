@@ -137,6 +137,7 @@ def test_slow_models_start_after_the_quick_ones_in_turns():
         router = ModelRouter([])
         router.begin(list(pipelines.values()), lambda p: p, follow, slow_at_once=1)
         states = router.states
+        settled = asyncio.create_task(router.settled())  # what a replica joining others awaits
         await _until(lambda: started == ["quick"])
         assert {m: s["waiting_turn"] for m, s in states().items()} == {
             "quick": False, "slow1": True, "slow2": True, "slow3": True}
@@ -149,11 +150,13 @@ def test_slow_models_start_after_the_quick_ones_in_turns():
         gates["slow1"].set()
         await _until(lambda: started == ["quick", "slow1", "slow2"] and pipelines["slow1"].state == "ready")
         assert states()["slow3"]["waiting_turn"] and states()["slow3"]["detail"] == "waiting to start, after slow2"
+        assert not settled.done()
         gates["slow2"].set()  # it fails: slow3's turn comes all the same
         await _until(lambda: pipelines["slow3"].state == "ready")
         assert {m: s["state"] for m, s in states().items()} == {
             "quick": "ready", "slow1": "ready", "slow2": "failed", "slow3": "ready"}
         assert states()["slow2"]["detail"] == "RuntimeError: out of memory"
+        await asyncio.wait_for(settled, 5)  # every model ready or failed
 
     asyncio.run(go())
 
