@@ -35,6 +35,7 @@ def main() -> None:
     import httpx
 
     from apps.serving import free_port
+    from benchmarks.startup import stop_launcher
     from core import cpus
 
     port = free_port()
@@ -82,11 +83,7 @@ def main() -> None:
         for t in threads:
             t.join()
     finally:
-        os.killpg(launcher.pid, signal.SIGINT)
-        try:
-            launcher.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop_launcher(launcher)
     after = [(t0, latency, out) for t0, latency, out in events if t0 + latency > killed_at]
     by_half = collections.defaultdict(collections.Counter)
     slowest: dict[float, float] = collections.defaultdict(float)

@@ -82,11 +82,7 @@ def main() -> None:
                     pass
                 time.sleep(args.period)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_launcher(proc)
         log.close()
         if args.cold:
             shutil.rmtree(fresh, ignore_errors=True)
@@ -95,6 +91,16 @@ def main() -> None:
     print(f"launcher output: {log.name}")
     if args.json:
         print(json.dumps(events))
+
+
+def stop_launcher(proc: subprocess.Popen, grace_s: float = 120.0) -> None:
+    """Stop a launcher started in a session of its own as Ctrl-C would (it drains and stops its
+    Ray), and kill its whole group if it has not within ``grace_s``."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

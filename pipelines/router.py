@@ -77,6 +77,7 @@ class ModelRouter:
             after = "after " + ", ".join(sorted(q.model.model_id for q in running.values()))
             for q in slow[i + 1:]:
                 q.turn = after
+        await asyncio.gather(*running)  # the last turns' waits end with them, not left pending
 
     async def _bring_up(self, pipeline: Pipeline) -> None:
         try:
