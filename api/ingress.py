@@ -48,10 +48,10 @@ class Ingress:
         The first set starts in the background (``ModelRouter.begin``): this replica answers
         at once, each model takes requests once it is up, and one that fails to start answers
         503 naming why while the others serve (:meth:`model_states` says which is which). A
-        replica other than the first (Serve's rank 0), or one that starts while another of
-        this ingress serves (a replacement, or one added by scaling), answers only once each of
-        its models is ready or failed, so that it takes no requests it would refuse. A first set that cannot even be built (a step this node
-        cannot import) fails the replica.
+        replica other than the first (Serve's rank above 0), or one that starts while another
+        of this ingress serves (a replacement, or one added by scaling), answers only once each
+        of its models is ready or failed, so that it takes no requests it would refuse. A first
+        set that cannot even be built (a step this node cannot import) fails the replica.
 
         A later set is applied whole or not at all: one that fails leaves the models served as
         they were, and the replica up: a model that cannot load must not take the HTTP entry
