@@ -15,6 +15,11 @@ from pipelines.router import ModelRouter
 from pipelines.runner import Pipeline
 from pipelines.stages import LocalEngine, LocalNode
 
+#: for a test's own Ray, whose ingress has no load balancer to wait for when it stops: the
+#: ingress stops without the 5 s drain of ``conf/server/default.yaml`` (decision 0008). Its
+#: requests in flight still finish first.
+NO_INGRESS_DRAIN = "++server.serve_env.RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0"
+
 
 class FailingEngine(Engine):
     """Raises what the input says: "invalid" → InvalidField, "crash" → RuntimeError."""

@@ -131,3 +131,22 @@ def test_what_ships_leaves_out_environments_caches_and_outputs(tmp_path):
     assert all(n.startswith("mmserve/") for n in names)
     for left_out in (".venv/", ".git/", "__pycache__/", "outputs/", "multirun/", ".hypothesis/"):
         assert not any(f"/{left_out}" in n for n in names), left_out
+
+
+def _actor_env(application) -> dict:
+    from ray.serve._private.build_app import build_app as serve_build
+
+    (deployment,) = serve_build(application, name="x").deployments
+    return (deployment.ray_actor_options or {}).get("runtime_env", {}).get("env_vars", {})
+
+
+def test_a_steps_replicas_stop_without_the_http_ingress_drain_unless_the_config_sets_one():
+    from apps.builder import DRAIN_ENV, build_targets
+    from apps.config import compose
+
+    targets = {t.name: t for t in build_targets(compose(OVERRIDES), "mmserve", "/")}
+    assert _actor_env(targets["mmserve.echo-remote.engine"].app)[DRAIN_ENV] == "0"
+    assert DRAIN_ENV not in _actor_env(targets["mmserve"].app)  # the server's serve_env holds
+    own = compose([*OVERRIDES, f"++model.echo_remote.deployment.engine.ray_actor_options.env_vars.{DRAIN_ENV}=3"])
+    (step, _) = build_targets(own, "mmserve", "/")
+    assert _actor_env(step.app)[DRAIN_ENV] == "3"

@@ -15,8 +15,9 @@ from apps.serving import free_port
 def ray_session():
     from apps.config import compose
     from apps.serving import ray_serve
+    from tests.support import NO_INGRESS_DRAIN
 
-    server = compose(["model=[echo]", f"server.port={free_port()}"]).server
+    server = compose(["model=[echo]", f"server.port={free_port()}", NO_INGRESS_DRAIN]).server
     with ray_serve(server, num_cpus=2, logging_level="ERROR", log_to_driver=False) as session:
         yield session
 

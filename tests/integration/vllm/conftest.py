@@ -104,8 +104,9 @@ def serve_app():
     :class:`Probe` while it starts; its base URL."""
     from apps.config import compose
     from apps.serving import served
+    from tests.support import NO_INGRESS_DRAIN
 
-    cfg = compose([*overrides(), f"server.port={free_port()}"])
+    cfg = compose([*overrides(), f"server.port={free_port()}", NO_INGRESS_DRAIN])
     probe = Probe(f"http://127.0.0.1:{cfg.server.port}")
     try:
         with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False, progress=probe.progress) as server:
