@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from apps.serving import free_port
+from tests.support import NO_INGRESS_DRAIN
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ def run_bench(args: list[str], sweep_dir: Path, timeout_s: float) -> str:
     """Run a sweep to its end; on overrun SIGTERM the launcher itself (not its process group:
     that would kill Ray's GCS under it) so that it stops Ray, then kill it."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "apps.bench", "-m", *args, f"server.port={free_port()}",
+    proc = subprocess.Popen([sys.executable, "-m", "apps.bench", "-m", *args, f"server.port={free_port()}", NO_INGRESS_DRAIN,
                              f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
