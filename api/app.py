@@ -16,10 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import error_response
-from api.metrics import RequestMetrics, record_of
+from api.metrics import RequestMetrics, RouteTemplates, record_of
 from api.middleware import RequestEnvelope
 from api.routes import adapters, audio, infer, metrics, models, openai
+from api.tracing import RequestTracing
 from api.uploads import InferUpload
+from core import tracing
 from core.config import ServerConfig
 from core.errors import BadRequest, MethodNotAllowed, MMServeError, RouteNotFound, from_validation_errors
 from core.protocol import InferRequest
@@ -97,6 +99,8 @@ def create_app(router: ModelRouter, server: ServerConfig, echo_request_id: bool 
     app.add_middleware(RequestEnvelope, max_body_bytes=server.max_body_bytes,
                        echo_request_id=echo_request_id, api_keys=server.api_keys,
                        open_paths=("/metrics",) if server.metrics_public else ())
+    if tracing.enabled():  # around the envelope: what it refuses is traced too
+        app.add_middleware(RequestTracing, route_of=RouteTemplates(app.routes))
     if server.metrics:  # added last: outermost, so that what the envelope refuses counts too
         app.add_middleware(RequestMetrics, routes=app.routes)
     return app

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 from api.context import check_infer_shape, json_response, sse_events, timeout_of
 from api.errors import error_response, internal_error
 from api.metrics import record_of
+from core import tracing
 from core.config import ServerConfig
 from core.errors import MMServeError
 from core.protocol import InferRequest, RequestContext
@@ -80,6 +81,7 @@ class Call:
             self._held = pipeline
             self.model_id = model_id  # an adapter's own id: its metrics are its own
             self.record.for_model(self.model_id)
+            tracing.note("mmserve.model_id", model_id)
         return pipeline
 
     def _release(self) -> None:
@@ -97,7 +99,7 @@ class Call:
         seconds = timeout_of(timeout, field, self.server, model_id)
         return RequestContext(request_id=self.request_id, model_id=model_id,
                               deadline=time.time() + seconds, timeout_s=seconds,
-                              adapter=self.router.adapters.get(model_id))
+                              adapter=self.router.adapters.get(model_id), trace=tracing.carrier())
 
     def infer_context(self, body: InferRequest) -> RequestContext:
         """The context of a ``/v1/infer`` request (see :meth:`context`): the body's shape is

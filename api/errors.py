@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from api.metrics import UNRECORDED, RequestRecord
+from core import tracing
 from core.config import RetryAfter, ServerConfig
 from core.errors import MMServeError
 
@@ -36,6 +37,7 @@ def error_response(err: MMServeError, server: ServerConfig | None = None,
     policy (``server.retry_after_s``) for the error's cause. ``record`` (the request's metrics,
     ``api.metrics.record_of``) is told the error's type."""
     record.failed(err.type)
+    tracing.note("error.type", err.type)
     headers = dict(err.headers)
     if err.retry is not None and "Retry-After" not in headers:
         policy = server.retry_after_s if server is not None else RetryAfter()
@@ -46,6 +48,7 @@ def error_response(err: MMServeError, server: ServerConfig | None = None,
 def error_event(err: MMServeError, record: RequestRecord = UNRECORDED) -> bytes:
     """An error as the Server-Sent Event that ends a stream which had already started."""
     record.failed(err.type)
+    tracing.note("error.type", err.type)
     return b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
 
 
@@ -53,6 +56,7 @@ def asgi_error(err: MMServeError, request_id: str | None, extra: list | None = N
                record: RequestRecord = UNRECORDED) -> tuple[dict, dict]:
     """An error as the two ASGI messages (start, body) that the middleware sends itself."""
     record.failed(err.type)
+    tracing.note("error.type", err.type)
     raw = json.dumps(err.to_dict()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     if request_id:

@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 
 from api.app import create_app
-from core import cpus, internals, metrics
+from core import cpus, internals, metrics, tracing
 from core.config import ServerConfig
 from pipelines.deployments import RouteSpec, deployment_name, follow_deployments, pipeline_for, step_app_name
 from pipelines.router import ModelRouter
@@ -34,6 +34,7 @@ class Ingress:
         cpus.for_models()  # it runs models' steps (and engines' frontends) as a model's replica does
         self.server = server
         self.app_name = serve.get_replica_context().app_name  # its models' steps' apps are named after it
+        tracing.setup("ingress")  # before its models' engines: a backend's spans go out with ours
         metrics.configure(server.metrics)
         self.exposed = await metrics.expose() if server.metrics else None
         self.router = ModelRouter([])

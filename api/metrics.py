@@ -81,11 +81,11 @@ def record_of(scope) -> RequestRecord:
     return scope.get("state", {}).get(_KEY, UNRECORDED)
 
 
-class RequestMetrics:
-    """Counts and times every HTTP request (``mmserve_requests_total`` and the rest)."""
+class RouteTemplates:
+    """The path template of the route a request is for (``other`` for none): the ``route``
+    label of the metrics, and a span's ``http.route``."""
 
-    def __init__(self, app, routes) -> None:
-        self.app = app
+    def __init__(self, routes) -> None:
         self.static: dict[str, str] = {}
         self.templated: list = []
         for route in routes:
@@ -97,8 +97,7 @@ class RequestMetrics:
             else:
                 self.static[path] = path
 
-    def route_of(self, scope) -> str:
-        """The path template of the route this request is for, or ``other``."""
+    def __call__(self, scope) -> str:
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
@@ -110,6 +109,14 @@ class RequestMetrics:
             if route.path_regex.match(path):
                 return route.path
         return "other"
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request (``mmserve_requests_total`` and the rest)."""
+
+    def __init__(self, app, routes) -> None:
+        self.app = app
+        self.route_of = RouteTemplates(routes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
-from core import cpus, internals
+from core import cpus, internals, tracing
 from core.config import AppConfig, ServerConfig
 from core.validate import ConfigError, check_resources
 
@@ -81,9 +81,13 @@ HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT
 
 def serve_env(server: ServerConfig, local: bool) -> dict[str, str]:
     """Environment that Serve's controller, proxies and replicas start with for ``server``:
-    the ``http_proxy`` mode, free ports for a ``local`` Ray's HAProxy, then ``server.serve_env``
+    the tracing variables (the launcher's ``OTEL_*``, ``server.tracing_endpoint``), the
+    ``http_proxy`` mode, free ports for a ``local`` Ray's HAProxy, then ``server.serve_env``
     (which the config's defaults fill, and which wins)."""
-    env: dict[str, str] = {}
+    # tracing (core.tracing): the launcher's OTEL_* variables, then the config's endpoint
+    env: dict[str, str] = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+    if server.tracing_endpoint:
+        env[tracing.ENDPOINT_ENVS[0]] = server.tracing_endpoint
     if server.http_proxy == "haproxy":
         env.update(HAPROXY_MODE_ENV)
         if local:

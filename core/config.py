@@ -246,6 +246,11 @@ class ServerConfig(Strict):
     metrics_public: bool = Field(False, description=(
         "With api_keys set, let GET /metrics through without a key (for a scraper inside a "
         "trusted network); by default it needs one like every route but /health."))
+    tracing_endpoint: str | None = Field(None, description=(
+        "OTLP/HTTP URL that every process sends its spans of requests to (e.g. "
+        "http://collector:4318/v1/traces; core.tracing). null: the OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
+        "or OTEL_EXPORTER_OTLP_ENDPOINT variable where the launcher runs, if set; else tracing "
+        "is off. The launcher's other OTEL_* variables apply too."))
     on_start_failure: Literal["serve_others", "stop"] = Field("serve_others", description=(
         "A model that fails to start (its weights missing, its engine failing): the others are "
         "served and it answers 503 naming why, the launcher reports it and exits 1 when stopped "

@@ -91,6 +91,7 @@ class RequestContext:
     stage: str = "ingress"
     params: Any = None  # the request's validated params, the engine's Params (set by the pipeline)
     adapter: Adapter | None = None  # the adapter ``model_id`` names, if it names one of a base model
+    trace: dict[str, str] | None = None  # W3C headers of the span that runs now (core.tracing); None: untraced
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""

@@ -498,7 +498,9 @@ class VLLMEngine(VLLMBase[TextParams]):
         request_id = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
         lora = None if ctx.adapter is None else await self.frontend.adapter(ctx.adapter)
         completion = 0
-        async for out in self.client.generate(prompt, params.sampling_params(), request_id, lora_request=lora):
+        traced = {} if ctx.trace is None else {"trace_headers": ctx.trace}  # vLLM's span under the engine's
+        async for out in self.client.generate(prompt, params.sampling_params(), request_id, lora_request=lora,
+                                              **traced):
             c = out.outputs[0]
             completion += len(c.token_ids)
             yield EngineResult(output=c.text, finish_reason=c.finish_reason if out.finished else None,

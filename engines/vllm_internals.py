@@ -203,6 +203,16 @@ def vllm_route_handler(state, name: str) -> Any | None:
     return getattr(state, name, None)
 
 
+def vllm_raw_request(headers: dict[str, str]) -> Any:
+    """What vLLM's serving handlers read of the HTTP request they are given (``raw_request``):
+    its ``headers`` (``traceparent``/``tracestate`` for vLLM's span of the request, and the
+    optional ``X-Request-Id``, ``X-Session-ID``... which this leaves out) and a ``state`` they
+    write to; vLLM 0.32 reads nothing else of it on the routes mmserve calls."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(headers=dict(headers), state=SimpleNamespace())
+
+
 def vllm_error_response(err: BaseException) -> Any:
     """vLLM's ``ErrorResponse`` for an exception its serving layer raised: the status, message
     and parameter vLLM's server would answer it with."""

@@ -242,7 +242,8 @@ class OpenAIFrontend:
             raise Unsupported(f"model {self.model_id!r} does not serve {route}", model_id=self.model_id)
         call = handler if spec.method is None else getattr(handler, spec.method)
         try:
-            result = await call(request, None)
+            # with a trace, vLLM reads its context from the request's headers (its span goes under the engine's)
+            result = await call(request, None if ctx.trace is None else vllm_internals.vllm_raw_request(ctx.trace))
         except MMServeError:
             raise
         except Exception as err:

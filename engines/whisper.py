@@ -201,7 +201,8 @@ class VLLMTranscriber(VLLMBase[TranscriptionParams]):
         offsets: list[int] = []  # filled by _split if vLLM cuts the audio into windows
         token = WINDOW_OFFSETS.set(offsets)
         try:
-            answer = await call(audio, request, None)
+            raw = None if ctx.trace is None else vllm_internals.vllm_raw_request(ctx.trace)  # vLLM's spans under ours
+            answer = await call(audio, request, raw)
         except MMServeError:
             raise
         except Exception as err:

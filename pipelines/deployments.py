@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from pydantic import BaseModel
 from ray import serve
 
-from core import cpus, internals, metrics
+from core import cpus, internals, metrics, tracing
 from core.config import ModelConfig, NodeSpec, Strict
 from core.deadline import iterate_within_deadline, within_deadline
 from core.errors import MMServeError, NotReady
@@ -70,6 +70,7 @@ class EngineServer:
         cpus.for_models()
         self.model = model
         check_node(model.model_id, [engine_of(model)])
+        tracing.setup(f"engine {model.model_id}")  # before the engine: its backend's spans go out with ours
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.engine = engine_of(model)(model)
@@ -109,18 +110,19 @@ class EngineServer:
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult | Refusal:
         try:
-            chunks = self._held(self.engine.infer(payload, params, ctx), ctx)
-            return await within_deadline(collect(chunks), ctx)
+            with tracing.step("engine", ctx):
+                chunks = self._held(self.engine.infer(payload, params, ctx), ctx)
+                return await within_deadline(collect(chunks), ctx)
         except MMServeError as err:
             return Refusal(err)
 
     async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncIterator[Any]:
-        chunks = self._held(self.engine.infer(payload, params, ctx), ctx)
+        chunks = tracing.chunks("engine", lambda: self._held(self.engine.infer(payload, params, ctx), ctx), ctx)
         async for chunk in _refused_as_values(iterate_within_deadline(chunks, ctx)):
             yield chunk
 
     async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncIterator[Any]:
-        chunks = self._held(self.engine.openai(route, body, ctx), ctx)
+        chunks = tracing.chunks("engine", lambda: self._held(self.engine.openai(route, body, ctx), ctx), ctx)
         async for chunk in _refused_as_values(iterate_within_deadline(chunks, ctx)):
             yield chunk
 
@@ -160,6 +162,7 @@ class NodeServer:
     async def __init__(self, spec: NodeSpec, model: ModelConfig, metrics_on: bool = True) -> None:  # type: ignore[misc]
         cpus.for_models()
         check_node(model.model_id, [node_class(spec.name)])
+        tracing.setup(f"node {spec.name} {model.model_id}")
         metrics.configure(metrics_on)
         self.exposed = await metrics.expose(model.model_id) if metrics_on else None
         self.node = node_class(spec.name)(spec.kwargs, model)
@@ -167,7 +170,8 @@ class NodeServer:
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
         try:
-            return await within_deadline(self.node(payload, ctx), ctx)
+            with tracing.step(ctx.stage, ctx):
+                return await within_deadline(self.node(payload, ctx), ctx)
         except MMServeError as err:
             return Refusal(err)  # see core.protocol.Refusal
 

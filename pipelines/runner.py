@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncGenerator, Callable
 
 from pydantic import ValidationError
 
-from core import metrics
+from core import metrics, tracing
 from core.config import ModelConfig
 from core.errors import InvalidField, NotReady, Unsupported
 from core.protocol import InferRequest, OpenAIBody, RequestContext
@@ -199,17 +200,24 @@ class Pipeline:
     async def stream(self, payload: Any, params, ctx: RequestContext) -> AsyncGenerator[dict[str, Any], None]:
         """The answer to a prepared request, one postprocessed chunk at a time."""
         ctx.stage = "engine"
-        post = 0.0  # the stream's engine time is its whole time less its postprocessing
+        # each chunk's postprocess, untraced: the stream's postprocess is one span, from its
+        # first chunk to its end, with the chunks and the time they took
+        post_ctx = dataclasses.replace(ctx, stage="postprocess", trace=None)
+        post, chunks = 0.0, 0  # the stream's engine time is its whole time less its postprocessing
         start = time.perf_counter()
-        try:
-            async for chunk in self.engine.stream(payload, params, ctx):
-                t = time.perf_counter()
-                out = await self.postprocess(chunk, ctx)
-                post += time.perf_counter() - t
-                yield out
-        finally:
-            self.timer("engine").observe(time.perf_counter() - start - post)
-            self.timer("postprocess").observe(post)
+        with tracing.step("postprocess", ctx, current=False) as span:
+            try:
+                async for chunk in self.engine.stream(payload, params, ctx):
+                    t = time.perf_counter()
+                    out = await self.postprocess(chunk, post_ctx)
+                    post += time.perf_counter() - t
+                    chunks += 1
+                    yield out
+            finally:
+                self.timer("engine").observe(time.perf_counter() - start - post)
+                self.timer("postprocess").observe(post)
+                if span is not None:
+                    span.set_attributes({"mmserve.chunks": chunks, "mmserve.busy_s": post})
 
     def openai(self, route: str, body: dict[str, Any], ctx: RequestContext) -> AsyncGenerator[Any, None]:
         """An OpenAI-compatible request (``route``: ``chat``, ``completion``, ``embedding``...),

@@ -15,7 +15,7 @@ from typing import Any, AsyncGenerator, Protocol
 
 from pydantic import BaseModel
 
-from core import internals, metrics
+from core import internals, metrics, tracing
 from core.errors import MMServeError, NotReady, Overloaded
 from core.protocol import EngineResult, Refusal, RequestContext
 from engines.base import Engine, collect
@@ -128,7 +128,8 @@ class LocalNode:
         """Nothing to release: a node holds no task or backend of its own."""
 
     async def __call__(self, payload: Any, ctx: RequestContext) -> Any:
-        return await self.node(payload, ctx)
+        with tracing.step(ctx.stage, ctx):
+            return await self.node(payload, ctx)
 
 
 class RemoteNode:
@@ -205,16 +206,17 @@ class LocalEngine:
 
     async def generate(self, payload: Any, params: BaseModel, ctx: RequestContext) -> EngineResult:
         async with self.admission.slot():
-            return await collect(self.engine.infer(payload, params, ctx))
+            with tracing.step("engine", ctx):
+                return await collect(self.engine.infer(payload, params, ctx))
 
     async def stream(self, payload: Any, params: BaseModel, ctx: RequestContext) -> AsyncGenerator[EngineResult, None]:
         async with self.admission.slot():
-            async for chunk in self.engine.infer(payload, params, ctx):
+            async for chunk in tracing.chunks("engine", lambda: self.engine.infer(payload, params, ctx), ctx):
                 yield chunk
 
     async def openai(self, route: str, body: dict, ctx: RequestContext) -> AsyncGenerator[Any, None]:
         async with self.admission.slot():
-            async for chunk in self.engine.openai(route, body, ctx):
+            async for chunk in tracing.chunks("engine", lambda: self.engine.openai(route, body, ctx), ctx):
                 yield chunk
 
     async def model_card(self) -> dict[str, Any]:

@@ -189,3 +189,89 @@ def engine_core_processes(model_id: str) -> list:
 
 __all__ = ["engine_core_processes", "metric_families", "FailingEngine", "ScriptedOpenAIEngine", "VLLMProtocolEngine", "UnhealthyEngine", "NoOptions", "NodeSpec", "ServerConfig",
            "inline_router", "local_pipeline", "local_router", "model"]
+
+
+class OTLPReceiver:
+    """An OTLP/HTTP traces receiver on a free local port (``url``: its ``/v1/traces``): it
+    decodes each export (protobuf, ``ExportTraceServiceRequest``) into plain span dicts, with
+    the resource of the process that sent it. ``with`` starts and stops it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from apps.serving import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1/traces"
+        self.spans: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "OTLPReceiver":
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest, ExportTraceServiceResponse)
+
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.headers.get("content-encoding") == "gzip":
+                    import gzip
+
+                    body = gzip.decompress(body)
+                export = ExportTraceServiceRequest()
+                export.ParseFromString(body)
+                receiver._add(export)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def _value(v):
+        kind = v.WhichOneof("value")
+        return getattr(v, kind) if kind else None
+
+    def _add(self, export) -> None:
+        spans = []
+        for rs in export.resource_spans:
+            resource = {a.key: self._value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    spans.append({
+                        "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                        "parent_id": s.parent_span_id.hex() or None, "kind": s.kind,
+                        "attributes": {a.key: self._value(a.value) for a in s.attributes},
+                        "status": s.status.code, "events": [e.name for e in s.events],
+                        "resource": resource, "scope": ss.scope.name})
+        with self.lock:
+            self.spans.extend(spans)
+
+    def trace(self, trace_id: str, until=lambda spans: True, timeout_s: float = 30.0) -> list[dict]:
+        """The spans of ``trace_id`` received, once ``until(spans)`` holds (the exporters send
+        in batches, every few seconds), or what there is after ``timeout_s``."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                spans = [s for s in self.spans if s["trace_id"] == trace_id]
+            if until(spans) or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.2)  # polling what the exporters have sent

@@ -99,14 +99,26 @@ class Probe:
 
 
 @pytest.fixture(scope="package")
-def serve_app():
+def otlp():
+    """A real OTLP/HTTP receiver that every process of the set sends its spans to
+    (``server.tracing_endpoint``; test_tracing.py reads them)."""
+    from tests.support import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="package")
+def serve_app(otlp):
     """The vLLM set, served as the launcher serves it, on a local Ray of 2 CPUs, watched by a
-    :class:`Probe` while it starts; its base URL."""
+    :class:`Probe` while it starts, tracing to ``otlp``; its base URL."""
     from apps.config import compose
     from apps.serving import served
     from tests.support import NO_INGRESS_DRAIN
 
-    cfg = compose([*overrides(), f"server.port={free_port()}", NO_INGRESS_DRAIN])
+    cfg = compose([*overrides(), f"server.port={free_port()}", NO_INGRESS_DRAIN,
+                   f"server.tracing_endpoint={otlp.url}",
+                   "++server.serve_env.OTEL_BSP_SCHEDULE_DELAY=500"])  # spans sent within 0.5 s, not 5
     probe = Probe(f"http://127.0.0.1:{cfg.server.port}")
     try:
         with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False, progress=probe.progress) as server:
