@@ -88,7 +88,7 @@ def serve_env(server: ServerConfig, local: bool) -> dict[str, str]:
     env: dict[str, str] = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
     if server.tracing_endpoint:
         env[tracing.ENDPOINT_ENVS[0]] = server.tracing_endpoint
-    if tracing.endpoint(env):  # the protocol mmserve sends, for every library that reads it (vLLM's: gRPC by default)
+    if tracing.endpoint(env):  # the protocol mmserve sends, for a backend's own exporter (some default to gRPC)
         env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
     if server.http_proxy == "haproxy":
         env.update(HAPROXY_MODE_ENV)
