@@ -141,3 +141,4 @@ class Ingress:
         exposed = getattr(self, "exposed", None)  # None too if __init__ failed early
         if exposed is not None:
             exposed.close()
+        tracing.flush()  # the spans of its last requests

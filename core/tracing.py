@@ -75,8 +75,9 @@ def setup(process: str) -> bool:
     return True
 
 
-def flush(timeout_s: float = 5.0) -> None:
-    """Send this process's finished spans now (a replica about to stop)."""
+def flush(timeout_s: float = 2.0) -> None:
+    """Send this process's finished spans now (a replica about to stop: its batch would be lost
+    with the process); nothing while off."""
     if _tracer is not None:
         from opentelemetry import trace
 
@@ -109,13 +110,6 @@ def note(key: str, value: Any) -> None:
         from opentelemetry import trace
 
         trace.get_current_span().set_attribute(key, value)
-
-
-def trace_id(headers: dict[str, str] | None) -> str | None:
-    """The 32-hex trace id of a W3C carrier (None if it has none)."""
-    parent = (headers or {}).get("traceparent", "")
-    parts = parent.split("-")
-    return parts[1] if len(parts) == 4 else None
 
 
 @contextmanager

@@ -152,6 +152,7 @@ class EngineServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.stop()
+        tracing.flush()  # the spans of its last requests, and its backend's
 
 
 @serve.deployment
@@ -179,6 +180,7 @@ class NodeServer:
         exposed = getattr(self, "exposed", None)  # None too if __init__ failed early
         if exposed is not None:
             exposed.close()
+        tracing.flush()  # the spans of its last requests
 
 
 #: how many deployments of its own each placement gives a model, by step
