@@ -111,6 +111,11 @@ class RouteTemplates:
         return "other"
 
 
+def is_event_stream(start: dict) -> bool:
+    """Whether a response (its ``http.response.start`` message) is a Server-Sent Events stream."""
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.get("headers", ()))
+
+
 class RequestMetrics:
     """Counts and times every HTTP request (``mmserve_requests_total`` and the rest)."""
 
@@ -135,10 +140,7 @@ class RequestMetrics:
             kind = message["type"]
             if kind == "http.response.start":
                 rec.code = message["status"]
-                for k, v in message.get("headers", ()):
-                    if k == b"content-type":
-                        rec.sse = v.startswith(b"text/event-stream")
-                        break
+                rec.sse = is_event_stream(message)
             elif kind == "http.response.body":
                 if rec.sse and not rec.first and message.get("body"):
                     rec.first = time.perf_counter()

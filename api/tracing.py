@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from api.metrics import is_event_stream
 from core import tracing
 
 TRACE_ID_HEADER = b"x-trace-id"
@@ -51,9 +52,7 @@ class RequestTracing:
                     span.set_attribute("http.response.status_code", code)
                     if code >= 500:
                         span.set_status(Status(StatusCode.ERROR))
-                    sse = any(k == b"content-type" and v.startswith(b"text/event-stream")
-                              for k, v in message.get("headers", ()))
-                    first = tracing.FirstChunk(span if sse else None, start)
+                    first = tracing.FirstChunk(span if is_event_stream(message) else None, start)
                     message = {**message, "headers": [*message.get("headers", ()), (TRACE_ID_HEADER, trace_id)]}
                 elif message["type"] == "http.response.body" and message.get("body"):
                     first.chunk()

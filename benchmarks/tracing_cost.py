@@ -108,12 +108,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", default=["model=[echo_remote]", "pipeline=[echo]"])
     args = ap.parse_args()
 
-    from apps.serving import free_port
-
-    port = free_port()
-    sink = ThreadingHTTPServer(("127.0.0.1", port), Sink)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{port}/v1/traces"
+    url = f"http://127.0.0.1:{sink.server_port}/v1/traces"
     results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for r in range(args.rounds):
         for traced in ((False, True) if r % 2 == 0 else (True, False)):

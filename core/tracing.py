@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, AsyncIterator, Callable, Iterator
 
 #: the standard variables that turn tracing on, in the order the SDK reads them
@@ -112,16 +112,22 @@ def note(key: str, value: Any) -> None:
         trace.get_current_span().set_attribute(key, value)
 
 
-@contextmanager
-def step(name: str, ctx: Any, current: bool = True) -> Iterator[Any]:
+_UNTRACED = nullcontext()  # what step() gives while off: no generator made per step
+
+
+def step(name: str, ctx: Any, current: bool = True) -> AbstractContextManager[Any]:
     """A span of one step of ``ctx``'s request (a :class:`core.protocol.RequestContext`), child
     of ``ctx.trace``; while the step runs, ``ctx.trace`` is the step's own (unless not
     ``current``: a step that runs beside another), so that what the step calls (a backend,
     another process) is its child. An exception out of the step is recorded on it. Yields the
     span (None while off, or for a request the ingress did not trace)."""
     if _tracer is None or ctx.trace is None:
-        yield None
-        return
+        return _UNTRACED
+    return _step(name, ctx, current)
+
+
+@contextmanager
+def _step(name: str, ctx: Any, current: bool) -> Iterator[Any]:
     from opentelemetry import propagate, trace
 
     parent = ctx.trace

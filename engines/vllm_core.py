@@ -52,8 +52,8 @@ def engine_args(kwargs, path: str, model_id: str, gpu_group: bool = False):
     args = kwargs.engine_args(current_platform.is_cpu())
     if gpu_group:
         args.setdefault("distributed_executor_backend", "ray")
-    if tracing.endpoint() is not None:  # vLLM's own spans of each request, under the engine's
-        args.setdefault("otlp_traces_endpoint", tracing.endpoint())
+    if (traces := tracing.endpoint()) is not None:  # vLLM's own spans of each request, under the engine's
+        args.setdefault("otlp_traces_endpoint", traces)
     return AsyncEngineArgs(model=path, served_model_name=[model_id], **args)
 
 

@@ -199,10 +199,7 @@ class OTLPReceiver:
     def __init__(self) -> None:
         import threading
 
-        from apps.serving import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1/traces"
+        self.url = ""  # once started, on the port the system gave it
         self.spans: list[dict] = []
         self.lock = threading.Lock()
 
@@ -235,7 +232,8 @@ class OTLPReceiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
